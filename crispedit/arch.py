@@ -1,0 +1,93 @@
+"""Which modules CrispEdit edits, per architecture: the one place that knows module names and layouts.
+
+CrispEdit (arXiv 2602.15823, §4.2) edits the MLP output projection of a few middle layers. For a
+linear layer s = W a (Eq. 5) we always work with W as (d_out, d_in). Llama, Qwen2 and Gemma 3 store
+``mlp.down_proj`` as an ``nn.Linear`` (already (out, in)); GPT-2 stores ``mlp.c_proj`` as a
+transposed ``Conv1D`` whose weight is (in, out), so it is flagged ``fan_in_fan_out`` like PEFT does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the editable layers of one ``config.model_type`` live."""
+
+    module_template: str  # format with the layer index
+    fan_in_fan_out: bool  # True when the stored weight is (d_in, d_out), as in GPT-2's Conv1D
+    default_layers: tuple[int, ...] | None = None  # None: pick the middle layers from the depth
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec("model.layers.{}.mlp.down_proj", False),
+    "qwen2": ArchSpec("model.layers.{}.mlp.down_proj", False),
+    "gemma3_text": ArchSpec("model.layers.{}.mlp.down_proj", False),
+    "gemma3": ArchSpec("model.language_model.layers.{}.mlp.down_proj", False),
+    "gpt2": ArchSpec("transformer.h.{}.mlp.c_proj", True),
+}
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    """The ArchSpec for ``model.config.model_type``; raises for an architecture we do not know."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}: CrispEdit knows {sorted(ARCHITECTURES)}; "
+            "add its MLP output projection to crispedit/arch.py"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def num_layers(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer"))
+
+
+def default_layers(model: nn.Module) -> tuple[int, ...]:
+    """Five consecutive middle layers (the paper edits layers 19-23 of 32 in LLaMA-3-8B), fewer if shallow."""
+    spec = arch_spec(model)
+    if spec.default_layers is not None:
+        return spec.default_layers
+    n = num_layers(model)
+    count = min(5, n)
+    start = (n - count) // 2
+    return tuple(range(start, start + count))
+
+
+def module_name(model: nn.Module, layer: int) -> str:
+    return arch_spec(model).module_template.format(layer)
+
+
+def editable_modules(model: nn.Module, layers: tuple[int, ...] | list[int]) -> dict[str, nn.Module]:
+    """Map ``<module name>`` → module for the given layer indices; raises naming a bad layer."""
+    n = num_layers(model)
+    bad = [layer for layer in layers if not 0 <= int(layer) < n]
+    if bad or not layers:
+        raise ValueError(f"layers {list(layers)} invalid: this model has layers 0..{n - 1}")
+    modules = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    for layer in layers:
+        name = module_name(model, int(layer))
+        if name not in modules:
+            raise ValueError(f"module {name} not found in {type(model).__name__}")
+        out[name] = modules[name]
+    return out
+
+
+def weight_name(module_name_: str) -> str:
+    return f"{module_name_}.weight"
+
+
+def weight_out_in(module: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
+    """The module's weight (or its gradient holder) viewed as (d_out, d_in)."""
+    return module.weight.T if fan_in_fan_out else module.weight
+
+
+def to_out_in(tensor: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """A weight-shaped tensor (weight, grad, Adam moment) viewed as (d_out, d_in)."""
+    return tensor.T if fan_in_fan_out else tensor

@@ -1,0 +1,176 @@
+"""K-FAC factors of the capability loss (arXiv 2602.15823, Eq. 5): G_l ≈ A_{l-1} ⊗ S_l.
+
+For an editable linear layer s = W a, A = E[a aᵀ] is the uncentered second moment of its inputs and
+S = E[g gᵀ] that of g = ∂ℓ/∂s, the gradient of the sequence's summed next-token loss with respect to
+the layer output. Both expectations are over tokens (every position whose next token is a real token),
+accumulated in fp32, one forward and backward pass per batch for all layers at once.
+
+Two Fisher modes choose the labels of ℓ:
+- ``empirical``: the true next tokens, as the official code does;
+- ``sampled``: ŷ ~ p_θ(·|x), the true Fisher, which equals the Gauss-Newton Hessian for softmax
+  cross-entropy (paper §3.2).
+
+``ekfac_eigenvalues`` adds the eigenvalue correction of George et al. 2018 (paper Fig. 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FISHER_MODES = ("empirical", "sampled")
+
+
+@dataclass(frozen=True)
+class KFACFactors:
+    """A (d_in, d_in) = E[a aᵀ] and S (d_out, d_out) = E[g gᵀ], averaged over ``num_tokens`` tokens."""
+
+    A: torch.Tensor
+    S: torch.Tensor
+    num_tokens: int
+
+
+def merge_factors(parts: Iterable[KFACFactors]) -> KFACFactors:
+    """Token-weighted average of factors (paper Alg. 2 line 6): A = Σ_c N_c A_c / Σ_c N_c, same for S."""
+    parts = [p for p in parts if p.num_tokens > 0]
+    if not parts:
+        raise ValueError("nothing to merge: every part has zero tokens")
+    total = sum(p.num_tokens for p in parts)
+    A = sum(p.A * (p.num_tokens / total) for p in parts)
+    S = sum(p.S * (p.num_tokens / total) for p in parts)
+    return KFACFactors(A=A, S=S, num_tokens=total)
+
+
+def merge_layer_factors(parts: Iterable[dict[str, KFACFactors]]) -> dict[str, KFACFactors]:
+    parts = list(parts)
+    return {name: merge_factors(p[name] for p in parts) for name in parts[0]}
+
+
+@contextlib.contextmanager
+def capture_layer_io(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """Forward hooks that keep each module's input ``a`` and output ``s`` of the latest forward pass.
+
+    The output is made to require grad even when every parameter is frozen, so ``torch.autograd.grad``
+    can return ∂ℓ/∂s; the backward pass then only runs through the layers above the first hooked one.
+    Hooks are removed on exit.
+    """
+    captured: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+
+    def hook(name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not output.requires_grad:
+            output.requires_grad_(True)
+        captured[name]["a"] = inputs[0].detach()
+        captured[name]["s"] = output
+
+    handles = [m.register_forward_hook(lambda mod, i, o, n=name: hook(n, mod, i, o)) for name, m in modules.items()]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def next_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, T-1) bool: positions t whose next token t+1 is a real (non-pad) token."""
+    return attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+
+
+def next_token_labels(logits: torch.Tensor, input_ids: torch.Tensor, fisher: str, generator=None) -> torch.Tensor:
+    """Labels for ℓ: the true next tokens (empirical Fisher) or draws from the model (true Fisher)."""
+    if fisher == "empirical":
+        return input_ids
+    if fisher == "sampled":
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    raise ValueError(f"fisher must be one of {FISHER_MODES}, got {fisher!r}")
+
+
+def layer_io_per_token(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    fisher: str = "empirical",
+    seed: int = 0,
+) -> Iterator[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """For each batch: (#tokens, {name: (a, g)}) with a (tokens, d_in), g (tokens, d_out) in fp32.
+
+    ``g`` is the gradient of the batch's summed next-token loss, so per sequence it equals the paper's
+    gradient of the summed sequence loss (sequences do not interact).
+    """
+    if fisher not in FISHER_MODES:
+        raise ValueError(f"fisher must be one of {FISHER_MODES}, got {fisher!r}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    names = list(modules)
+    with capture_layer_io(modules) as captured:
+        for batch in batches:
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            valid = next_token_mask(attention_mask)
+            if "loss_mask" in batch:
+                valid &= batch["loss_mask"].to(device)[:, 1:].bool()
+            n = int(valid.sum())
+            if n == 0:
+                continue
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][valid]
+            labels = next_token_labels(logits, input_ids[:, 1:][valid], fisher, generator)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            grads = torch.autograd.grad(loss, [captured[name]["s"] for name in names])
+            yield n, {
+                name: (captured[name]["a"][:, :-1][valid].float(), grad[:, :-1][valid].float())
+                for name, grad in zip(names, grads, strict=True)
+            }
+
+
+def kfac_factors(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    fisher: str = "empirical",
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, KFACFactors]:
+    """A = Σ_t a_t a_tᵀ / N and S = Σ_t g_t g_tᵀ / N for every module, streaming over ``batches``."""
+    sums: dict[str, list] = {}
+    total = 0
+    for n, io in layer_io_per_token(model, modules, batches, fisher, seed):
+        for name, (a, g) in io.items():
+            if name not in sums:
+                sums[name] = [a.new_zeros(a.shape[1], a.shape[1]), g.new_zeros(g.shape[1], g.shape[1])]
+            sums[name][0].addmm_(a.T, a)
+            sums[name][1].addmm_(g.T, g)
+        total += n
+        if on_batch is not None:
+            on_batch(n)
+    if total == 0:
+        raise ValueError("the corpus produced no tokens to estimate curvature from")
+    return {name: KFACFactors(A=A / total, S=S / total, num_tokens=total) for name, (A, S) in sums.items()}
+
+
+def ekfac_eigenvalues(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    fisher: str = "empirical",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """EK-FAC: λ̃_ij = E_t[(U_outᵀ g_t a_tᵀ U_in)_ij²] = E_t[(U_outᵀ g_t)_i² (U_inᵀ a_t)_j²], (d_out, d_in).
+
+    ``bases`` maps each module to its (U_out, U_in) K-FAC eigenvectors. Per-token gradients, as K-FAC uses.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    total = 0
+    for n, io in layer_io_per_token(model, modules, batches, fisher, seed):
+        for name, (a, g) in io.items():
+            U_out, U_in = bases[name]
+            g2 = (g @ U_out.to(g)) ** 2
+            a2 = (a @ U_in.to(a)) ** 2
+            sums[name] = sums.get(name, 0) + g2.T @ a2
+        total += n
+    return {name: s / total for name, s in sums.items()}

@@ -1,0 +1,55 @@
+"""Projected Adam, as the official CrispEdit code runs Algorithm 1 (arXiv 2602.15823, §3.3).
+
+Each step replaces a weight's gradient Q by its projection P_γ Q (Eq. 6), then takes a standard Adam
+step. When the projector changes (a new sequential chunk, or a curvature recompute), the first moment
+is projected onto the new subspace; the second moment and step count are kept, as in the paper's code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from crispedit.projector import LayerProjector
+
+
+class ProjectedAdam(torch.optim.Adam):
+    """Adam over ``params`` whose gradients are first projected by ``projectors`` (same order; None = plain)."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        projectors: list[LayerProjector | None],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if len(params) != len(projectors):
+            raise ValueError("one projector (or None) per parameter")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        self.projectors = list(projectors)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self.param_groups[0]["params"]
+        for p, projector in zip(params, self.projectors, strict=True):
+            if projector is not None and p.grad is not None:
+                p.grad.copy_(projector(p.grad))
+        super().step()
+        return loss
+
+    @torch.no_grad()
+    def set_projectors(self, projectors: list[LayerProjector | None]) -> None:
+        """Swap in new projectors and project each first moment m ← P_γ m onto the new subspace."""
+        params = self.param_groups[0]["params"]
+        for p, projector in zip(params, projectors, strict=True):
+            state = self.state.get(p, {})
+            if projector is not None and "exp_avg" in state:
+                state["exp_avg"].copy_(projector(state["exp_avg"]))
+        self.projectors = list(projectors)

@@ -1,0 +1,103 @@
+"""Edit requests and how they are tokenised for the edit loss (arXiv 2602.15823, §4.2 / Alg. 1).
+
+Like the paper's code: the target gets a leading space, sequences are right padded with an existing
+token (eos), and the loss covers the target tokens only (prompt and padding are labelled -100).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: ``prompt`` should be completed by ``target``. The rest is for evaluation."""
+
+    prompt: str
+    target: str
+    rephrases: tuple[str, ...] = field(default_factory=tuple)
+    locality_prompt: str | None = None
+    locality_answer: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "target"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"edit request field {name!r} must be a non-empty string, got {value!r}")
+        object.__setattr__(self, "rephrases", tuple(r for r in self.rephrases if r and r.strip()))
+
+    @property
+    def spaced_target(self) -> str:
+        return self.target if self.target.startswith(" ") else " " + self.target
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rephrases"] = list(self.rephrases)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EditRequest:
+        unknown = set(d) - {"prompt", "target", "rephrases", "locality_prompt", "locality_answer"}
+        if unknown:
+            raise ValueError(f"unknown edit request fields {sorted(unknown)}")
+        rephrases = d.get("rephrases") or ()
+        if isinstance(rephrases, str):
+            rephrases = (rephrases,)
+        return cls(
+            prompt=d.get("prompt", ""),
+            target=d.get("target", ""),
+            rephrases=tuple(rephrases),
+            locality_prompt=d.get("locality_prompt"),
+            locality_answer=d.get("locality_answer"),
+        )
+
+
+def read_edits_jsonl(path: str | Path) -> list[EditRequest]:
+    """EDITS.jsonl: one ``{"prompt", "target", "rephrases"?, "locality_prompt"?, "locality_answer"?}`` per line."""
+    out: list[EditRequest] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(EditRequest.from_dict(json.loads(line)))
+            except (ValueError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path}:{lineno}: {err}") from err
+    if not out:
+        raise ValueError(f"{path} holds no edit requests")
+    return out
+
+
+def write_edits_jsonl(requests: Iterable[EditRequest], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in requests:
+            f.write(json.dumps(r.to_dict()) + "\n")
+
+
+def tokenize_edit_batch(tokenizer, requests: Sequence[EditRequest], device: torch.device | str = "cpu") -> dict:
+    """``prompt + " target"``, right padded; labels are the target tokens, everything else -100.
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels``, each (batch, max_len).
+    """
+    texts = [r.prompt + r.spaced_target for r in requests]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = IGNORE
+    for i, r in enumerate(requests):
+        prompt_len = len(tokenizer(r.prompt)["input_ids"])
+        labels[i, :prompt_len] = IGNORE
+    if (labels != IGNORE).sum(dim=1).eq(0).any():
+        raise ValueError("an edit target produced no tokens after its prompt; check the target text")
+    return {k: v.to(device) for k, v in {**enc, "labels": labels}.items()}
+
+
+def target_nll(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens: the edit loss L_edit of Eq. 1."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss

@@ -1,0 +1,77 @@
+"""Tiny random causal LMs with an in-process byte-level BPE tokenizer: built in milliseconds, no files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Hamlet was written by William Shakespeare in the early seventeenth century.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The chemical symbol for gold is Au and for silver it is Ag.",
+    "Q: Who wrote Hamlet? A: Shakespeare. Q: What is the capital of Spain? A: Madrid.",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()-",
+] * 4
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def make_tiny(kind: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    tok = make_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                          tie_word_embeddings=True, **ids)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                          tie_word_embeddings=True, **ids)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=3, n_head=2, n_positions=128,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+@pytest.fixture(params=["llama", "qwen2", "gpt2"])
+def tiny(request):
+    """(model, tokenizer) for each tiny architecture."""
+    return make_tiny(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny("gpt2")
