@@ -45,7 +45,7 @@ def arch_spec(model: nn.Module) -> ArchSpec:
 
 def num_layers(model: nn.Module) -> int:
     cfg = model.config
-    return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer"))
+    return int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
 
 
 def default_layers(model: nn.Module) -> tuple[int, ...]:

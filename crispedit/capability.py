@@ -80,9 +80,10 @@ def heldout_texts(path: str | Path, n_texts: int, min_chars: int = 200, seed: in
     is a seeded random sample, returned in file order.
     """
     with open(path, encoding="utf-8") as f:
-        paragraphs = [s for s in (line.strip() for line in f) if len(s) >= min_chars and not _HEADING.match(s)]
+        lines = [line.strip() for line in f]
+    paragraphs = [s for s in lines if len(s) >= min_chars and not _HEADING.match(s)]
     if n_texts > len(paragraphs):
-        raise ValueError(f"{path} has only {len(paragraphs)} paragraphs of >= {min_chars} chars, {n_texts} asked")
+        raise ValueError(f"{path}: {len(paragraphs)} paragraphs of >= {min_chars} chars, {n_texts} asked")
     picked = sorted(random.Random(seed).sample(range(len(paragraphs)), n_texts))
     return [paragraphs[i] for i in picked]
 
@@ -326,8 +327,9 @@ def capability_report(
 ) -> dict:
     """``{task: acc}`` for each multiple-choice task, plus ``"mc_mean"``, the mean of those accuracies."""
     report = {
-        t: multiple_choice_accuracy(model, tokenizer, t, data_dir, limit, batch_size, progress=progress)["acc"]
+        t: multiple_choice_accuracy(model, tokenizer, t, data_dir, limit, batch_size, progress=progress)
         for t in tasks
     }
+    report = {t: r["acc"] for t, r in report.items()}
     report["mc_mean"] = sum(report.values()) / len(report)
     return report

@@ -1,0 +1,145 @@
+"""The curvature cache: per-layer K-FAC factors of the capability loss, built once, reused by every edit.
+
+Stored as one safetensors file (tensors ``<module>.A``, ``<module>.S``, optional ``<module>.ekfac``)
+with JSON metadata: the base model's fingerprint, layers, sample and token counts, corpus fingerprint
+and Fisher mode. A cache built for another model or other layers is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from crispedit.arch import editable_modules
+from crispedit.corpus import batches_of, capability_windows, fingerprint_windows
+from crispedit.kfac import KFACFactors, ekfac_eigenvalues, kfac_factors, merge_factors
+from crispedit.models import model_fingerprint
+
+
+@dataclass(frozen=True)
+class CurvatureCache:
+    """K-FAC factors for each editable module, plus where they came from."""
+
+    factors: dict[str, KFACFactors]
+    layers: tuple[int, ...]
+    model_fingerprint: str
+    meta: dict = field(default_factory=dict)  # corpus, corpus_fingerprint, samples, seq_len, fisher, ...
+    ekfac: dict[str, torch.Tensor] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return next(iter(self.factors.values())).num_tokens
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, f in self.factors.items():
+            tensors[f"{name}.A"] = f.A.contiguous().cpu()
+            tensors[f"{name}.S"] = f.S.contiguous().cpu()
+        for name, values in (self.ekfac or {}).items():
+            tensors[f"{name}.ekfac"] = values.contiguous().cpu()
+        meta = {
+            "layers": list(self.layers),
+            "model_fingerprint": self.model_fingerprint,
+            "num_tokens": {name: f.num_tokens for name, f in self.factors.items()},
+            **self.meta,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"crispedit": json.dumps(meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | Path, model=None, layers: tuple[int, ...] | None = None, device: str | None = None
+    ) -> CurvatureCache:
+        """Load a cache; with ``model``/``layers`` given, refuse one built for another model or other layers."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no curvature cache at {path}: build one with `crispedit build-cache`")
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("crispedit", "{}"))
+        if "model_fingerprint" not in meta:
+            raise ValueError(f"{path} is not a CrispEdit curvature cache (no metadata)")
+        if model is not None and meta["model_fingerprint"] != model_fingerprint(model):
+            raise ValueError(
+                f"curvature cache {path} was built for another model (fingerprint {meta['model_fingerprint']}, "
+                f"this model is {model_fingerprint(model)}, {meta.get('model', '?')} vs {model.name_or_path}); "
+                "rebuild it for this model"
+            )
+        if layers is not None and tuple(layers) != tuple(meta["layers"]):
+            raise ValueError(
+                f"curvature cache {path} covers layers {meta['layers']}, but layers {list(layers)} were asked for; "
+                "rebuild it with --layers " + ",".join(map(str, layers))
+            )
+        tensors = load_file(str(path), device=device or "cpu")
+        counts = meta.pop("num_tokens")
+        factors = {
+            name: KFACFactors(A=tensors[f"{name}.A"], S=tensors[f"{name}.S"], num_tokens=int(n))
+            for name, n in counts.items()
+        }
+        ekfac = {name: tensors[f"{name}.ekfac"] for name in counts if f"{name}.ekfac" in tensors} or None
+        return cls(
+            factors=factors, layers=tuple(meta.pop("layers")), model_fingerprint=meta.pop("model_fingerprint"),
+            meta=meta, ekfac=ekfac,
+        )
+
+    def folded(self, edit_factors: dict[str, KFACFactors]) -> CurvatureCache:
+        """Alg. 2 line 6: the token-weighted average of these factors with an edit batch's factors.
+
+        EK-FAC corrections belong to the old eigenbasis, so they are dropped from the folded cache.
+        """
+        factors = {name: merge_factors([f, edit_factors[name]]) for name, f in self.factors.items()}
+        folds = int(self.meta.get("edit_folds", 0)) + 1
+        return replace(self, factors=factors, ekfac=None, meta={**self.meta, "edit_folds": folds})
+
+
+def build_cache(
+    model,
+    tokenizer,
+    layers: tuple[int, ...],
+    corpus: str,
+    n_samples: int,
+    seq_len: int = 512,
+    fisher: str = "empirical",
+    batch_size: int = 4,
+    ekfac: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> CurvatureCache:
+    """One streaming pass over the capability corpus for all layers (fp32, token-averaged), with a progress bar."""
+    modules = editable_modules(model, layers)
+    windows = capability_windows(model, tokenizer, corpus, n_samples, seq_len, seed=seed)
+    started = time.perf_counter()
+    with tqdm(total=len(windows) * (seq_len - 1), unit="tok", desc="K-FAC", disable=not progress) as bar:
+        factors = kfac_factors(model, modules, batches_of(windows, batch_size), fisher, seed, on_batch=bar.update)
+    corrected = None
+    if ekfac:
+        from crispedit.eigen import eigh_psd
+
+        bases = {name: (eigh_psd(f.S)[1], eigh_psd(f.A)[1]) for name, f in factors.items()}
+        corrected = ekfac_eigenvalues(model, modules, batches_of(windows, batch_size), bases, fisher, seed)
+    return CurvatureCache(
+        factors={name: KFACFactors(f.A.cpu(), f.S.cpu(), f.num_tokens) for name, f in factors.items()},
+        layers=tuple(layers),
+        model_fingerprint=model_fingerprint(model),
+        meta={
+            "model": str(getattr(model, "name_or_path", "")),
+            "corpus": corpus,
+            "corpus_fingerprint": fingerprint_windows(windows),
+            "samples": n_samples,
+            "seq_len": seq_len,
+            "fisher": fisher,
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+        ekfac=None if corrected is None else {k: v.cpu() for k, v in corrected.items()},
+    )

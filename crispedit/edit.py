@@ -1,0 +1,261 @@
+"""Batch and sequential CrispEdit (arXiv 2602.15823, Algorithms 1 and 2), with FT and null-space baselines.
+
+Algorithm 1: epochs over shuffled minibatches of edits; each step projects the edit-loss gradient onto
+the γ-approximate null space of the capability curvature (Eq. 6) and takes an Adam step. A minibatch
+whose loss is already below ``early_stop`` is skipped; editing stops when an epoch's mean loss is.
+Algorithm 2: edits arrive in chunks; after each chunk, the K-FAC factors of its prompt+target text are
+folded into the cache (token-weighted), so later chunks also protect earlier edits.
+
+The model is edited in place. On any error it is restored exactly, so a failed edit leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from crispedit.arch import arch_spec, default_layers, editable_modules, weight_name
+from crispedit.cache import CurvatureCache
+from crispedit.kfac import KFACFactors, kfac_factors
+from crispedit.optim import ProjectedAdam
+from crispedit.projector import METHODS, LayerProjector, build_projector
+from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
+
+ProgressFn = Callable[[dict], None]
+
+
+class EditError(RuntimeError):
+    """The edit could not be applied (bad input, divergence); the model was left untouched."""
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Hyperparameters of one edit. Defaults are tuned for SmolLM2-135M (see BENCHMARKS.md)."""
+
+    method: str = "crispedit"  # crispedit | nullspace | ft
+    energy: float = 0.8  # γ: fraction of curvature energy protected; higher is more conservative
+    lr: float = 2e-3  # the paper's 5e-4 does not converge within 25 epochs on SmolLM2 (BENCHMARKS.md)
+    batch_size: int = 32
+    max_epochs: int = 25
+    early_stop: float = 1e-2  # skip a batch / stop an epoch below this mean target NLL (paper Table 2)
+    sequential_chunk: int | None = None  # Alg. 2 chunk size; None = one batch edit (Alg. 1)
+    stats_batch_size: int = 8  # batch size of the K-FAC pass over edit text when folding
+    recompute_drift: float | None = None  # recompute capability curvature past this relative weight drift
+    layers: tuple[int, ...] | None = None  # used only without a cache (ft); a cache fixes its own layers
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 <= self.energy <= 1.0:
+            raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
+        for name in ("lr", "batch_size", "max_epochs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.sequential_chunk is not None and self.sequential_chunk <= 0:
+            raise ValueError("sequential_chunk must be a positive number of edits")
+
+
+@dataclass
+class EditResult:
+    """What changed: new values of the edited weights (and their originals), losses and timings."""
+
+    changed: dict[str, torch.Tensor]
+    original: dict[str, torch.Tensor]
+    epoch_losses: list[float]
+    steps: int
+    seconds: float
+    step_seconds: list[float] = field(default_factory=list)
+    kept_fraction: dict[str, float] = field(default_factory=dict)
+    cache: CurvatureCache | None = None  # the cache with this edit's statistics folded in (sequential mode)
+
+    def relative_change(self) -> dict[str, float]:
+        return {n: float((self.changed[n] - self.original[n]).norm() / self.original[n].norm()) for n in self.changed}
+
+
+def edit_statistics(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], modules: dict[str, nn.Module], batch_size: int = 8
+) -> dict[str, KFACFactors]:
+    """K-FAC factors of the edits' own text (Alg. 2 line 5): next-token loss over the whole prompt+target.
+
+    The prompt is not masked: the paper (App. E, Table 6) found masking it much worse.
+    """
+    texts = [r.prompt + r.spaced_target for r in requests]
+    batches = [
+        tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
+        for i in range(0, len(texts), batch_size)
+    ]
+    return kfac_factors(model, modules, batches, fisher="empirical")
+
+
+def make_projectors(
+    cache: CurvatureCache | None, config: EditConfig, names: list[str], fan_in_fan_out: bool, device
+) -> list[LayerProjector | None]:
+    if config.method == "ft":
+        return [None] * len(names)
+    if cache is None:
+        raise EditError(f"method {config.method!r} needs a curvature cache; build one with `crispedit build-cache`")
+    ekfac = cache.ekfac or {}
+    return [
+        build_projector(cache.factors[n], config.energy, config.method, fan_in_fan_out, ekfac.get(n), device)
+        for n in names
+    ]
+
+
+@contextlib.contextmanager
+def trainable(params: list[nn.Parameter]):
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+
+def check_requests(requests: Sequence[EditRequest], tokenizer) -> None:
+    if not requests:
+        raise EditError("no edit requests given")
+    for i, r in enumerate(requests):
+        if not isinstance(r, EditRequest):
+            raise EditError(f"edit {i} is a {type(r).__name__}, expected EditRequest")
+    tokenize_edit_batch(tokenizer, list(requests)[:1])
+
+
+def run_epochs(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    optimizer: ProjectedAdam,
+    config: EditConfig,
+    on_step: Callable[[], None] | None = None,
+    on_progress: ProgressFn | None = None,
+    chunk: int = 0,
+) -> tuple[list[float], list[float]]:
+    """Algorithm 1's loop. Returns (epoch mean losses, seconds per optimizer step)."""
+    device = next(model.parameters()).device
+    rng = random.Random(config.seed + chunk)
+    order = list(requests)
+    epoch_losses: list[float] = []
+    step_seconds: list[float] = []
+    first_loss: float | None = None
+    for epoch in range(config.max_epochs):
+        rng.shuffle(order)
+        losses = []
+        for i in range(0, len(order), config.batch_size):
+            started = time.perf_counter()
+            batch = tokenize_edit_batch(tokenizer, order[i : i + config.batch_size], device)
+            loss = target_nll(model, batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise EditError(f"edit loss became {value} at epoch {epoch + 1}; lower the learning rate")
+            first_loss = value if first_loss is None else first_loss
+            if value > max(50.0, 10 * first_loss):
+                raise EditError(f"edit loss exploded ({first_loss:.3g} → {value:.3g}); lower the learning rate")
+            losses.append(value)
+            if value < config.early_stop:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step_seconds.append(time.perf_counter() - started)
+            if on_step is not None:
+                on_step()
+        epoch_losses.append(sum(losses) / len(losses))
+        if on_progress is not None:
+            on_progress({"event": "epoch", "chunk": chunk, "epoch": epoch + 1, "loss": epoch_losses[-1]})
+        if epoch_losses[-1] < config.early_stop:
+            break
+    return epoch_losses, step_seconds
+
+
+def edit(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    cache: CurvatureCache | None,
+    config: EditConfig | None = None,
+    on_progress: ProgressFn | None = None,
+    recompute_cache: Callable[[], CurvatureCache] | None = None,
+) -> EditResult:
+    """Apply ``requests`` to ``model`` in place (Alg. 1, or Alg. 2 with ``config.sequential_chunk``).
+
+    ``recompute_cache`` (optional) rebuilds the capability curvature at the current weights; it is
+    called when an edited weight drifts past ``config.recompute_drift`` relative to the last build.
+    """
+    config = config or EditConfig()
+    check_requests(requests, tokenizer)
+    layers = cache.layers if cache is not None else (config.layers or default_layers(model))
+    modules = editable_modules(model, layers)
+    fan_in_fan_out = arch_spec(model).fan_in_fan_out
+    names = list(modules)
+    params = [modules[n].weight for n in names]
+    original = {weight_name(n): p.detach().clone() for n, p in zip(names, params, strict=True)}
+    device = params[0].device
+    started = time.perf_counter()
+    try:
+        projectors = make_projectors(cache, config, names, fan_in_fan_out, device)
+        optimizer = ProjectedAdam(params, projectors, lr=config.lr)
+        reference = [p.detach().clone() for p in params]
+        capability, folded = cache, []  # Alg. 2: capability factors and each chunk's edit factors
+
+        def current_cache() -> CurvatureCache | None:
+            result = capability
+            for edit_factors in folded:
+                result = result.folded(edit_factors)
+            return result
+
+        def maybe_recompute() -> None:
+            nonlocal capability, reference
+            drift = max(float((p - r).norm() / r.norm()) for p, r in zip(params, reference, strict=True))
+            if drift <= config.recompute_drift:
+                return
+            capability = recompute_cache()
+            reference = [p.detach().clone() for p in params]
+            optimizer.set_projectors(make_projectors(current_cache(), config, names, fan_in_fan_out, device))
+            if on_progress:
+                on_progress({"event": "recompute", "drift": drift})
+
+        on_step = maybe_recompute if (config.recompute_drift and recompute_cache and config.method != "ft") else None
+        chunk_size = config.sequential_chunk or len(requests)
+        epoch_losses: list[float] = []
+        step_seconds: list[float] = []
+        for k, start in enumerate(range(0, len(requests), chunk_size)):
+            chunk = list(requests[start : start + chunk_size])
+            with trainable(params):
+                losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k)
+            epoch_losses += losses
+            step_seconds += seconds
+            if config.sequential_chunk and capability is not None:
+                folded.append(edit_statistics(model, tokenizer, chunk, modules, config.stats_batch_size))
+                optimizer.set_projectors(make_projectors(current_cache(), config, names, fan_in_fan_out, device))
+                if on_progress:
+                    on_progress({"event": "fold", "chunk": k, "tokens": current_cache().num_tokens})
+        for p in params:
+            if not torch.isfinite(p).all():
+                raise EditError("an edited weight became non-finite; lower the learning rate")
+    except BaseException:
+        with torch.no_grad():
+            for n, p in zip(names, params, strict=True):
+                p.copy_(original[weight_name(n)])
+        raise
+    changed = {weight_name(n): p.detach().clone() for n, p in zip(names, params, strict=True)}
+    changed = {n: t for n, t in changed.items() if not torch.equal(t, original[n])}
+    return EditResult(
+        changed=changed,
+        original={n: original[n] for n in changed},
+        epoch_losses=epoch_losses,
+        steps=len(step_seconds),
+        seconds=time.perf_counter() - started,
+        step_seconds=step_seconds,
+        kept_fraction={n: p.kept_fraction for n, p in zip(names, projectors, strict=True) if p is not None},
+        cache=current_cache() if config.sequential_chunk else None,
+    )

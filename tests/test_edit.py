@@ -1,0 +1,134 @@
+"""Batch (Alg. 1) and sequential (Alg. 2) edits on tiny models really change the target's probability."""
+
+import pytest
+import torch
+
+from conftest import CORPUS
+from crispedit.cache import build_cache
+from crispedit.edit import EditConfig, EditError, edit
+from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
+
+FACTS = [
+    EditRequest("The capital of France is", "Rome"),
+    EditRequest("Hamlet was written by", "Madrid"),
+    EditRequest("The chemical symbol for gold is", "Ag"),
+    EditRequest("Water boils at one hundred degrees", "Paris"),
+]
+
+
+@torch.no_grad()
+def target_logprob(model, tok, requests) -> float:
+    batch = tokenize_edit_batch(tok, requests)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits.float(), -1)
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return float((picked * mask).sum() / mask.sum())
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS * 3))
+    return path
+
+
+def small_cache(model, tok, corpus_file, layers=(1, 2), **kw):
+    return build_cache(model, tok, layers, str(corpus_file), n_samples=6, seq_len=16, progress=False, **kw)
+
+
+@pytest.mark.parametrize("method", ["crispedit", "nullspace", "ft"])
+def test_batch_edit_raises_target_probability(tiny, corpus_file, method):
+    model, tok = tiny
+    cache = small_cache(model, tok, corpus_file)
+    before = target_logprob(model, tok, FACTS)
+    all_before = {n: p.clone() for n, p in model.named_parameters()}
+    result = edit(model, tok, FACTS, cache, EditConfig(method=method, lr=3e-2, max_epochs=30, energy=0.5))
+    after = target_logprob(model, tok, FACTS)
+    assert after > before + 1.0, (before, after)
+    assert result.steps > 0 and len(result.epoch_losses) >= 1
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    # only the editable weights changed, and `changed` says exactly which
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, all_before[n])}
+    assert moved == set(result.changed) and moved
+    assert all(".mlp." in n for n in moved)
+    for n, t in result.changed.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n], t)
+        torch.testing.assert_close(result.original[n], all_before[n])
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_sequential_edit_folds_each_chunk(tiny_llama, corpus_file):
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    events = []
+    before = target_logprob(model, tok, FACTS)
+    result = edit(model, tok, FACTS, cache, EditConfig(lr=3e-2, max_epochs=30, energy=0.5, sequential_chunk=2),
+                  on_progress=events.append)
+    assert target_logprob(model, tok, FACTS) > before + 1.0
+    folds = [e for e in events if e["event"] == "fold"]
+    assert [e["chunk"] for e in folds] == [0, 1]
+    assert result.cache is not None and result.cache.num_tokens > cache.num_tokens
+    assert result.cache.meta["edit_folds"] == 2
+    assert {e["chunk"] for e in events if e["event"] == "epoch"} == {0, 1}
+
+
+def test_gpt2_conv1d_edit(tiny_gpt2, corpus_file):
+    model, tok = tiny_gpt2
+    cache = small_cache(model, tok, corpus_file)
+    before = target_logprob(model, tok, FACTS)
+    result = edit(model, tok, FACTS, cache, EditConfig(lr=3e-2, max_epochs=30, energy=0.5))
+    assert target_logprob(model, tok, FACTS) > before + 1.0
+    assert all(n.endswith("mlp.c_proj.weight") for n in result.changed)
+
+
+def test_projected_method_without_cache_is_refused(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.raises(EditError, match="curvature cache"):
+        edit(model, tok, FACTS, None, EditConfig(method="crispedit"))
+
+
+def test_bad_input_is_refused_and_model_untouched(tiny_llama, corpus_file, monkeypatch):
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    snapshot = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="target"):
+        EditRequest("The capital of France is", "  ")
+    with pytest.raises(EditError, match="no edit requests"):
+        edit(model, tok, [], cache)
+    with pytest.raises(ValueError, match="method"):
+        EditConfig(method="rome")
+    # a loss that turns NaN after a few real steps: the error names it and the weights are restored
+    import crispedit.edit as edit_module
+
+    calls = []
+
+    def nan_after_three(model_, batch):
+        calls.append(1)
+        loss = target_nll(model_, batch)
+        return loss * float("nan") if len(calls) > 3 else loss
+
+    monkeypatch.setattr(edit_module, "target_nll", nan_after_three)
+    with pytest.raises(EditError, match="became nan"):
+        edit(model, tok, FACTS, cache, EditConfig(lr=1e-2, max_epochs=5, early_stop=0.0))
+    assert len(calls) == 4
+    for n, p in model.named_parameters():
+        assert torch.equal(p, snapshot[n]), n
+
+
+def test_cache_mismatch_is_refused(tiny_llama, corpus_file, tmp_path):
+    from conftest import make_tiny
+    from crispedit.cache import CurvatureCache
+
+    model, tok = tiny_llama
+    path = small_cache(model, tok, corpus_file).save(tmp_path / "c.safetensors")
+    loaded = CurvatureCache.load(path, model=model, layers=(1, 2))
+    assert loaded.layers == (1, 2) and loaded.meta["fisher"] == "empirical" and loaded.meta["samples"] == 6
+    other, _ = make_tiny("llama", seed=1)
+    with pytest.raises(ValueError, match="another model"):
+        CurvatureCache.load(path, model=other)
+    with pytest.raises(ValueError, match="layers"):
+        CurvatureCache.load(path, model=model, layers=(0, 1))
+    with pytest.raises(ValueError, match="corpus too small"):
+        build_cache(model, tok, (1,), str(corpus_file), n_samples=10_000, seq_len=16, progress=False)
