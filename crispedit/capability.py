@@ -249,32 +249,35 @@ def score_continuations(
     """Sum of log p(continuation tokens | context) for each (context, continuation) pair.
 
     Context and continuation are tokenised separately and their ids concatenated, so the boundary is
-    exact; the context keeps at most its last ``MAX_CONTEXT_TOKENS`` tokens. Pairs are batched longest
-    first with right padding, one forward per batch, logits kept only from the first scored position on.
+    exact; the context keeps at most its last ``MAX_CONTEXT_TOKENS`` tokens. A pair needs one forward of
+    ``context + continuation[:-1]``; pairs needing the same input share it (so single-token choices after
+    one context, as in MMLU or BoolQ, cost one forward). Inputs are batched longest first with right
+    padding, one forward per batch, logits kept only from the first scored position on.
     """
-    encoded = []
-    for ctx, cont in pairs:
+    encoded: list[tuple[list[int], list[int]]] = []
+    users: dict[tuple[int, ...], list[int]] = {}  # input ids -> the pairs scored on them
+    for k, (ctx, cont) in enumerate(pairs):
         ctx_ids = tokenizer(ctx)["input_ids"][-MAX_CONTEXT_TOKENS:] if ctx else [tokenizer.eos_token_id]
         cont_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
         if not cont_ids:
             raise ValueError(f"continuation {cont!r} has no tokens")
         encoded.append((ctx_ids, cont_ids))
-    order = sorted(range(len(pairs)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+        users.setdefault(tuple(ctx_ids + cont_ids[:-1]), []).append(k)
+    inputs = sorted(users, key=len, reverse=True)
     pad, dev = _pad_id(tokenizer), _device(model)
     can_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     scores = [0.0] * len(pairs)
-    for idx in _batches(order, batch_size, progress, "choices"):
-        ids, mask = _pad_right([encoded[i][0] + encoded[i][1] for i in idx], pad)
-        first = min(len(encoded[i][0]) for i in idx) - 1  # first position whose logits score a token
+    for batch in _batches(inputs, batch_size, progress, "choices"):
+        ids, mask = _pad_right(batch, pad)
+        first = min(len(encoded[k][0]) for seq in batch for k in users[seq]) - 1  # first scored position
         keep = {"logits_to_keep": ids.shape[1] - first} if can_keep else {}
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **keep).logits
-        logits = logits[:, -(ids.shape[1] - first) :]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        for row, i in enumerate(idx):
-            ctx_ids, cont_ids = encoded[i]
-            pos = torch.arange(len(cont_ids), device=dev) + len(ctx_ids) - 1 - first
-            target = torch.tensor(cont_ids, device=dev)
-            scores[i] = logp[row, pos, target].sum().item()
+        logp = torch.log_softmax(logits[:, -(ids.shape[1] - first) :].float(), dim=-1)
+        for row, seq in enumerate(batch):
+            for k in users[seq]:
+                ctx_ids, cont_ids = encoded[k]
+                pos = torch.arange(len(cont_ids), device=dev) + len(ctx_ids) - 1 - first
+                scores[k] = logp[row, pos, torch.tensor(cont_ids, device=dev)].sum().item()
     return scores
 
 

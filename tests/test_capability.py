@@ -101,6 +101,7 @@ def test_mean_kl_zero_positive_and_by_hand(tiny):
 def test_continuation_scores_match_direct_computation(tiny):
     model, tok = tiny
     pairs = [(r["query"] + "\nAnswer:", " " + c) for r in ARC for c in r["choices"]]
+    pairs += [("Q: Who wrote Hamlet?\nA. Paris\nB. Shakespeare\nAnswer:", " " + c) for c in "ABCD"]  # shared input
     scores = score_continuations(model, tok, pairs, batch_size=4)
     with torch.no_grad():
         direct = [sequence_logprob(model, tok, ctx, cont) for ctx, cont in pairs]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import CORPUS
+
 from crispedit.cache import build_cache
 from crispedit.edit import EditConfig, EditError, edit
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
@@ -119,6 +119,7 @@ def test_bad_input_is_refused_and_model_untouched(tiny_llama, corpus_file, monke
 
 def test_cache_mismatch_is_refused(tiny_llama, corpus_file, tmp_path):
     from conftest import make_tiny
+
     from crispedit.cache import CurvatureCache
 
     model, tok = tiny_llama

@@ -91,8 +91,25 @@ def test_conv1d_layout_projects_the_transpose():
 
 def test_projector_memory_is_factor_sized():
     d_out, d_in = 8, 32
-    proj = build_projector(KFACFactors(A=random_psd(d_in, 1), S=random_psd(d_out, 2), num_tokens=1), 0.9)
-    assert proj.memory_bytes == 4 * (d_out**2 + d_in**2) + d_out * d_in  # fp32 bases + bool mask
+    factors = KFACFactors(A=random_psd(d_in, 1), S=random_psd(d_out, 2), num_tokens=1)
+    assert build_projector(factors, 1.0).memory_bytes == 4 * (d_out**2 + d_in**2) + d_out * d_in  # all removed
+    small = build_projector(factors, 0.5)  # only the removed directions' eigenvectors are kept
+    assert small.memory_bytes < 4 * (d_out**2 + d_in**2) + d_out * d_in
+    assert small.U_in.shape[1] < d_in
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9, 1.0])
+def test_complement_form_equals_eq6(gamma):
+    from crispedit.eigen import eigh_psd, energy_mask, kronecker_eigenvalues
+
+    A, S = random_psd(7, 10), random_psd(5, 11)
+    Q = torch.randn(5, 7)
+    lam_in, U_in = eigh_psd(A)
+    lam_out, U_out = eigh_psd(S)
+    mask = energy_mask(kronecker_eigenvalues(lam_out, lam_in), gamma)
+    full = project_kronecker(Q, U_out, U_in, mask.float())
+    proj = build_projector(KFACFactors(A=A, S=S, num_tokens=1), gamma)
+    torch.testing.assert_close(proj(Q), full, atol=1e-5, rtol=1e-5)
 
 
 def test_project_kronecker_with_identity_bases_is_a_mask():

@@ -1,0 +1,329 @@
+"""``crispedit bench``: the paper-style benchmark on a real model, one suite at a time.
+
+Suites (each writes ``<out>/<suite>.json`` and ``<out>/<suite>.md``):
+- ``main``: methods × datasets on N edits: edit quality, perplexity change, KL(base‖edited), MC accuracy, time.
+- ``sweep``: γ sweep for crispedit and nullspace (reliability against capability drop, paper Fig. 3) + PNG.
+- ``fisher``: empirical vs sampled Fisher vs a ``self``-sampled corpus, crispedit rows.
+- ``sequential``: R rounds of K edits, curvature folded each round (Alg. 2), crispedit and ft.
+- ``speed``: CrispEdit step / FT step on identical batches, cache build per token / fwd+bwd per token,
+  projector memory.
+Capability data, edit sets and benchmarks are read from the shared data folder (``--data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from crispedit.arch import default_layers, editable_modules
+from crispedit.cache import CurvatureCache, build_cache
+from crispedit.capability import capability_report, heldout_texts, mean_kl, perplexity, swapped_weights
+from crispedit.datasets import load_edit_dataset, shared_data_dir
+from crispedit.edit import EditConfig, edit
+from crispedit.evaluate import edit_quality, locality_reference
+from crispedit.models import load_model
+
+log = logging.getLogger("crispedit.bench")
+
+TRAIN_CORPUS = "capability/wikitext2/wiki.train.raw_excerpt.txt"  # curvature: disjoint from the test text
+HELDOUT_TEXT = "capability/wikitext2/wiki.test.raw"  # perplexity and KL
+
+
+class Bench:
+    """The model, data and base-model reference figures shared by every run of a suite."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data = Path(args.data) if args.data else shared_data_dir()
+        self.model, self.tok = load_model(args.model, device=args.device)
+        self.layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else default_layers(self.model)
+        self.texts = heldout_texts(self.data / HELDOUT_TEXT, args.ppl_texts)
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._base_capability: dict | None = None
+
+    def cache(self, corpus: str = "wikitext", fisher: str = "empirical", samples: int | None = None) -> CurvatureCache:
+        samples = samples or self.args.samples
+        path = self.out / f"cache-{corpus}-{fisher}-{samples}x{self.args.seq_len}.safetensors"
+        if path.exists():
+            return CurvatureCache.load(path, model=self.model, layers=self.layers)
+        source = "self" if corpus == "self" else str(self.data / TRAIN_CORPUS)
+        cache = build_cache(self.model, self.tok, self.layers, source, samples, self.args.seq_len, fisher)
+        cache.save(path)
+        return cache
+
+    def requests(self, dataset: str, split: str = "test"):
+        if split == "train":  # tuning data, never the test items
+            path = self.data / "editing/zsre/zsre_mend_train_1k.json"
+            return load_edit_dataset("zsre", path, n=self.args.n)
+        return load_edit_dataset(dataset, self.data / DATASET_FILES[dataset], n=self.args.n)
+
+    def capability(self, result=None, mc: bool = True) -> dict:
+        metrics = {"perplexity": perplexity(self.model, self.tok, self.texts)}
+        if result is not None and result.changed:
+            metrics["kl"] = mean_kl(self.model, self.tok, self.texts, result.original, result.changed)
+        else:
+            metrics["kl"] = 0.0
+        if mc and self.args.mc_limit > 0:
+            metrics.update(capability_report(self.model, self.tok, self.data, limit=self.args.mc_limit))
+        return metrics
+
+    def base_capability(self, mc: bool = True) -> dict:
+        if self._base_capability is None or (mc and "mc_mean" not in self._base_capability):
+            self._base_capability = self.capability(mc=mc)
+        return self._base_capability
+
+    def run(self, requests, cache, config: EditConfig, reference=None, generated=True, mc=True) -> dict:
+        """Edit, measure, and put the base weights back."""
+        result = edit(self.model, self.tok, requests, cache, config)
+        try:
+            row = {"method": config.method, "energy": config.energy, "edits": len(requests),
+                   "epochs": len(result.epoch_losses), "final_loss": result.epoch_losses[-1],
+                   "steps": result.steps, "edit_seconds": round(result.seconds, 1)}
+            row.update(edit_quality(self.model, self.tok, requests, reference, generated=generated))
+            cap = self.capability(result, mc=mc)
+            base = self.base_capability(mc=mc)
+            row.update(cap)
+            row["ppl_change_pct"] = 100 * (cap["perplexity"] / base["perplexity"] - 1)
+            if "mc_mean" in cap:
+                row["mc_drop_points"] = 100 * (base["mc_mean"] - cap["mc_mean"])
+        finally:
+            with torch.no_grad():
+                params = dict(self.model.named_parameters())
+                for name, t in result.original.items():
+                    params[name].copy_(t)
+        log.info("row: %s", json.dumps(row))
+        return row
+
+    def config(self, **overrides) -> EditConfig:
+        a = self.args
+        return EditConfig(energy=a.energy, lr=a.lr, batch_size=a.batch_size, max_epochs=a.epochs, **overrides)
+
+    def write(self, suite: str, payload: dict, table: str) -> None:
+        payload = {"suite": suite, "date": time.strftime("%Y-%m-%d"), "command": a_command(self.args),
+                   "layers": list(self.layers), "cpu_threads": torch.get_num_threads(), **payload}
+        (self.out / f"{suite}.json").write_text(json.dumps(payload, indent=2))
+        (self.out / f"{suite}.md").write_text(f"Command: `{payload['command']}` ({payload['date']})\n\n{table}\n")
+        log.info("wrote %s", self.out / f"{suite}.md")
+
+
+DATASET_FILES = {
+    "zsre": "editing/zsre/zsre_mend_eval_3k.json",
+    "counterfact": "editing/counterfact/counterfact_edit_3k.json",
+    "wikibigedit": "editing/wikibigedit/wikibigedit_3k.json",
+}
+
+COLUMNS = [
+    ("rel_tf", "Rel TF"), ("gen_tf", "Gen TF"), ("loc_tf_agree", "Loc TF agree"),
+    ("rel_nc_contains", "Rel gen NC"), ("gen_nc_contains", "Gen gen NC"),
+    ("rel_qa_contains", "Rel gen QA"), ("gen_qa_contains", "Gen gen QA"), ("loc_gen_agree", "Loc gen agree"),
+    ("ppl_change_pct", "ΔPPL %"), ("kl", "KL"), ("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C"),
+    ("hellaswag", "HS"), ("piqa", "PIQA"), ("boolq", "BoolQ"), ("mmlu", "MMLU"), ("mc_mean", "MC mean"),
+    ("edit_seconds", "edit s"),
+]
+
+
+def markdown_table(rows: list[dict], lead: list[tuple[str, str]]) -> str:
+    cols = lead + [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k)
+            cells.append("–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def a_command(args: argparse.Namespace) -> str:
+    skip = {"func", "command", "verbose"}
+    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in skip and v is not None)
+    return f"crispedit bench {opts}"
+
+
+def suite_main(b: Bench) -> None:
+    rows = []
+    cache = b.cache()
+    base = b.base_capability()
+    for dataset in b.args.datasets.split(","):
+        requests = b.requests(dataset)
+        reference = locality_reference(b.model, b.tok, requests)
+        base_row = {"dataset": dataset, "method": "base", **edit_quality(b.model, b.tok, requests, reference),
+                    **base, "ppl_change_pct": 0.0}
+        rows.append(base_row)
+        for method in b.args.methods.split(","):
+            rows.append({"dataset": dataset, **b.run(requests, cache, b.config(method=method), reference)})
+    b.write("main", {"base": base, "rows": rows}, markdown_table(rows, [("dataset", "data"), ("method", "method")]))
+
+
+def suite_sweep(b: Bench) -> None:
+    cache = b.cache()
+    requests = b.requests("zsre", split=b.args.split)
+    rows = []
+    b.base_capability(mc=False)
+    for method in ("crispedit", "nullspace"):
+        for gamma in (float(g) for g in b.args.gammas.split(",")):
+            row = b.run(requests, cache, replace(b.config(method=method), energy=gamma), generated=False, mc=False)
+            rows.append({"gamma": gamma, **row})
+    rows.append({"gamma": None, **b.run(requests, None, b.config(method="ft"), generated=False, mc=False)})
+    b.write("sweep", {"split": b.args.split, "rows": rows},
+            markdown_table(rows, [("method", "method"), ("gamma", "γ")]))
+    plot_sweep(rows, b.out / "gamma_sweep.png")
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, marker in (("crispedit", "o"), ("nullspace", "s")):
+        pts = [r for r in rows if r["method"] == method]
+        ax.plot([r["ppl_change_pct"] for r in pts], [r["rel_tf"] for r in pts], marker=marker, label=method)
+        for r in pts:
+            ax.annotate(f"γ={r['gamma']}", (r["ppl_change_pct"], r["rel_tf"]), fontsize=7)
+    ft = [r for r in rows if r["method"] == "ft"]
+    ax.scatter([r["ppl_change_pct"] for r in ft], [r["rel_tf"] for r in ft], color="red", marker="x", label="ft")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("perplexity increase on held-out WikiText-2 (%)")
+    ax.set_ylabel("teacher-forced reliability")
+    ax.set_title("Reliability vs capability drop (cf. paper Fig. 3)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def suite_fisher(b: Bench) -> None:
+    requests = b.requests("zsre", split=b.args.split)
+    rows = []
+    b.base_capability(mc=False)
+    for corpus, fisher in (("wikitext", "empirical"), ("wikitext", "sampled"), ("self", "empirical")):
+        cache = b.cache(corpus, fisher)
+        row = b.run(requests, cache, b.config(method="crispedit"), generated=False, mc=False)
+        rows.append({"corpus": corpus, "fisher": fisher, "cache_seconds": cache.meta.get("seconds"), **row})
+    b.write("fisher", {"split": b.args.split, "rows": rows},
+            markdown_table(rows, [("corpus", "corpus"), ("fisher", "Fisher"), ("cache_seconds", "cache s")]))
+
+
+def suite_sequential(b: Bench) -> None:
+    requests = b.requests("zsre")[: b.args.rounds * b.args.chunk]
+    cache = b.cache(samples=b.args.seq_samples)
+    rows = []
+    b.base_capability(mc=False)
+    for method in ("crispedit", "ft"):
+        config = b.config(method=method, sequential_chunk=b.args.chunk)
+        rows.append({"samples": b.args.seq_samples, **b.run(requests, cache if method != "ft" else None, config,
+                                                             generated=False, mc=False)})
+    b.write("sequential", {"rounds": b.args.rounds, "chunk": b.args.chunk, "rows": rows},
+            markdown_table(rows, [("method", "method"), ("energy", "γ"), ("samples", "cap. samples")]))
+
+
+def suite_speed(b: Bench) -> None:
+    from crispedit.corpus import batches_of, capability_windows
+    from crispedit.kfac import kfac_factors
+    from crispedit.optim import ProjectedAdam
+    from crispedit.projector import build_projector
+    from crispedit.requests import target_nll, tokenize_edit_batch
+
+    cache = b.cache()
+    modules = editable_modules(b.model, b.layers)
+    params = [m.weight for m in modules.values()]
+    batch = tokenize_edit_batch(b.tok, b.requests("zsre")[: b.args.batch_size], params[0].device)
+    projectors = [build_projector(cache.factors[n], b.args.energy) for n in modules]
+    originals = {f"{n}.weight": m.weight.detach().clone() for n, m in modules.items()}
+
+    def step_time(opt, reps: int) -> list[float]:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            target_nll(b.model, batch).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    reps = b.args.reps
+    for p in params:
+        p.requires_grad_(True)
+    with swapped_weights(b.model, originals):
+        ft, crisp = ProjectedAdam(params, [None] * len(params), lr=1e-5), ProjectedAdam(params, projectors, lr=1e-5)
+        step_time(ft, 2)
+        ft_t, crisp_t = [], []
+        for _ in range(reps):  # interleaved, so machine noise hits both alike
+            ft_t += step_time(ft, 1)
+            crisp_t += step_time(crisp, 1)
+    for p in params:
+        p.requires_grad_(False)
+    windows = capability_windows(b.model, b.tok, str(b.data / TRAIN_CORPUS), 8, b.args.seq_len)
+    t0 = time.perf_counter()
+    kfac_factors(b.model, modules, batches_of(windows, 4))
+    kfac_per_token = (time.perf_counter() - t0) / (len(windows) * b.args.seq_len)
+    t0 = time.perf_counter()
+    for p in params:
+        p.requires_grad_(True)
+    for batch_ in batches_of(windows, 4):
+        out = b.model(**batch_, labels=batch_["input_ids"])
+        out.loss.backward()
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    plain_per_token = (time.perf_counter() - t0) / (len(windows) * b.args.seq_len)
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
+    row = {
+        "ft_step_s": median(ft_t), "crispedit_step_s": median(crisp_t),
+        "step_ratio": median(crisp_t) / median(ft_t),
+        "kfac_s_per_token": kfac_per_token, "fwd_bwd_s_per_token": plain_per_token,
+        "cache_ratio": kfac_per_token / plain_per_token,
+        "projector_bytes_per_layer": projectors[0].memory_bytes, "weight_shape": list(next(iter(shapes.values()))),
+        "dense_projector_bytes": 4 * (params[0].numel() ** 2),
+    }
+    table = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in row.items())
+    b.write("speed", {"reps": reps, "row": row}, "| quantity | value |\n|---|---|\n" + table)
+
+
+SUITES = {"main": suite_main, "sweep": suite_sweep, "fisher": suite_fisher, "sequential": suite_sequential,
+          "speed": suite_speed}
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    bench = Bench(args)
+    for suite in args.suite.split(","):
+        log.info("suite %s (config %s)", suite, asdict(bench.config()))
+        SUITES[suite](bench)
+
+
+def add_bench_parser(sub) -> None:
+    d = EditConfig()
+    p = sub.add_parser("bench", help="paper-style benchmark on a real model (see BENCHMARKS.md)")
+    p.add_argument("--suite", default="main", help=f"comma-separated, from {sorted(SUITES)}")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--data", default=None)
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--datasets", default="zsre,counterfact")
+    p.add_argument("--methods", default="crispedit,nullspace,ft")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="sweep/fisher: zsre train or test")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--layers", default=None)
+    p.add_argument("--energy", type=float, default=d.energy)
+    p.add_argument("--gammas", default="0.5,0.7,0.8,0.9,0.95,0.99")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=int, default=d.max_epochs)
+    p.add_argument("--samples", type=int, default=40)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--chunk", type=int, default=10)
+    p.add_argument("--seq-samples", type=int, default=40)
+    p.add_argument("--mc-limit", type=int, default=50)
+    p.add_argument("--ppl-texts", type=int, default=40)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_bench)

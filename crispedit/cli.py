@@ -1,0 +1,180 @@
+"""``crispedit`` command line: build-cache, edit, eval, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+log = logging.getLogger("crispedit")
+
+DEFAULT_SAMPLES = 40  # capability windows of --seq-len tokens; the paper finds n ≥ 100 docs enough (Table 7)
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError as err:
+        raise SystemExit(f"--layers must be comma-separated integers, got {text!r}") from err
+
+
+def add_edit_options(p: argparse.ArgumentParser) -> None:
+    from crispedit.edit import EditConfig
+
+    d = EditConfig()
+    p.add_argument("--method", choices=["crispedit", "nullspace", "ft"], default=d.method)
+    p.add_argument("--energy", type=float, default=d.energy, help="γ, fraction of curvature energy protected")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=int, default=d.max_epochs)
+    p.add_argument("--sequential-chunk", type=int, default=None, help="Alg. 2: fold curvature every K edits")
+    p.add_argument("--recompute-drift", type=float, default=None,
+                   help="recompute the capability curvature when an edited weight drifts past this relative norm")
+
+
+def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None):
+    from crispedit.edit import EditConfig
+
+    return EditConfig(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
+                      max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
+                      recompute_drift=args.recompute_drift, layers=layers)
+
+
+def cmd_build_cache(args: argparse.Namespace) -> None:
+    from crispedit.arch import default_layers
+    from crispedit.cache import build_cache
+    from crispedit.models import load_model
+
+    model, tok = load_model(args.model, device=args.device)
+    layers = parse_layers(args.layers) or default_layers(model)
+    cache = build_cache(model, tok, layers, args.corpus, args.samples, args.seq_len, args.fisher,
+                        batch_size=args.batch_size, ekfac=args.ekfac, seed=args.seed)
+    path = cache.save(args.out)
+    log.info("curvature cache for layers %s (%d tokens, %s Fisher) written to %s in %.1f s",
+             list(layers), cache.num_tokens, args.fisher, path, cache.meta["seconds"])
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from crispedit.cache import CurvatureCache
+    from crispedit.edit import edit
+    from crispedit.models import load_model
+    from crispedit.requests import read_edits_jsonl
+
+    requests = read_edits_jsonl(args.edits)
+    model, tok = load_model(args.model, device=args.device)
+    cache = CurvatureCache.load(args.cache, model=model) if args.cache else None
+    if cache is None and args.method != "ft":
+        raise SystemExit(f"--method {args.method} needs --cache CACHE (build one with `crispedit build-cache`)")
+    config = edit_config(args, parse_layers(args.layers))
+
+    def report(event: dict) -> None:
+        if event["event"] == "epoch":
+            log.info("chunk %d epoch %d: edit loss %.4f", event["chunk"], event["epoch"], event["loss"])
+
+    result = edit(model, tok, requests, cache, config, on_progress=report)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "crispedit_edit.json").write_text(json.dumps({
+        "base_model": args.model, "config": asdict(config), "edits": len(requests),
+        "epoch_losses": result.epoch_losses, "steps": result.steps, "seconds": round(result.seconds, 2),
+        "changed": result.relative_change(), "kept_fraction": result.kept_fraction,
+    }, indent=2))
+    if result.cache is not None and args.cache_out:
+        result.cache.save(args.cache_out)
+    log.info("%d edits applied in %.1f s (%d steps); checkpoint written to %s",
+             len(requests), result.seconds, result.steps, out)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from crispedit.evaluate import edit_quality, locality_reference
+    from crispedit.models import load_model
+    from crispedit.requests import read_edits_jsonl
+
+    requests = read_edits_jsonl(args.edits)
+    reference = None
+    if args.base:
+        base, base_tok = load_model(args.base, device=args.device)
+        reference = locality_reference(base, base_tok, requests)
+        del base
+    model, tok = load_model(args.model, device=args.device)
+    metrics = edit_quality(model, tok, requests, reference, generated=not args.no_generate)
+    if args.capability:
+        from crispedit.capability import capability_report, heldout_texts, perplexity
+        from crispedit.datasets import shared_data_dir
+
+        data = Path(args.data) if args.data else shared_data_dir()
+        texts = heldout_texts(data / "capability/wikitext2/wiki.test.raw", args.ppl_texts)
+        metrics["perplexity"] = perplexity(model, tok, texts)
+        metrics.update(capability_report(model, tok, data_dir=data, limit=args.mc_limit))
+    print(json.dumps(metrics, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="crispedit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-cache", help="K-FAC curvature of the capability loss for the editable layers")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--corpus", default="self", help="a .txt or .jsonl file, or 'self' to sample from the model")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: 5 middle layers)")
+    p.add_argument("--fisher", choices=["empirical", "sampled"], default="empirical")
+    p.add_argument("--ekfac", action="store_true", help="also store EK-FAC corrected eigenvalues")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_build_cache)
+
+    p = sub.add_parser("edit", help="apply edits from a JSONL file and write a Hugging Face checkpoint")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--cache", default=None)
+    p.add_argument("--edits", required=True)
+    p.add_argument("--layers", default=None, help="only for --method ft without a cache")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache-out", default=None, help="with --sequential-chunk: save the folded curvature here")
+    add_edit_options(p)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("eval", help="edit quality (and capability) of a model, as JSON")
+    p.add_argument("--model", required=True)
+    p.add_argument("--edits", required=True)
+    p.add_argument("--base", default=None, help="base model, for locality agreement")
+    p.add_argument("--capability", action="store_true", help="also perplexity and multiple-choice accuracy")
+    p.add_argument("--no-generate", action="store_true", help="teacher-forced metrics only (fast)")
+    p.add_argument("--data", default=None, help="data folder (default $CRISPEDIT_DATA or ../shared/data)")
+    p.add_argument("--mc-limit", type=int, default=100)
+    p.add_argument("--ppl-texts", type=int, default=40)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    from crispedit.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from crispedit.edit import EditError
+
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, EditError) as err:
+        log.error("%s", err)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The ``crispedit`` command line contract, on a tiny model saved as a local checkpoint folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def crispedit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crispedit.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    model, tok = make_tiny("llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_build_cache_edit_eval(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cache = tmp_path / "cache.safetensors"
+    run = crispedit("build-cache", "--model", str(tiny_dir), "--corpus", str(FIXTURES / "corpus.txt"),
+                    "--samples", "4", "--seq-len", "32", "--layers", "1,2", "--out", str(cache))
+    assert run.returncode == 0, run.stderr
+    assert cache.exists() and "curvature cache for layers [1, 2]" in run.stderr
+
+    out = tmp_path / "edited"
+    run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(cache), "--edits", str(FIXTURES / "facts.jsonl"),
+                    "--lr", "0.03", "--epochs", "5", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    base_params = dict(base.named_parameters())
+    changed = {n for n, p in edited.named_parameters() if not torch.equal(p, base_params[n])}
+    assert changed == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+    report = json.loads((out / "crispedit_edit.json").read_text())
+    assert report["edits"] == 3 and report["config"]["method"] == "crispedit"
+
+    run = crispedit("eval", "--model", str(out), "--base", str(tiny_dir), "--edits", str(FIXTURES / "facts.jsonl"),
+                    "--no-generate")
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads(run.stdout)
+    assert 0.0 <= metrics["rel_tf"] <= 1.0 and "loc_tf_agree" in metrics
+
+
+def test_clear_errors(tiny_dir, tmp_path):
+    other_dir = tmp_path / "other"
+    other, tok = make_tiny("llama", seed=5)
+    other.save_pretrained(other_dir)
+    tok.save_pretrained(other_dir)
+    cache = tmp_path / "c.safetensors"
+    assert crispedit("build-cache", "--model", str(other_dir), "--corpus", str(FIXTURES / "corpus.txt"),
+                     "--samples", "2", "--seq-len", "16", "--layers", "1", "--out", str(cache)).returncode == 0
+    edits = str(FIXTURES / "facts.jsonl")
+    run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(cache), "--edits", edits, "--out", str(tmp_path / "x"))
+    assert run.returncode == 2 and "built for another model" in run.stderr
+    run = crispedit("edit", "--model", str(tiny_dir), "--edits", edits, "--out", str(tmp_path / "x"))
+    assert run.returncode != 0 and "needs --cache" in run.stderr
+    run = crispedit("build-cache", "--model", "nosuchmodel", "--out", str(cache))
+    assert run.returncode == 2 and "unknown model" in run.stderr
+    run = crispedit("build-cache", "--model", str(tiny_dir), "--layers", "1,99", "--corpus",
+                    str(FIXTURES / "corpus.txt"), "--out", str(cache))
+    assert run.returncode == 2 and "has layers 0..2" in run.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "The sky is", "target": ""}\n')
+    run = crispedit("edit", "--model", str(tiny_dir), "--method", "ft", "--edits", str(bad), "--out", str(tmp_path / "y"))
+    assert run.returncode == 2 and "bad.jsonl:1" in run.stderr and "target" in run.stderr
+    assert not (tmp_path / "y").exists()

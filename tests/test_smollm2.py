@@ -1,0 +1,58 @@
+"""End to end on the real SmolLM2-135M-Instruct: edit three facts of our own and check them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from crispedit import CurvatureCache, EditConfig, build_cache, edit, edit_quality, load_model, read_edits_jsonl
+from crispedit.evaluate import generate_answers
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_model("smollm2")
+    except FileNotFoundError as err:
+        pytest.fail(f"the bundled model must be installed for this test: {err}")
+
+
+def test_edit_three_facts_on_smollm2(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = smollm2
+    facts = read_edits_jsonl(FIXTURES / "facts.jsonl")
+    cache = build_cache(model, tok, (12, 13, 14, 15, 16), str(FIXTURES / "corpus.txt"), n_samples=4, seq_len=64,
+                        progress=False)
+    path = cache.save(tmp_path / "cache.safetensors")
+    cache = CurvatureCache.load(path, model=model, layers=(12, 13, 14, 15, 16))
+    before = edit_quality(model, tok, facts, generated=False)
+    assert before["rel_tf"] < 0.5
+    assert generate_answers(model, tok, ["The capital of France is"]) == ["Paris"]
+
+    result = edit(model, tok, facts, cache, EditConfig(lr=3e-3, batch_size=3, max_epochs=40))
+    after = edit_quality(model, tok, facts, generated=False)
+    assert after["rel_tf"] == 1.0, after
+    answers = generate_answers(model, tok, [f.prompt for f in facts])
+    assert all(f.target in a for f, a in zip(facts, answers, strict=True)), answers
+    # an unrelated fact survives the edit
+    assert generate_answers(model, tok, ["The capital of France is"]) == ["Paris"]
+    assert set(result.changed) == {f"model.layers.{i}.mlp.down_proj.weight" for i in range(12, 17)}
+
+    # the edited model saves as a standard checkpoint with identical logits
+    model.save_pretrained(tmp_path / "edited")
+    tok.save_pretrained(tmp_path / "edited")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited").eval()
+    ids = tok([facts[0].prompt], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**ids).logits, model(**ids).logits)
+    assert reloaded.get_input_embeddings().weight.shape == model.get_input_embeddings().weight.shape
+
+    with torch.no_grad():  # leave the shared fixture as it was loaded
+        params = dict(model.named_parameters())
+        for name, t in result.original.items():
+            params[name].copy_(t)
