@@ -40,7 +40,8 @@ def teacher_forced_predictions(
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
-        reqs = [EditRequest(p, t) for p, t in zip(prompts[i : i + batch_size], targets[i : i + batch_size], strict=True)]
+        chunk = zip(prompts[i : i + batch_size], targets[i : i + batch_size], strict=True)
+        reqs = [EditRequest(p, t) for p, t in chunk]
         batch = tokenize_edit_batch(tokenizer, reqs, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         predicted = logits[:, :-1].argmax(-1)

@@ -62,7 +62,8 @@ def test_clear_errors(tiny_dir, tmp_path):
     assert crispedit("build-cache", "--model", str(other_dir), "--corpus", str(FIXTURES / "corpus.txt"),
                      "--samples", "2", "--seq-len", "16", "--layers", "1", "--out", str(cache)).returncode == 0
     edits = str(FIXTURES / "facts.jsonl")
-    run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(cache), "--edits", edits, "--out", str(tmp_path / "x"))
+    run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(cache), "--edits", edits,
+                    "--out", str(tmp_path / "x"))
     assert run.returncode == 2 and "built for another model" in run.stderr
     run = crispedit("edit", "--model", str(tiny_dir), "--edits", edits, "--out", str(tmp_path / "x"))
     assert run.returncode != 0 and "needs --cache" in run.stderr
@@ -73,6 +74,7 @@ def test_clear_errors(tiny_dir, tmp_path):
     assert run.returncode == 2 and "has layers 0..2" in run.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "The sky is", "target": ""}\n')
-    run = crispedit("edit", "--model", str(tiny_dir), "--method", "ft", "--edits", str(bad), "--out", str(tmp_path / "y"))
+    run = crispedit("edit", "--model", str(tiny_dir), "--method", "ft", "--edits", str(bad),
+                    "--out", str(tmp_path / "y"))
     assert run.returncode == 2 and "bad.jsonl:1" in run.stderr and "target" in run.stderr
     assert not (tmp_path / "y").exists()

@@ -70,7 +70,8 @@ def test_batches_stream_into_the_same_average(tiny_llama):
 
 def test_sampled_labels_follow_the_model_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).expand(20000, 3)
-    labels = next_token_labels(logits, torch.zeros(20000, dtype=torch.long), "sampled", torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    labels = next_token_labels(logits, torch.zeros(20000, dtype=torch.long), "sampled", generator)
     freq = torch.bincount(labels, minlength=3).float() / 20000
     torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.015, rtol=0)
     peaked = torch.tensor([[0.0, 50.0, 0.0]]).expand(100, 3)
