@@ -215,7 +215,7 @@ def edit(
 
         def maybe_recompute() -> None:
             nonlocal capability, reference
-            drift = max(float((p - r).norm() / r.norm()) for p, r in zip(params, reference, strict=True))
+            drift = max(float((p.detach() - r).norm() / r.norm()) for p, r in zip(params, reference, strict=True))
             if drift <= config.recompute_drift:
                 return
             capability = recompute_cache()

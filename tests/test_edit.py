@@ -100,7 +100,9 @@ def test_bad_input_is_refused_and_model_untouched(tiny_llama, corpus_file, monke
     with pytest.raises(ValueError, match="method"):
         EditConfig(method="rome")
     # a loss that turns NaN after a few real steps: the error names it and the weights are restored
-    import crispedit.edit as edit_module
+    import importlib
+
+    edit_module = importlib.import_module("crispedit.edit")  # the package re-exports a function named `edit`
 
     calls = []
 
@@ -133,3 +135,44 @@ def test_cache_mismatch_is_refused(tiny_llama, corpus_file, tmp_path):
         CurvatureCache.load(path, model=model, layers=(0, 1))
     with pytest.raises(ValueError, match="corpus too small"):
         build_cache(model, tok, (1,), str(corpus_file), n_samples=10_000, seq_len=16, progress=False)
+
+
+def test_self_and_jsonl_corpora(tiny_llama, tmp_path):
+    import json
+
+    model, tok = tiny_llama
+    cache = build_cache(model, tok, (1,), "self", n_samples=3, seq_len=12, progress=False)
+    assert cache.num_tokens == 3 * 11 and cache.meta["corpus"] == "self"
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in CORPUS))
+    assert build_cache(model, tok, (1,), str(path), n_samples=2, seq_len=16, progress=False).num_tokens == 2 * 15
+    path.write_text('{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match="'text'"):
+        build_cache(model, tok, (1,), str(path), n_samples=1, seq_len=8, progress=False)
+
+
+def test_drift_recompute_refreshes_the_projector(tiny_llama, corpus_file):
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    calls, events = [], []
+
+    def recompute():
+        calls.append(1)
+        return small_cache(model, tok, corpus_file)
+
+    edit(model, tok, FACTS, cache, EditConfig(lr=3e-2, max_epochs=3, recompute_drift=1e-6),
+         on_progress=events.append, recompute_cache=recompute)
+    assert calls and len(calls) == sum(e["event"] == "recompute" for e in events)
+
+
+def test_ekfac_cache_edits(tiny_llama, corpus_file, tmp_path):
+    from crispedit.cache import CurvatureCache
+
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file, ekfac=True)
+    assert set(cache.ekfac) == set(cache.factors)
+    loaded = CurvatureCache.load(cache.save(tmp_path / "e.safetensors"), model=model)
+    assert loaded.ekfac is not None
+    before = target_logprob(model, tok, FACTS)
+    edit(model, tok, FACTS, loaded, EditConfig(lr=3e-2, max_epochs=30, energy=0.5))
+    assert target_logprob(model, tok, FACTS) > before + 1.0

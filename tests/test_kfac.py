@@ -112,3 +112,24 @@ def test_bad_layers_name_the_valid_range(tiny_llama):
     model, _ = tiny_llama
     with pytest.raises(ValueError, match="layers 0..2"):
         editable_modules(model, (7,))
+
+
+def test_ekfac_eigenvalues_match_hand_computation(tiny_llama):
+    """λ̃_ij = E_t[(U_outᵀ g_t)_i² (U_inᵀ a_t)_j²]; their sum is E_t[‖g_t‖² ‖a_t‖²] (rotation invariance)."""
+    from crispedit.eigen import eigh_psd
+    from crispedit.kfac import ekfac_eigenvalues
+
+    model, tok = tiny_llama
+    modules = editable_modules(model, (1,))
+    (name, module), = modules.items()
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    f = kfac_factors(model, modules, [batch])[name]
+    bases = {name: (eigh_psd(f.S)[1], eigh_psd(f.A)[1])}
+    corrected = ekfac_eigenvalues(model, modules, [batch], bases)[name]
+    assert corrected.shape == (f.S.shape[0], f.A.shape[0])
+    total, n = 0.0, 0
+    for text in TEXTS:
+        a, g = per_token_io_by_hand(model, tok, module, text)
+        total += float(((g**2).sum(1) * (a**2).sum(1)).sum())
+        n += a.shape[0]
+    assert abs(float(corrected.sum()) - total / n) < 1e-4 * max(1.0, total / n)
