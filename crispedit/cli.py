@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     from crispedit.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from registry.cli import add_registry_parser
+
+    add_registry_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -168,10 +171,11 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.disable_progress_bar()
     from crispedit.edit import EditError
+    from registry import BlobError, RegistryError
 
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, EditError) as err:
+    except (ValueError, FileNotFoundError, EditError, RegistryError, BlobError) as err:
         log.error("%s", err)
         raise SystemExit(2) from err
 
