@@ -5,8 +5,8 @@ import threading
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from crispedit.models import load_model, model_fingerprint
 from registry import HotSwapModel, Registry, export_version
 
