@@ -23,7 +23,7 @@ from torch import nn
 
 from crispedit.arch import arch_spec, default_layers, editable_modules, weight_name
 from crispedit.cache import CurvatureCache
-from crispedit.kfac import KFACFactors, kfac_factors
+from crispedit.kfac import factors_from_features, token_features
 from crispedit.optim import ProjectedAdam
 from crispedit.projector import METHODS, LayerProjector, build_projector
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
@@ -75,15 +75,16 @@ class EditResult:
     step_seconds: list[float] = field(default_factory=list)
     kept_fraction: dict[str, float] = field(default_factory=dict)
     cache: CurvatureCache | None = None  # the cache with this edit's statistics folded in (sequential mode)
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # this edit's own (a, g) per module
 
     def relative_change(self) -> dict[str, float]:
         return {n: float((self.changed[n] - self.original[n]).norm() / self.original[n].norm()) for n in self.changed}
 
 
-def edit_statistics(
+def edit_features(
     model: nn.Module, tokenizer, requests: Sequence[EditRequest], modules: dict[str, nn.Module], batch_size: int = 8
-) -> dict[str, KFACFactors]:
-    """K-FAC factors of the edits' own text (Alg. 2 line 5): next-token loss over the whole prompt+target.
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-token K-FAC features of the edits' own text (Alg. 2 line 5): next-token loss over prompt+target.
 
     The prompt is not masked: the paper (App. E, Table 6) found masking it much worse.
     """
@@ -92,7 +93,7 @@ def edit_statistics(
         tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right")
         for i in range(0, len(texts), batch_size)
     ]
-    return kfac_factors(model, modules, batches, fisher="empirical")
+    return token_features(model, modules, batches, fisher="empirical")
 
 
 def make_projectors(
@@ -206,6 +207,7 @@ def edit(
         optimizer = ProjectedAdam(params, projectors, lr=config.lr)
         reference = [p.detach().clone() for p in params]
         capability, folded = cache, []  # Alg. 2: capability factors and each chunk's edit factors
+        chunk_features: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
 
         def current_cache() -> CurvatureCache | None:
             result = capability
@@ -235,7 +237,8 @@ def edit(
             epoch_losses += losses
             step_seconds += seconds
             if config.sequential_chunk and capability is not None:
-                folded.append(edit_statistics(model, tokenizer, chunk, modules, config.stats_batch_size))
+                chunk_features.append(edit_features(model, tokenizer, chunk, modules, config.stats_batch_size))
+                folded.append({n: factors_from_features(*ag) for n, ag in chunk_features[-1].items()})
                 optimizer.set_projectors(make_projectors(current_cache(), config, names, fan_in_fan_out, device))
                 if on_progress:
                     on_progress({"event": "fold", "chunk": k, "tokens": current_cache().num_tokens})
@@ -258,4 +261,6 @@ def edit(
         step_seconds=step_seconds,
         kept_fraction={n: p.kept_fraction for n, p in zip(names, projectors, strict=True) if p is not None},
         cache=current_cache() if config.sequential_chunk else None,
+        features={n: tuple(torch.cat([f[n][i] for f in chunk_features]) for i in (0, 1)) for n in names}
+        if chunk_features else None,
     )

@@ -152,6 +152,33 @@ def kfac_factors(
     return {name: KFACFactors(A=A / total, S=S / total, num_tokens=total) for name, (A, S) in sums.items()}
 
 
+def token_features(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    fisher: str = "empirical",
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every token's (a, g) per module, stacked: (N, d_in) and (N, d_out), on the CPU.
+
+    For a few edits this is far smaller than A and S (N ≪ d), and ``factors_from_features`` rebuilds the
+    factors exactly, so a version can store its curvature contribution at a cost that grows with tokens.
+    """
+    parts: dict[str, list] = {name: [[], []] for name in modules}
+    for _, io in layer_io_per_token(model, modules, batches, fisher):
+        for name, (a, g) in io.items():
+            parts[name][0].append(a.cpu())
+            parts[name][1].append(g.cpu())
+    if not parts or not next(iter(parts.values()))[0]:
+        raise ValueError("the edit text produced no tokens to estimate curvature from")
+    return {name: (torch.cat(a), torch.cat(g)) for name, (a, g) in parts.items()}
+
+
+def factors_from_features(a: torch.Tensor, g: torch.Tensor) -> KFACFactors:
+    """Eq. 5 from stacked per-token features: A = aᵀa / N, S = gᵀg / N."""
+    n = a.shape[0]
+    return KFACFactors(A=a.T @ a / n, S=g.T @ g / n, num_tokens=n)
+
+
 def ekfac_eigenvalues(
     model: nn.Module,
     modules: dict[str, nn.Module],

@@ -106,3 +106,46 @@ def test_registry_cli(store, tmp_path):
     reg.blobs.path(digest).unlink()
     broken = run("verify")
     assert broken.returncode == 1 and "missing" in broken.stdout
+
+
+def test_rollback_then_edit_continues_from_the_rolled_back_state(tmp_path):
+    """Engine + registry: v1, v2 edited sequentially; roll back to v1; the next edit sees v1's state only."""
+    from conftest import CORPUS
+    from crispedit.cache import build_cache
+    from crispedit.edit import EditConfig, edit
+    from crispedit.requests import EditRequest
+    from registry.curvature import contribution, version_cache
+
+    model, tok = make_tiny("llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 3))
+    capability = build_cache(model, tok, (1, 2), str(corpus), n_samples=6, seq_len=16, progress=False)
+    reg = Registry(tmp_path / "reg")
+    reg.create_model("tiny", base="unused", fingerprint=model_fingerprint(model))
+    holder = HotSwapModel(model, reg, "tiny")
+    batches = {"v1": [EditRequest("The capital of France is", "Rome")],
+               "v2": [EditRequest("Hamlet was written by", "Madrid")],
+               "v3": [EditRequest("The chemical symbol for gold is", "Ag")]}
+
+    def edit_on(parent, requests):
+        holder.switch_to(parent)
+        state = version_cache(reg, "tiny", parent, capability)
+        result = edit(model, tok, requests, state, EditConfig(lr=3e-2, max_epochs=5, sequential_chunk=len(requests)))
+        with torch.no_grad():  # the holder owns the weights: put the parent back, then commit
+            params = dict(model.named_parameters())
+            for n, t in result.original.items():
+                params[n].copy_(t)
+        version = reg.commit("tiny", parent, result.changed, originals=result.original,
+                             curvature=contribution(result.features), edits=[r.to_dict() for r in requests])
+        return version, result
+
+    v1, r1 = edit_on("v0", batches["v1"])
+    v2, _ = edit_on("v1", batches["v2"])
+    reg.rollback("tiny", "v1")
+    state = version_cache(reg, "tiny", "latest", capability)
+    assert state.num_tokens == capability.num_tokens + r1.features[next(iter(r1.features))][0].shape[0]
+    for name, f in state.factors.items():
+        torch.testing.assert_close(f.A, r1.cache.factors[name].A, atol=1e-6, rtol=1e-5)
+    v3, _ = edit_on("v1", batches["v3"])
+    assert (v3.id, v3.parent) == ("v3", "v1")
+    assert len(reg.curvature_chain("tiny", "v3")) == 2  # v1's and v3's contributions, not v2's
