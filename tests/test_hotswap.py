@@ -111,6 +111,7 @@ def test_registry_cli(store, tmp_path):
 def test_rollback_then_edit_continues_from_the_rolled_back_state(tmp_path):
     """Engine + registry: v1, v2 edited sequentially; roll back to v1; the next edit sees v1's state only."""
     from conftest import CORPUS
+
     from crispedit.cache import build_cache
     from crispedit.edit import EditConfig, edit
     from crispedit.requests import EditRequest
