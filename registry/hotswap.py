@@ -30,22 +30,24 @@ class HotSwapModel:
         self.params = dict(model.named_parameters())
         self.current = "v0"
         self.applied: dict[str, str] = {}  # tensor name → digest now in the model (absent: base value)
-        self._lru: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._lru: OrderedDict[str, tuple[dict[str, str], dict[str, torch.Tensor]]] = OrderedDict()
         self._base: dict[str, torch.Tensor] = {}
         self._readers = 0
         self._cond = threading.Condition()
 
     def _version_tensors(self, version_id: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-        version = self.registry.get(self.name, version_id)
+        """(digests, tensors) of a version; manifests are immutable, so an LRU hit touches no file."""
         if version_id not in self._lru:
-            self._lru[version_id] = {
+            digests = self.registry.get(self.name, version_id).tensors
+            tensors = {
                 n: self.registry.blobs.get(d).to(self.params[n].device, self.params[n].dtype)
-                for n, d in version.tensors.items()
+                for n, d in digests.items()
             }
+            self._lru[version_id] = (digests, tensors)
             while len(self._lru) > self.capacity:
                 self._lru.popitem(last=False)
         self._lru.move_to_end(version_id)
-        return version.tensors, self._lru[version_id]
+        return self._lru[version_id]
 
     def _base_value(self, name: str) -> torch.Tensor:
         if name not in self._base:
