@@ -56,3 +56,30 @@ def test_edit_three_facts_on_smollm2(smollm2, tmp_path):
         params = dict(model.named_parameters())
         for name, t in result.original.items():
             params[name].copy_(t)
+
+
+def test_registry_export_round_trip_on_smollm2(smollm2, tmp_path):
+    """A committed SmolLM2 version exports to a checkpoint whose logits equal the hot-swapped model's."""
+    from transformers import AutoModelForCausalLM
+
+    from crispedit.models import model_fingerprint
+    from registry import HotSwapModel, Registry, export_version
+
+    model, tok = smollm2
+    reg = Registry(tmp_path / "reg")
+    reg.create_model("smol", "smollm2", model_fingerprint(model))
+    params = dict(model.named_parameters())
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in (12, 16)]
+    new = {n: params[n].detach() + 1e-2 * torch.randn(params[n].shape) for n in names}
+    reg.commit("smol", "v0", new, originals={n: params[n].detach().clone() for n in names})
+    out = export_version(reg, "smol", "v1", tmp_path / "v1")
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tok(["The capital of France is"], return_tensors="pt")
+    holder = HotSwapModel(model, reg, "smol")
+    with torch.no_grad():
+        with holder.use("v1") as m:
+            swapped = m(**ids).logits
+        torch.testing.assert_close(exported(**ids).logits, swapped, rtol=0, atol=0)
+        with holder.use("v0") as m:
+            assert not torch.equal(m(**ids).logits, swapped)
+    holder.switch_to("v0")  # leave the shared fixture as loaded
