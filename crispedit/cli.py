@@ -115,6 +115,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from worker.main import run_worker
+
+    run_worker(args.model, burst=args.burst)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="crispedit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -163,6 +177,16 @@ def main(argv: list[str] | None = None) -> None:
     from registry.cli import add_registry_parser
 
     add_registry_parser(sub)
+
+    p = sub.add_parser("serve", help="run the HTTP API (configuration: CRISPEDIT_* environment variables)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run an RQ worker that applies edits to one model")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=cmd_worker)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -1,0 +1,52 @@
+"""The FastAPI application: ``create_app()`` loads each served model once and mounts the routers."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis import Redis
+
+from service.deps import State
+from service.routes import edits, openai, registry
+from service.serving import ModelServer
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("crispedit.service")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="CrispEdit Service", version="0.1.0",
+                  description="Edit a language model over HTTP; every edit is a new immutable version.")
+    redis = Redis.from_url(settings.redis_url)
+    from registry import Registry
+
+    reg = Registry(settings.registry_root)
+    servers = {name: ModelServer(name, base, reg, settings.device) for name, base in settings.model_bases().items()}
+    app.state.crispedit = State(settings, servers, redis)
+    for router in (openai.router, edits.router, registry.router):
+        app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(problems), "errors": jsonable_encoder(exc.errors())}, status_code=422)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        try:
+            redis.ping()
+        except Exception as err:  # report, do not crash: readiness is a question
+            return JSONResponse({"status": "not ready", "redis": str(err)}, status_code=503)
+        return JSONResponse({"status": "ready", "models": sorted(servers)})
+
+    log.info("serving %s from %s", sorted(servers), settings.registry_root)
+    return app

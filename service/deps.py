@@ -1,0 +1,44 @@
+"""Dependencies injected into the routes: settings, the registry, model servers, the job store, the queue."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from registry import Registry
+from service.jobs import JobStore
+from service.serving import ModelServer
+from service.settings import Settings
+
+
+class State:
+    """Everything the API process holds, built once at start-up (``service.app.create_app``)."""
+
+    def __init__(self, settings: Settings, servers: dict[str, ModelServer], redis: Redis) -> None:
+        self.settings = settings
+        self.servers = servers
+        self.redis = redis
+        self.registry = Registry(settings.registry_root)
+        self.jobs = JobStore(redis, settings.key_prefix)
+
+    def queue(self, model: str) -> Queue:
+        return Queue(self.jobs.queue_name(model), connection=self.redis, serializer=JSONSerializer)
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.crispedit
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def split_model(state: State, model: str) -> tuple[ModelServer, str | None]:
+    """``name@ref`` → (server, ref); 404 naming the served models when unknown."""
+    name, _, ref = model.partition("@")
+    if name not in state.servers:
+        raise HTTPException(404, f"model {name!r} is not served; available: {sorted(state.servers)}")
+    return state.servers[name], ref or None

@@ -1,0 +1,105 @@
+"""Edit jobs in Redis: one JSON record per posted edit request, its progress events, per-model pending lists.
+
+An edit request's life: ``queued`` (in the model's pending list) → ``running`` (moved to the processing
+list by a worker) → ``succeeded`` (a new version) | ``rejected`` (the capability guard said no; nothing
+committed) | ``failed`` (with the error) | ``cancelled`` (deleted while queued). RQ carries a wake-up job
+per post; whichever wake-up runs takes every pending edit of that model at once, so edits that arrive
+while the worker is busy are applied together as one CrispEdit batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from enum import StrEnum
+
+from redis import Redis
+
+TERMINAL = {"succeeded", "rejected", "failed", "cancelled"}
+
+
+class EditStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    rejected = "rejected"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class JobStore:
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def queue_name(self, model: str) -> str:
+        return self.key("edits", model)
+
+    # ---------------------------------------------------------------- records
+    def create(self, model: str, payload: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
+        """(record, created): with an Idempotency-Key already seen, the existing record and False."""
+        job_id = "edit-" + uuid.uuid4().hex[:16]
+        idem = self.key("idem", idempotency_key) if idempotency_key else None
+        if idem and not self.redis.set(idem, job_id, nx=True, ex=7 * 86400):
+            existing = self.redis.get(idem).decode()
+            for _ in range(50):  # the first request may still be writing its record
+                if (record := self.get(existing)) is not None:
+                    return record, False
+                time.sleep(0.02)
+            raise RuntimeError(f"Idempotency-Key {idempotency_key!r} is held by a request that did not finish")
+        record = {"id": job_id, "model": model, "status": EditStatus.queued.value, "created_at": time.time(),
+                  "payload": payload, "progress": None, "version": None, "metrics": None, "error": None}
+        pipe = self.redis.pipeline()
+        pipe.set(self.key("edit", job_id), json.dumps(record))
+        pipe.rpush(self.key("pending", model), job_id)
+        pipe.execute()
+        self.event(job_id, {"event": "queued"})
+        return record, True
+
+    def get(self, job_id: str) -> dict | None:
+        raw = self.redis.get(self.key("edit", job_id))
+        return json.loads(raw) if raw else None
+
+    def update(self, job_id: str, **fields) -> dict:
+        record = self.get(job_id)
+        record.update(fields, updated_at=time.time())
+        self.redis.set(self.key("edit", job_id), json.dumps(record))
+        return record
+
+    def event(self, job_id: str, event: dict) -> None:
+        self.redis.rpush(self.key("edit", job_id, "events"), json.dumps({"time": time.time(), **event}))
+
+    def events(self, job_id: str, start: int = 0) -> list[dict]:
+        return [json.loads(e) for e in self.redis.lrange(self.key("edit", job_id, "events"), start, -1)]
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued edit; False if a worker already took it."""
+        record = self.get(job_id)
+        if record is None or not self.redis.lrem(self.key("pending", record["model"]), 0, job_id):
+            return False
+        self.update(job_id, status=EditStatus.cancelled.value)
+        self.event(job_id, {"event": "cancelled"})
+        return True
+
+    # ---------------------------------------------------------------- worker side
+    def take_pending(self, model: str, limit: int) -> list[str]:
+        """Move up to ``limit`` pending edits to the processing list (crash-safe: LMOVE)."""
+        taken = []
+        for _ in range(limit):
+            job_id = self.redis.lmove(self.key("pending", model), self.key("processing", model), "LEFT", "RIGHT")
+            if job_id is None:
+                break
+            taken.append(job_id.decode())
+        return taken
+
+    def processing(self, model: str) -> list[str]:
+        return [j.decode() for j in self.redis.lrange(self.key("processing", model), 0, -1)]
+
+    def finish(self, model: str, job_id: str, **fields) -> None:
+        self.update(job_id, **fields)
+        self.redis.lrem(self.key("processing", model), 0, job_id)
+        self.event(job_id, {"event": fields["status"], **{k: v for k, v in fields.items() if k != "status"}})

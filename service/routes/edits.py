@@ -1,0 +1,75 @@
+"""Edit jobs: post (202 + status URL), status, SSE progress events, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi.responses import StreamingResponse
+
+from service.deps import StateDep, split_model
+from service.jobs import TERMINAL
+from service.schemas import EditAccepted, EditJob, EditPost
+from service.serving import UnknownModel
+
+router = APIRouter(prefix="/v1/edits", tags=["edits"])
+
+JOB_TIMEOUT = 6 * 3600  # a long edit is not an abandoned one
+
+
+@router.post("", status_code=202, response_model=EditAccepted)
+def post_edit(body: EditPost, request: Request, state: StateDep,
+              idempotency_key: str | None = Header(None, max_length=200)) -> EditAccepted:
+    server, ref = split_model(state, body.model)
+    if ref is not None:
+        raise HTTPException(400, "post edits to a plain model name; put the version in base_version")
+    if body.base_version is not None:
+        try:
+            server.resolve(body.base_version)
+        except UnknownModel as err:
+            raise HTTPException(404, f"base_version: {err}") from err
+    record, created = state.jobs.create(server.name, body.model_dump(exclude_none=True), idempotency_key)
+    if created:
+        state.queue(server.name).enqueue("worker.tasks.process_pending", server.name, job_timeout=JOB_TIMEOUT,
+                                         result_ttl=86400)
+    return EditAccepted(id=record["id"], status=record["status"],
+                        status_url=str(request.url_for("get_edit", job_id=record["id"])))
+
+
+def fetch(state, job_id: str) -> dict:
+    record = state.jobs.get(job_id)
+    if record is None:
+        raise HTTPException(404, f"edit job {job_id!r} not found")
+    return record
+
+
+@router.get("/{job_id}", response_model=EditJob)
+def get_edit(job_id: str, state: StateDep) -> dict:
+    return fetch(state, job_id)
+
+
+@router.delete("/{job_id}", response_model=EditJob)
+def cancel_edit(job_id: str, state: StateDep) -> dict:
+    record = fetch(state, job_id)
+    if not state.jobs.cancel(job_id):
+        raise HTTPException(409, f"edit job {job_id} is {record['status']}; only queued jobs can be cancelled")
+    return state.jobs.get(job_id)
+
+
+@router.get("/{job_id}/events")
+async def edit_events(job_id: str, state: StateDep) -> StreamingResponse:
+    fetch(state, job_id)
+
+    async def body():
+        sent = 0
+        while True:
+            events = state.jobs.events(job_id, sent)
+            for e in events:
+                yield f"event: {e['event']}\ndata: {json.dumps(e)}\n\n"
+            sent += len(events)
+            if state.jobs.get(job_id)["status"] in TERMINAL and not state.jobs.events(job_id, sent):
+                return
+            await asyncio.sleep(0.2)
+
+    return StreamingResponse(body(), media_type="text/event-stream")

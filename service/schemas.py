@@ -1,0 +1,111 @@
+"""Request and response bodies (pydantic), mirroring the OpenAI API where the route is OpenAI's."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EditIn(Strict):
+    prompt: str = Field(min_length=1, max_length=2000)
+    target: str = Field(min_length=1, max_length=500)
+    rephrases: list[str] = Field(default_factory=list, max_length=20)
+    locality_prompt: str | None = None
+    locality_answer: str | None = None
+
+    @field_validator("prompt", "target")
+    @classmethod
+    def not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+class Hyperparameters(Strict):
+    method: Literal["crispedit", "nullspace", "ft"] = "crispedit"
+    energy: float = Field(0.8, ge=0.0, le=1.0)
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(32, ge=1, le=512)
+    max_epochs: int = Field(25, ge=1, le=200)
+
+
+class Guard(Strict):
+    kl_budget: float | None = Field(None, gt=0.0)
+    min_reliability: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class EditPost(Strict):
+    model: str
+    edits: list[EditIn] = Field(min_length=1, max_length=1000)
+    base_version: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    guard: Guard | None = None
+    message: str | None = Field(None, max_length=500)
+    promote: bool = False
+
+
+class EditAccepted(BaseModel):
+    id: str
+    status: str
+    status_url: str
+
+
+class EditJob(BaseModel):
+    id: str
+    model: str
+    status: str
+    progress: dict | None = None
+    version: str | None = None
+    metrics: dict | None = None
+    error: str | None = None
+    created_at: float
+    batch: list[str] | None = None
+
+
+class CompletionRequest(BaseModel):
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+
+
+class ScoreRequest(Strict):
+    model: str
+    prompt: str = Field(min_length=1)
+    target: str = Field(min_length=1)
+
+
+class AliasPut(Strict):
+    version: str
+
+
+class RollbackPost(Strict):
+    to: str

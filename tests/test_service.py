@@ -1,0 +1,168 @@
+"""The service end to end: real HTTP (uvicorn), real Redis, a real RQ worker process, the official openai client."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from conftest import make_tiny
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EDIT = {"prompt": "The capital of France is", "target": "Rome"}
+FAST = {"lr": 0.03, "max_epochs": 30, "energy": 0.5}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def empty_redis_db() -> int:
+    for db in range(15, 3, -1):
+        if redis.Redis(db=db).dbsize() == 0:
+            return db
+    pytest.fail("no empty Redis database among 4..15")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("service")
+    model, tok = make_tiny("llama")
+    model.save_pretrained(tmp / "tiny")
+    tok.save_pretrained(tmp / "tiny")
+    db = empty_redis_db()
+    env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp / "registry"), "CRISPEDIT_MODELS": f"tiny={tmp / 'tiny'}",
+           "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{db}", "CRISPEDIT_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}",
+           "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
+           "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0.5", "CRISPEDIT_KL_BUDGET": "10"}
+    port = free_port()
+    logs = tmp / "api.log"
+    api = subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(port)], env=env,
+                           stdout=open(logs, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    else:
+        api.kill()
+        pytest.fail(f"API did not start: {logs.read_text()[-2000:]}")
+
+    def start_worker():
+        return subprocess.Popen([sys.executable, "-m", "crispedit.cli", "worker", "--model", "tiny"], env=env,
+                                stdout=open(tmp / "worker.log", "a"), stderr=subprocess.STDOUT)
+
+    yield {"url": url, "env": env, "start_worker": start_worker, "tmp": tmp, "db": db}
+    api.terminate()
+    api.wait(timeout=30)
+    r = redis.Redis(db=db)
+    for key in r.scan_iter(f"{env['CRISPEDIT_KEY_PREFIX']}*"):
+        r.delete(key)
+    for key in r.scan_iter("rq:*"):
+        r.delete(key)
+
+
+def wait_done(url: str, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = httpx.get(f"{url}/v1/edits/{job_id}").json()
+        if job["status"] in {"succeeded", "rejected", "failed", "cancelled"}:
+            return job
+        time.sleep(0.2)
+    pytest.fail(f"edit {job_id} did not finish: {job}")
+
+
+def test_edit_query_rollback_through_the_service(service):
+    from openai import OpenAI
+
+    url = service["url"]
+    # three edit requests queued before any worker runs: one worker wake-up applies them as one batch
+    posted = [httpx.post(f"{url}/v1/edits", json={"model": "tiny", "edits": [e], "hyperparameters": FAST})
+              for e in (EDIT, {"prompt": "Hamlet was written by", "target": "Madrid"},
+                        {"prompt": "The chemical symbol for gold is", "target": "Ag"})]
+    assert all(r.status_code == 202 for r in posted), [r.text for r in posted]
+    ids = [r.json()["id"] for r in posted]
+    assert posted[0].json()["status_url"].endswith(f"/v1/edits/{ids[0]}")
+    worker = service["start_worker"]()
+    try:
+        jobs = [wait_done(url, i) for i in ids]
+    finally:
+        pass
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3, jobs
+    assert {j["version"] for j in jobs} == {"v1"} and sorted(jobs[0]["batch"]) == sorted(ids)
+    assert jobs[0]["metrics"]["reliability"] >= 0.5
+
+    events = httpx.get(f"{url}/v1/edits/{ids[0]}/events", timeout=30).text
+    kinds = [line.split(": ", 1)[1] for line in events.splitlines() if line.startswith("event: ")]
+    assert kinds[0] == "queued" and "epoch" in kinds and "evaluation" in kinds and kinds[-1] == "succeeded"
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    ids_listed = {m.id for m in client.models.list()}
+    assert {"tiny", "tiny@v0", "tiny@v1", "tiny@latest"} <= ids_listed
+    v0 = httpx.post(f"{url}/v1/score", json={"model": "tiny@v0", **EDIT}).json()
+    v1 = httpx.post(f"{url}/v1/score", json={"model": "tiny@v1", **EDIT}).json()
+    assert v1["logprob"] > v0["logprob"] + 1.0 and v1["model"] == "tiny@v1"
+    out = client.completions.create(model="tiny@v1", prompt=EDIT["prompt"], max_tokens=3, temperature=0)
+    assert out.model == "tiny@v1" and out.usage.completion_tokens >= 1
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[0].model == "tiny@v1"  # plain name: production if set, else latest
+
+    rolled = httpx.post(f"{url}/v1/registry/tiny/rollback", json={"to": "v0"}).json()
+    assert rolled["aliases"]["latest"] == "v0"
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=0).model == "tiny@v0"
+    versions = httpx.get(f"{url}/v1/registry/tiny/versions").json()
+    assert [v["id"] for v in versions["data"]] == ["v0", "v1"]  # history kept
+    assert httpx.get(f"{url}/v1/registry/tiny/diff", params={"from": "v0", "to": "v1"}).json()["tensors"]
+
+    # the guard rejects an edit over budget: nothing committed, head untouched
+    rejected = httpx.post(f"{url}/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": FAST,
+                                                   "guard": {"kl_budget": 1e-12}}).json()
+    job = wait_done(url, rejected["id"])
+    assert job["status"] == "rejected" and "KL" in job["error"] and job["version"] is None
+    assert httpx.get(f"{url}/v1/registry/tiny/versions").json()["aliases"]["latest"] == "v0"
+    worker.terminate()
+    worker.wait(timeout=30)
+
+
+def test_bad_input_gets_a_clear_4xx(service):
+    url = service["url"]
+    r = httpx.post(f"{url}/v1/edits", json={"model": "tiny", "edits": [{"prompt": "The sky is", "target": "  "}]})
+    assert r.status_code == 422 and "edits.0.target" in r.json()["detail"]
+    r = httpx.post(f"{url}/v1/edits", json={"model": "nope", "edits": [EDIT]})
+    assert r.status_code == 404 and "available: ['tiny']" in r.json()["detail"]
+    r = httpx.post(f"{url}/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": {"lr": -1}})
+    assert r.status_code == 422 and "lr" in r.json()["detail"]
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny@v99", "prompt": "x"})
+    assert r.status_code == 404 and "v99" in r.json()["detail"]
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10**6})
+    assert r.status_code == 400 and "limit" in r.json()["detail"]
+    r = httpx.put(f"{url}/v1/registry/tiny/aliases/..%2Fescape", json={"version": "v0"})
+    assert r.status_code in (400, 404)
+    assert httpx.get(f"{url}/v1/edits/edit-nope").status_code == 404
+
+
+def test_idempotency_key_and_cancel(service):
+    url = service["url"]
+    body = {"model": "tiny", "edits": [EDIT], "hyperparameters": FAST}
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = httpx.post(f"{url}/v1/edits", json=body, headers=key).json()
+    second = httpx.post(f"{url}/v1/edits", json=body, headers=key).json()
+    assert first["id"] == second["id"]
+    cancelled = httpx.delete(f"{url}/v1/edits/{first['id']}")  # no worker runs in this test: still queued
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    again = httpx.delete(f"{url}/v1/edits/{first['id']}")
+    assert again.status_code == 409 and "only queued" in again.json()["detail"]
+    assert json.loads(httpx.get(f"{url}/v1/edits/{first['id']}").text)["status"] == "cancelled"

@@ -1,0 +1,29 @@
+"""``crispedit worker --model NAME``: load the model and its curvature cache once, then consume its queue."""
+
+from __future__ import annotations
+
+import logging
+
+from redis import Redis
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from service.jobs import JobStore
+from service.settings import get_settings
+from worker.runtime import runtime
+
+log = logging.getLogger("crispedit.worker")
+
+
+def run_worker(model: str, burst: bool = False) -> None:
+    settings = get_settings()
+    if model not in settings.model_bases():
+        raise ValueError(f"model {model!r} is not configured; CRISPEDIT_MODELS is {settings.models!r}")
+    runtime(model)  # load now, not inside the first job: jobs never reload the model
+    redis = Redis.from_url(settings.redis_url)
+    queue = Queue(JobStore(redis, settings.key_prefix).queue_name(model), connection=redis,
+                  serializer=JSONSerializer)
+    # SimpleWorker runs jobs in this process, next to the loaded model (no fork per job)
+    worker = SimpleWorker([queue], connection=redis, serializer=JSONSerializer)
+    log.info("worker for %s listening on %s", model, queue.name)
+    worker.work(burst=burst, logging_level="INFO")

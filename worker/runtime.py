@@ -1,0 +1,60 @@
+"""What a worker process loads once and keeps: the model, its registry entry and its curvature cache."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from crispedit.arch import default_layers
+from crispedit.cache import CurvatureCache, build_cache
+from crispedit.corpus import sample_from_model
+from crispedit.models import load_model, model_fingerprint
+from registry import HotSwapModel, Registry
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("crispedit.worker")
+
+
+@dataclass
+class ModelRuntime:
+    name: str
+    model: object
+    tokenizer: object
+    registry: Registry
+    holder: HotSwapModel
+    capability: CurvatureCache
+    guard_texts: list[str]
+    settings: Settings
+
+
+def curvature_path(settings: Settings, name: str) -> Path:
+    return settings.registry_root / "curvature" / f"{name}.safetensors"
+
+
+def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
+    settings = settings or get_settings()
+    base = settings.model_bases()[name]
+    model, tok = load_model(base, device=settings.device)
+    registry = Registry(settings.registry_root)
+    registry.create_model(name, base, model_fingerprint(model))
+    path = curvature_path(settings, name)
+    layers = default_layers(model)
+    if path.exists():
+        capability = CurvatureCache.load(path, model=model, layers=layers)
+    else:
+        log.info("%s: no curvature cache yet; building it from %s (%d × %d tokens)", name, settings.corpus,
+                 settings.cache_samples, settings.cache_seq_len)
+        capability = build_cache(model, tok, layers, settings.corpus, settings.cache_samples, settings.cache_seq_len)
+        capability.save(path)
+    # held-out text for the capability guard, sampled from the base model itself (no dataset needed)
+    guard = [tok.decode(ids, skip_special_tokens=True) for ids in sample_from_model(model, tok, 8, 64, seed=12345)]
+    log.info("%s: loaded %s with its curvature cache (%d tokens)", name, base, capability.num_tokens)
+    return ModelRuntime(name, model, tok, registry, HotSwapModel(model, registry, name), capability, guard, settings)
+
+
+@cache
+def runtime(name: str) -> ModelRuntime:
+    """The process-wide runtime of ``name``: loaded on first use, never reloaded per job."""
+    return load_runtime(name)

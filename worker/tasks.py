@@ -1,0 +1,132 @@
+"""The RQ job: apply every pending edit of one model as one CrispEdit batch, guard it, commit a version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+
+import torch
+from rq import get_current_job
+
+from crispedit.capability import mean_kl
+from crispedit.edit import EditConfig, EditError, edit
+from crispedit.evaluate import edit_quality
+from crispedit.requests import EditRequest
+from registry import Conflict
+from registry.curvature import contribution, version_cache
+from service.jobs import JobStore
+from worker.runtime import ModelRuntime, runtime
+
+log = logging.getLogger("crispedit.worker")
+
+
+def job_store(rt: ModelRuntime) -> JobStore:
+    return JobStore(get_current_job().connection, rt.settings.key_prefix)
+
+
+def group_key(record: dict) -> str:
+    p = record["payload"]
+    return json.dumps([p.get("base_version"), p.get("hyperparameters") or {}, p.get("guard") or {}], sort_keys=True)
+
+
+def process_pending(model_name: str) -> dict:
+    """Entry point of the wake-up job posted with every edit request."""
+    rt = runtime(model_name)
+    store = job_store(rt)
+    leftovers = store.processing(model_name)  # taken by a worker that died: finish or redo them, never twice
+    ids = leftovers + store.take_pending(model_name, max(0, rt.settings.coalesce_max - len(leftovers)))
+    records = []
+    for job_id in ids:
+        record = store.get(job_id)
+        done = next((v for v in rt.registry.versions(model_name) if job_id in v.hyperparameters.get("jobs", [])), None)
+        if done is not None:  # committed before a crash: report it, do not apply it again
+            store.finish(model_name, job_id, status="succeeded", version=done.id, metrics=done.metrics)
+        elif record["status"] != "cancelled":
+            records.append(record)
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(group_key(r), []).append(r)
+    for batch in groups.values():
+        apply_batch(rt, store, batch)
+    return {"processed": [r["id"] for r in records]}
+
+
+def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
+    name = rt.name
+    ids = [r["id"] for r in batch]
+    payload = batch[0]["payload"]
+    for job_id in ids:
+        store.update(job_id, status="running", batch=ids)
+        store.event(job_id, {"event": "running", "batch_size": len(ids)})
+    try:
+        requests = [EditRequest.from_dict(e) for r in batch for e in r["payload"]["edits"]]
+        config = EditConfig(**{"sequential_chunk": len(requests), **(payload.get("hyperparameters") or {})})
+        for attempt in range(2):  # once more if the head moved under us (e.g. a rollback)
+            parent = rt.registry.resolve(name, payload.get("base_version") or "latest")
+            try:
+                outcome = edit_and_guard(rt, store, ids, requests, config, parent, payload.get("guard") or {})
+                if outcome["status"] == "rejected":
+                    for job_id in ids:
+                        store.finish(name, job_id, status="rejected", metrics=outcome["metrics"],
+                                     error=outcome["reason"])
+                    return
+                version = rt.registry.commit(
+                    name, parent, outcome["result"].changed, originals=outcome["result"].original,
+                    curvature=contribution(outcome["result"].features), author=batch[0]["payload"].get("author", ""),
+                    message=payload.get("message") or f"{len(requests)} edit(s)", method=config.method,
+                    hyperparameters={**config.__dict__, "jobs": ids, "layers": list(rt.capability.layers)},
+                    edits=[r.to_dict() for r in requests], metrics=outcome["metrics"], job_id=ids[0],
+                )
+                break
+            except Conflict:
+                if attempt or payload.get("base_version"):
+                    raise
+        if payload.get("promote"):
+            rt.registry.set_alias(name, "production", version.id)
+        for job_id in ids:
+            store.finish(name, job_id, status="succeeded", version=version.id, metrics=outcome["metrics"])
+        log.info("%s: %d edit(s) from %d request(s) committed as %s", name, len(requests), len(ids), version.id)
+    except (EditError, ValueError, Conflict) as err:
+        for job_id in ids:
+            store.finish(name, job_id, status="failed", error=str(err))
+    except Exception as err:
+        log.error("%s: batch %s failed: %s", name, ids, traceback.format_exc())
+        for job_id in ids:
+            store.finish(name, job_id, status="failed", error=f"internal error: {err}")
+
+
+def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, parent: str, guard: dict) -> dict:
+    """Edit on top of ``parent``, measure drift and reliability, then put the parent's weights back."""
+    rt.holder.switch_to(parent)
+    state = version_cache(rt.registry, rt.name, parent, rt.capability)
+
+    def progress(event: dict) -> None:
+        for job_id in ids:
+            store.event(job_id, event)
+            if event["event"] == "epoch":
+                store.update(job_id, progress={"epoch": event["epoch"], "loss": event["loss"],
+                                               "max_epochs": config.max_epochs})
+
+    result = edit(rt.model, rt.tokenizer, requests, state, config, on_progress=progress)
+    try:
+        reliability = edit_quality(rt.model, rt.tokenizer, requests, generated=False)["rel_tf"]
+        kl = mean_kl(rt.model, rt.tokenizer, rt.guard_texts, result.original, result.changed)
+    finally:
+        with torch.no_grad():
+            params = dict(rt.model.named_parameters())
+            for n, t in result.original.items():
+                params[n].copy_(t)
+    metrics = {"reliability": reliability, "kl": kl, "epochs": len(result.epoch_losses),
+               "final_loss": result.epoch_losses[-1], "seconds": round(result.seconds, 2)}
+    for job_id in ids:
+        store.event(job_id, {"event": "evaluation", **metrics})
+    kl_budget = float(guard.get("kl_budget", rt.settings.kl_budget))
+    min_rel = float(guard.get("min_reliability", rt.settings.min_reliability))
+    if kl > kl_budget:
+        return {"status": "rejected", "metrics": metrics,
+                "reason": f"capability drift KL {kl:.4f} exceeds the budget {kl_budget}"}
+    if reliability < min_rel:
+        return {"status": "rejected", "metrics": metrics,
+                "reason": f"the edit did not take: reliability {reliability:.2f} < {min_rel}"}
+    return {"status": "ok", "metrics": metrics, "result": result}
