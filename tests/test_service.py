@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-
 from conftest import make_tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
