@@ -46,7 +46,7 @@ def service(tmp_path_factory):
     port = free_port()
     logs = tmp / "api.log"
     api = subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(port)], env=env,
-                           stdout=open(logs, "w"), stderr=subprocess.STDOUT)
+                           stdout=open(logs, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115 (child keeps it)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -94,10 +94,7 @@ def test_edit_query_rollback_through_the_service(service):
     ids = [r.json()["id"] for r in posted]
     assert posted[0].json()["status_url"].endswith(f"/v1/edits/{ids[0]}")
     worker = service["start_worker"]()
-    try:
-        jobs = [wait_done(url, i) for i in ids]
-    finally:
-        pass
+    jobs = [wait_done(url, i) for i in ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * 3, jobs
     assert {j["version"] for j in jobs} == {"v1"} and sorted(jobs[0]["batch"]) == sorted(ids)
     assert jobs[0]["metrics"]["reliability"] >= 0.5
@@ -134,6 +131,7 @@ def test_edit_query_rollback_through_the_service(service):
     assert httpx.get(f"{url}/v1/registry/tiny/versions").json()["aliases"]["latest"] == "v0"
     worker.terminate()
     worker.wait(timeout=30)
+    assert "loaded" in (service["tmp"] / "worker.log").read_text()  # the worker logs what it did
 
 
 def test_bad_input_gets_a_clear_4xx(service):
