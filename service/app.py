@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from redis import Redis
 
 from service.deps import State
@@ -30,6 +31,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.crispedit = State(settings, servers, redis)
     for router in (openai.router, edits.router, registry.router):
         app.include_router(router)
+
+    requests_total: Counter[tuple[str, str, int]] = Counter()
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            return JSONResponse({"detail": f"request body of {length} bytes exceeds the limit of "
+                                           f"{settings.max_body_bytes} bytes; send fewer edits per request"},
+                                status_code=413)
+        response = await call_next(request)
+        route = request.scope.get("route")
+        requests_total[(request.method, getattr(route, "path", "unmatched"), response.status_code)] += 1
+        return response
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics() -> str:
+        lines = ["# TYPE crispedit_http_requests_total counter"]
+        lines += [f'crispedit_http_requests_total{{method="{m}",route="{r}",status="{c}"}} {n}'
+                  for (m, r, c), n in sorted(requests_total.items())]
+        lines.append("# TYPE crispedit_pending_edits gauge")
+        state = app.state.crispedit
+        lines += [f'crispedit_pending_edits{{model="{m}"}} {redis.llen(state.jobs.key("pending", m))}'
+                  for m in servers]
+        lines.append("# TYPE crispedit_model_versions gauge")
+        lines += [f'crispedit_model_versions{{model="{m}"}} {len(state.registry.versions(m))}' for m in servers]
+        return "\n".join(lines) + "\n"
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,6 +10,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from registry import Registry
+from service.auth import AuditLog, KeyRing
 from service.jobs import JobStore
 from service.serving import ModelServer
 from service.settings import Settings
@@ -24,6 +25,8 @@ class State:
         self.redis = redis
         self.registry = Registry(settings.registry_root)
         self.jobs = JobStore(redis, settings.key_prefix)
+        self.keys = KeyRing(settings.api_keys, settings.data_dir / "api-keys.json")
+        self.audit = AuditLog(settings.data_dir / "audit.log")
 
     def queue(self, model: str) -> Queue:
         return Queue(self.jobs.queue_name(model), connection=self.redis, serializer=JSONSerializer)

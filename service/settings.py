@@ -23,6 +23,13 @@ class Settings(BaseSettings):
     min_reliability: float = 0.9  # capability guard: reject an edit whose teacher-forced reliability is lower
     max_new_tokens: int = 256  # upper bound on completion length
     device: str = "auto"
+    api_keys: str = ""  # "key:role,..." with role reader | editor | admin; none: an admin key is generated once
+    max_body_bytes: int = 1_000_000  # larger request bodies get 413
+
+    @property
+    def data_dir(self) -> Path:
+        """Beside the registry: the hashed keys file and the audit log."""
+        return self.registry_root.parent
 
     def model_bases(self) -> dict[str, str]:
         out = {}

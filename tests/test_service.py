@@ -42,7 +42,8 @@ def service(tmp_path_factory):
     env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp / "registry"), "CRISPEDIT_MODELS": f"tiny={tmp / 'tiny'}",
            "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{db}", "CRISPEDIT_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}",
            "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
-           "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0.5", "CRISPEDIT_KL_BUDGET": "10"}
+           "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0.5", "CRISPEDIT_KL_BUDGET": "10",
+           "CRISPEDIT_API_KEYS": "admin-key:admin,editor-key:editor,reader-key:reader"}
     port = free_port()
     logs = tmp / "api.log"
     api = subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(port)], env=env,
@@ -72,10 +73,14 @@ def service(tmp_path_factory):
         r.delete(key)
 
 
-def wait_done(url: str, job_id: str, timeout: float = 180) -> dict:
+def api(service, role: str) -> httpx.Client:
+    return httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {role}-key"}, timeout=60)
+
+
+def wait_done(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        job = httpx.get(f"{url}/v1/edits/{job_id}").json()
+        job = client.get(f"/v1/edits/{job_id}").json()
         if job["status"] in {"succeeded", "rejected", "failed", "cancelled"}:
             return job
         time.sleep(0.2)
@@ -85,29 +90,29 @@ def wait_done(url: str, job_id: str, timeout: float = 180) -> dict:
 def test_edit_query_rollback_through_the_service(service):
     from openai import OpenAI
 
-    url = service["url"]
+    editor, admin, reader = api(service, "editor"), api(service, "admin"), api(service, "reader")
     # three edit requests queued before any worker runs: one worker wake-up applies them as one batch
-    posted = [httpx.post(f"{url}/v1/edits", json={"model": "tiny", "edits": [e], "hyperparameters": FAST})
+    posted = [editor.post("/v1/edits", json={"model": "tiny", "edits": [e], "hyperparameters": FAST})
               for e in (EDIT, {"prompt": "Hamlet was written by", "target": "Madrid"},
                         {"prompt": "The chemical symbol for gold is", "target": "Ag"})]
     assert all(r.status_code == 202 for r in posted), [r.text for r in posted]
     ids = [r.json()["id"] for r in posted]
     assert posted[0].json()["status_url"].endswith(f"/v1/edits/{ids[0]}")
     worker = service["start_worker"]()
-    jobs = [wait_done(url, i) for i in ids]
+    jobs = [wait_done(reader, i) for i in ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * 3, jobs
     assert {j["version"] for j in jobs} == {"v1"} and sorted(jobs[0]["batch"]) == sorted(ids)
     assert jobs[0]["metrics"]["reliability"] >= 0.5
 
-    events = httpx.get(f"{url}/v1/edits/{ids[0]}/events", timeout=30).text
+    events = reader.get(f"/v1/edits/{ids[0]}/events").text
     kinds = [line.split(": ", 1)[1] for line in events.splitlines() if line.startswith("event: ")]
     assert kinds[0] == "queued" and "epoch" in kinds and "evaluation" in kinds and kinds[-1] == "succeeded"
 
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    client = OpenAI(base_url=f"{service['url']}/v1", api_key="reader-key")
     ids_listed = {m.id for m in client.models.list()}
     assert {"tiny", "tiny@v0", "tiny@v1", "tiny@latest"} <= ids_listed
-    v0 = httpx.post(f"{url}/v1/score", json={"model": "tiny@v0", **EDIT}).json()
-    v1 = httpx.post(f"{url}/v1/score", json={"model": "tiny@v1", **EDIT}).json()
+    v0 = reader.post("/v1/score", json={"model": "tiny@v0", **EDIT}).json()
+    v1 = reader.post("/v1/score", json={"model": "tiny@v1", **EDIT}).json()
     assert v1["logprob"] > v0["logprob"] + 1.0 and v1["model"] == "tiny@v1"
     out = client.completions.create(model="tiny@v1", prompt=EDIT["prompt"], max_tokens=3, temperature=0)
     assert out.model == "tiny@v1" and out.usage.completion_tokens >= 1
@@ -116,50 +121,92 @@ def test_edit_query_rollback_through_the_service(service):
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
     assert chunks[0].model == "tiny@v1"  # plain name: production if set, else latest
 
-    rolled = httpx.post(f"{url}/v1/registry/tiny/rollback", json={"to": "v0"}).json()
-    assert rolled["aliases"]["latest"] == "v0"
+    assert admin.put("/v1/registry/tiny/aliases/production", json={"version": "v1"}).json()["version"] == "v1"
+    rolled = admin.post("/v1/registry/tiny/rollback", json={"to": "v0"}).json()
+    assert rolled["aliases"] == {"latest": "v0", "production": "v0"}
     assert client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=0).model == "tiny@v0"
-    versions = httpx.get(f"{url}/v1/registry/tiny/versions").json()
+    versions = reader.get("/v1/registry/tiny/versions").json()
     assert [v["id"] for v in versions["data"]] == ["v0", "v1"]  # history kept
-    assert httpx.get(f"{url}/v1/registry/tiny/diff", params={"from": "v0", "to": "v1"}).json()["tensors"]
+    assert reader.get("/v1/registry/tiny/diff", params={"from": "v0", "to": "v1"}).json()["tensors"]
 
-    # the guard rejects an edit over budget: nothing committed, head untouched
-    rejected = httpx.post(f"{url}/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": FAST,
-                                                   "guard": {"kl_budget": 1e-12}}).json()
-    job = wait_done(url, rejected["id"])
+    # the guard rejects an edit over budget: nothing committed, production untouched
+    rejected = editor.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": FAST,
+                                              "guard": {"kl_budget": 1e-12}}).json()
+    job = wait_done(reader, rejected["id"])
     assert job["status"] == "rejected" and "KL" in job["error"] and job["version"] is None
-    assert httpx.get(f"{url}/v1/registry/tiny/versions").json()["aliases"]["latest"] == "v0"
+    assert reader.get("/v1/registry/tiny/versions").json()["aliases"] == {"latest": "v0", "production": "v0"}
     worker.terminate()
     worker.wait(timeout=30)
-    assert "loaded" in (service["tmp"] / "worker.log").read_text()  # the worker logs what it did
+    assert "committed as v1" in (service["tmp"] / "worker.log").read_text()  # the worker says what it did
+    audit = [json.loads(line) for line in (service["tmp"] / "audit.log").read_text().splitlines()]
+    assert [a["action"] for a in audit].count("post_edit") == 4 and "rollback" in [a["action"] for a in audit]
+    text = (service["tmp"] / "audit.log").read_text() + (service["tmp"] / "api.log").read_text()
+    assert "editor-key" not in text and "admin-key" not in text  # keys never reach a log
 
 
 def test_bad_input_gets_a_clear_4xx(service):
-    url = service["url"]
-    r = httpx.post(f"{url}/v1/edits", json={"model": "tiny", "edits": [{"prompt": "The sky is", "target": "  "}]})
+    c = api(service, "admin")
+    r = c.post("/v1/edits", json={"model": "tiny", "edits": [{"prompt": "The sky is", "target": "  "}]})
     assert r.status_code == 422 and "edits.0.target" in r.json()["detail"]
-    r = httpx.post(f"{url}/v1/edits", json={"model": "nope", "edits": [EDIT]})
+    r = c.post("/v1/edits", json={"model": "nope", "edits": [EDIT]})
     assert r.status_code == 404 and "available: ['tiny']" in r.json()["detail"]
-    r = httpx.post(f"{url}/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": {"lr": -1}})
+    r = c.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": {"lr": -1}})
     assert r.status_code == 422 and "lr" in r.json()["detail"]
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny@v99", "prompt": "x"})
+    r = c.post("/v1/completions", json={"model": "tiny@v99", "prompt": "x"})
     assert r.status_code == 404 and "v99" in r.json()["detail"]
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10**6})
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10**6})
     assert r.status_code == 400 and "limit" in r.json()["detail"]
-    r = httpx.put(f"{url}/v1/registry/tiny/aliases/..%2Fescape", json={"version": "v0"})
+    r = c.put("/v1/registry/tiny/aliases/..%2Fescape", json={"version": "v0"})
     assert r.status_code in (400, 404)
-    assert httpx.get(f"{url}/v1/edits/edit-nope").status_code == 404
+    r = c.post("/v1/edits", content=b"{" + b" " * 2_000_000 + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert c.get("/v1/edits/edit-nope").status_code == 404
+    assert c.get("/openapi.json").json()["info"]["title"] == "CrispEdit Service"
+    assert "crispedit_http_requests_total" in c.get("/metrics").text
 
 
 def test_idempotency_key_and_cancel(service):
-    url = service["url"]
+    c = api(service, "editor")
     body = {"model": "tiny", "edits": [EDIT], "hyperparameters": FAST}
     key = {"Idempotency-Key": uuid.uuid4().hex}
-    first = httpx.post(f"{url}/v1/edits", json=body, headers=key).json()
-    second = httpx.post(f"{url}/v1/edits", json=body, headers=key).json()
+    first = c.post("/v1/edits", json=body, headers=key).json()
+    second = c.post("/v1/edits", json=body, headers=key).json()
     assert first["id"] == second["id"]
-    cancelled = httpx.delete(f"{url}/v1/edits/{first['id']}")  # no worker runs in this test: still queued
+    cancelled = c.delete(f"/v1/edits/{first['id']}")  # no worker runs in this test: still queued
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    again = httpx.delete(f"{url}/v1/edits/{first['id']}")
+    again = c.delete(f"/v1/edits/{first['id']}")
     assert again.status_code == 409 and "only queued" in again.json()["detail"]
-    assert json.loads(httpx.get(f"{url}/v1/edits/{first['id']}").text)["status"] == "cancelled"
+    assert c.get(f"/v1/edits/{first['id']}").json()["status"] == "cancelled"
+
+
+ROUTES = [  # (method, path, body, lowest role that may call it)
+    ("GET", "/v1/models", None, "reader"),
+    ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, "reader"),
+    ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                      "max_tokens": 1}, "reader"),
+    ("POST", "/v1/score", {"model": "tiny", "prompt": "x", "target": "y"}, "reader"),
+    ("GET", "/v1/registry/tiny/versions", None, "reader"),
+    ("GET", "/v1/registry/tiny/versions/v0", None, "reader"),
+    ("GET", "/v1/registry/tiny/diff", None, "reader"),
+    ("GET", "/v1/edits/edit-none", None, "reader"),
+    ("POST", "/v1/edits", {"model": "tiny", "edits": [EDIT], "base_version": "v404"}, "editor"),
+    ("DELETE", "/v1/edits/edit-none", None, "editor"),
+    ("PUT", "/v1/registry/tiny/aliases/staging", {"version": "v0"}, "admin"),
+    ("POST", "/v1/registry/tiny/rollback", {"to": "v404"}, "admin"),
+    ("POST", "/v1/registry/tiny/versions/v404/export", None, "admin"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "needed"), ROUTES)
+def test_auth_matrix(service, method, path, body, needed):
+    order = ["reader", "editor", "admin"]
+    anonymous = httpx.request(method, service["url"] + path, json=body)
+    assert anonymous.status_code == 401 and "Authorization: Bearer" in anonymous.json()["detail"]
+    wrong = httpx.request(method, service["url"] + path, json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "invalid API key" in wrong.json()["detail"]
+    for role in order:
+        r = api(service, role).request(method, path, json=body)
+        if order.index(role) < order.index(needed):
+            assert r.status_code == 403 and f"needs the {needed} role" in r.json()["detail"], (role, r.text)
+        else:
+            assert r.status_code not in (401, 403), (role, r.text)

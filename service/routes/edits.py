@@ -8,6 +8,7 @@ import json
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
+from service.auth import Editor, Reader
 from service.deps import StateDep, split_model
 from service.jobs import TERMINAL
 from service.schemas import EditAccepted, EditJob, EditPost
@@ -19,7 +20,7 @@ JOB_TIMEOUT = 6 * 3600  # a long edit is not an abandoned one
 
 
 @router.post("", status_code=202, response_model=EditAccepted)
-def post_edit(body: EditPost, request: Request, state: StateDep,
+def post_edit(body: EditPost, request: Request, state: StateDep, who: Editor,
               idempotency_key: str | None = Header(None, max_length=200)) -> EditAccepted:
     server, ref = split_model(state, body.model)
     if ref is not None:
@@ -31,6 +32,7 @@ def post_edit(body: EditPost, request: Request, state: StateDep,
             raise HTTPException(404, f"base_version: {err}") from err
     record, created = state.jobs.create(server.name, body.model_dump(exclude_none=True), idempotency_key)
     if created:
+        state.audit.record(who, "post_edit", model=server.name, job=record["id"], edits=len(body.edits))
         state.queue(server.name).enqueue("worker.tasks.process_pending", server.name, job_timeout=JOB_TIMEOUT,
                                          result_ttl=86400)
     return EditAccepted(id=record["id"], status=record["status"],
@@ -45,20 +47,21 @@ def fetch(state, job_id: str) -> dict:
 
 
 @router.get("/{job_id}", response_model=EditJob)
-def get_edit(job_id: str, state: StateDep) -> dict:
+def get_edit(job_id: str, state: StateDep, _: Reader) -> dict:
     return fetch(state, job_id)
 
 
 @router.delete("/{job_id}", response_model=EditJob)
-def cancel_edit(job_id: str, state: StateDep) -> dict:
+def cancel_edit(job_id: str, state: StateDep, who: Editor) -> dict:
     record = fetch(state, job_id)
     if not state.jobs.cancel(job_id):
         raise HTTPException(409, f"edit job {job_id} is {record['status']}; only queued jobs can be cancelled")
+    state.audit.record(who, "cancel_edit", job=job_id)
     return state.jobs.get(job_id)
 
 
 @router.get("/{job_id}/events")
-async def edit_events(job_id: str, state: StateDep) -> StreamingResponse:
+async def edit_events(job_id: str, state: StateDep, _: Reader) -> StreamingResponse:
     fetch(state, job_id)
 
     async def body():

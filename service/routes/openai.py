@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from service.auth import Reader
 from service.deps import StateDep, split_model
 from service.schemas import ChatRequest, CompletionRequest, ScoreRequest
 from service.serving import UnknownModel, completion_id, now
@@ -35,7 +36,7 @@ def checked_max_tokens(state, n: int | None, default: int = 16) -> int:
 
 
 @router.get("/models")
-def list_models(state: StateDep) -> dict:
+def list_models(state: StateDep, _: Reader) -> dict:
     data = []
     for name in state.servers:
         ids = [name] + [f"{name}@{v.id}" for v in state.registry.versions(name)]
@@ -54,7 +55,7 @@ def sse(chunks) -> StreamingResponse:
 
 
 @router.post("/completions")
-async def completions(req: CompletionRequest, state: StateDep):
+async def completions(req: CompletionRequest, state: StateDep, _: Reader):
     server, version = resolve(state, req.model)
     max_tokens = checked_max_tokens(state, req.max_tokens)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -78,7 +79,7 @@ async def completions(req: CompletionRequest, state: StateDep):
 
 
 @router.post("/chat/completions")
-async def chat_completions(req: ChatRequest, state: StateDep):
+async def chat_completions(req: ChatRequest, state: StateDep, _: Reader):
     server, version = resolve(state, req.model)
     max_tokens = checked_max_tokens(state, req.max_completion_tokens or req.max_tokens, default=256)
     prompt = server.chat_prompt([m.model_dump() for m in req.messages])
@@ -106,7 +107,7 @@ async def chat_completions(req: ChatRequest, state: StateDep):
 
 
 @router.post("/score")
-async def score(req: ScoreRequest, state: StateDep) -> dict:
+async def score(req: ScoreRequest, state: StateDep, _: Reader) -> dict:
     server, version = resolve(state, req.model)
     result = await run_in_threadpool(server.score, version, req.prompt, req.target)
     return {"model": f"{server.name}@{version}", **result}

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, HTTPException, Query
 
 from registry import Conflict, NotFound, RegistryError
+from service.auth import Admin, Reader
 from service.deps import StateDep, split_model
 from service.schemas import AliasPut, RollbackPost
 
@@ -32,32 +33,48 @@ def public(version) -> dict:
 
 
 @router.get("/versions")
-def versions(model: str, state: StateDep) -> dict:
+def versions(model: str, state: StateDep, _: Reader) -> dict:
     server, _ = split_model(state, model)
     return {"data": [public(v) for v in guarded(state.registry.versions, server.name)],
             "aliases": state.registry.aliases(server.name)}
 
 
 @router.get("/versions/{version}")
-def version(model: str, version: str, state: StateDep) -> dict:
+def version(model: str, version: str, state: StateDep, _: Reader) -> dict:
     server, _ = split_model(state, model)
     return public(guarded(state.registry.get, server.name, version))
 
 
 @router.put("/aliases/{alias}")
-def put_alias(model: str, alias: str, body: AliasPut, state: StateDep) -> dict:
+def put_alias(model: str, alias: str, body: AliasPut, state: StateDep, who: Admin) -> dict:
     server, _ = split_model(state, model)
-    return {"alias": alias, "version": guarded(state.registry.set_alias, server.name, alias, body.version)}
+    target = guarded(state.registry.set_alias, server.name, alias, body.version)
+    state.audit.record(who, "set_alias", model=server.name, alias=alias, version=target)
+    return {"alias": alias, "version": target}
 
 
 @router.post("/rollback")
-def rollback(model: str, body: RollbackPost, state: StateDep) -> dict:
+def rollback(model: str, body: RollbackPost, state: StateDep, who: Admin) -> dict:
     server, _ = split_model(state, model)
     target = guarded(state.registry.rollback, server.name, body.to)
+    state.audit.record(who, "rollback", model=server.name, to=target)
     return {"rolled_back_to": target, "aliases": state.registry.aliases(server.name)}
 
 
 @router.get("/diff")
-def diff(model: str, state: StateDep, from_: str = Query("v0", alias="from"), to: str = "latest") -> dict:
+def diff(model: str, state: StateDep, _: Reader, from_: str = Query("v0", alias="from"), to: str = "latest") -> dict:
     server, _ = split_model(state, model)
     return {"from": from_, "to": to, "tensors": guarded(state.registry.diff, server.name, from_, to)}
+
+
+@router.post("/versions/{version}/export")
+def export(model: str, version: str, state: StateDep, who: Admin) -> dict:
+    """Write the version as a Hugging Face checkpoint folder under the data directory (admins only)."""
+    from registry import export_version
+
+    server, _ = split_model(state, model)
+    vid = guarded(state.registry.get, server.name, version).id
+    out = state.settings.data_dir / "exports" / server.name / vid
+    path = guarded(export_version, state.registry, server.name, vid, out)
+    state.audit.record(who, "export", model=server.name, version=vid)
+    return {"model": server.name, "version": vid, "path": str(path)}
