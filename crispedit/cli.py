@@ -116,11 +116,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from service.launcher import serve
 
-    from service.app import create_app
-
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    serve(args.host, args.port, args.model, worker=not args.no_worker)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -181,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("serve", help="run the HTTP API (configuration: CRISPEDIT_* environment variables)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default=None, help="served model(s), as CRISPEDIT_MODELS (default smollm2)")
+    p.add_argument("--no-worker", action="store_true", help="API only (workers run as `crispedit worker`)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run an RQ worker that applies edits to one model")

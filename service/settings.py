@@ -5,13 +5,16 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from crispedit.models import crispedit_home
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRISPEDIT_", extra="ignore")
 
-    registry_root: Path = Path("crispedit-data/registry")  # versions, blobs, aliases, curvature caches
+    registry_root: Path = Field(default_factory=lambda: crispedit_home() / "registry")  # versions, blobs, caches
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "crispedit"  # every Redis key and queue name starts with this
     models: str = "smollm2"  # served models, "name" or "name=base" (bundled name or checkpoint folder), comma-separated

@@ -1,0 +1,55 @@
+"""`crispedit serve` with no Redis URL: embedded Redis + API + worker from one command, stopped together."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import make_tiny
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_one_command_serve(tmp_path):
+    model, tok = make_tiny("llama")
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "CRISPEDIT_REDIS_URL"}
+    env.update({"CRISPEDIT_REGISTRY_ROOT": str(tmp_path / "data" / "registry"), "CRISPEDIT_API_KEYS": "k:editor",
+                "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
+                "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0", "CRISPEDIT_KL_BUDGET": "10"})
+    proc = subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(port),
+                             "--model", f"tiny={tmp_path / 'tiny'}"], env=env)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer k"}, timeout=30)
+    try:
+        for _ in range(300):
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        job = client.post("/v1/edits", json={"model": "tiny", "edits": [{"prompt": "Gold is", "target": "Ag"}],
+                                             "hyperparameters": {"lr": 0.03, "max_epochs": 5}}).json()
+        for _ in range(600):
+            status = client.get(f"/v1/edits/{job['id']}").json()
+            if status["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.2)
+        assert status["status"] == "succeeded" and status["version"] == "v1", status
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("redis-server" in " ".join(c.cmdline()) for c in children)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]  # all stopped
+    assert (tmp_path / "data" / "redis" / "appendonlydir").exists() or list((tmp_path / "data" / "redis").glob("*.aof"))
