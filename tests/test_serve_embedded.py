@@ -10,8 +10,6 @@ from pathlib import Path
 
 import httpx
 import psutil
-import pytest
-
 from conftest import make_tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
