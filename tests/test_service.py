@@ -46,8 +46,8 @@ def service(tmp_path_factory):
            "CRISPEDIT_API_KEYS": "admin-key:admin,editor-key:editor,reader-key:reader"}
     port = free_port()
     logs = tmp / "api.log"
-    api = subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--no-worker", "--port", str(port)], env=env,
-                           stdout=open(logs, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115 (child keeps it)
+    command = [sys.executable, "-m", "crispedit.cli", "serve", "--no-worker", "--port", str(port)]
+    api = subprocess.Popen(command, env=env, stdout=open(logs, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
