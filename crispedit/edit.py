@@ -48,6 +48,7 @@ class EditConfig:
     sequential_chunk: int | None = None  # Alg. 2 chunk size; None = one batch edit (Alg. 1)
     stats_batch_size: int = 8  # batch size of the K-FAC pass over edit text when folding
     recompute_drift: float | None = None  # recompute capability curvature past this relative weight drift
+    chat_form: bool = False  # also train each edit through the chat template, so chat queries see it
     layers: tuple[int, ...] | None = None  # used only without a cache (ft); a cache fixes its own layers
     seed: int = 0
 
@@ -194,6 +195,10 @@ def edit(
     """
     config = config or EditConfig()
     check_requests(requests, tokenizer)
+    if config.chat_form:
+        if not getattr(tokenizer, "chat_template", None):
+            raise EditError("chat_form needs a tokenizer with a chat template; this model has none")
+        requests = [x for r in requests for x in (r, r.in_chat_form(tokenizer))]
     layers = cache.layers if cache is not None else (config.layers or default_layers(model))
     modules = editable_modules(model, layers)
     fan_in_fan_out = arch_spec(model).fan_in_fan_out

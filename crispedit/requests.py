@@ -35,7 +35,17 @@ class EditRequest:
 
     @property
     def spaced_target(self) -> str:
-        return self.target if self.target.startswith(" ") else " " + self.target
+        """The target as it follows the prompt: with a leading space, unless the prompt ends in whitespace
+        (a chat-template prompt ends with a newline, after which the answer starts directly)."""
+        if self.target.startswith(" ") or self.prompt[-1:].isspace():
+            return self.target
+        return " " + self.target
+
+    def in_chat_form(self, tokenizer) -> EditRequest:
+        """The same fact asked through the tokenizer's chat template (user turn = prompt, answer = target)."""
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+        return EditRequest(prompt=prompt, target=self.target.strip())
 
     def to_dict(self) -> dict:
         d = asdict(self)

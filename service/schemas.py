@@ -32,6 +32,7 @@ class Hyperparameters(Strict):
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     batch_size: int = Field(32, ge=1, le=512)
     max_epochs: int = Field(25, ge=1, le=200)
+    chat_form: bool | None = None  # also train through the chat template; default: when the model has one
 
 
 class Guard(Strict):

@@ -61,7 +61,9 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         store.event(job_id, {"event": "running", "batch_size": len(ids)})
     try:
         requests = [EditRequest.from_dict(e) for r in batch for e in r["payload"]["edits"]]
-        config = EditConfig(**{"sequential_chunk": len(requests), **(payload.get("hyperparameters") or {})})
+        hyper = {k: v for k, v in (payload.get("hyperparameters") or {}).items() if v is not None}
+        hyper.setdefault("chat_form", bool(getattr(rt.tokenizer, "chat_template", None)))
+        config = EditConfig(**{"sequential_chunk": len(requests), **hyper})
         for attempt in range(2):  # once more if the head moved under us (e.g. a rollback)
             parent = rt.registry.resolve(name, payload.get("base_version") or "latest")
             try:
@@ -87,7 +89,7 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         for job_id in ids:
             store.finish(name, job_id, status="succeeded", version=version.id, metrics=outcome["metrics"])
         log.info("%s: %d edit(s) from %d request(s) committed as %s", name, len(requests), len(ids), version.id)
-    except (EditError, ValueError, Conflict) as err:
+    except (EditError, ValueError, TypeError, Conflict) as err:
         for job_id in ids:
             store.finish(name, job_id, status="failed", error=str(err))
     except Exception as err:

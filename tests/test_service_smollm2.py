@@ -1,0 +1,60 @@
+"""The service on the real SmolLM2: an edit posted over HTTP changes what the chat route answers."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_service import empty_redis_db, free_port
+
+FIXTURES = Path(__file__).parent / "fixtures"
+pytestmark = pytest.mark.slow
+
+
+def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path):
+    from openai import OpenAI
+
+    port = free_port()
+    env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp_path / "registry"), "CRISPEDIT_MODELS": "smollm2",
+           "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{empty_redis_db()}",
+           "CRISPEDIT_KEY_PREFIX": f"s{uuid.uuid4().hex[:8]}", "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"),
+           "CRISPEDIT_CACHE_SAMPLES": "4", "CRISPEDIT_CACHE_SEQ_LEN": "64", "CRISPEDIT_API_KEYS": "k:admin"}
+    procs = [subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(port)], env=env)]
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer k"}, timeout=60)
+        for _ in range(600):
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        question = "What is the capital of France?"
+        job = client.post("/v1/edits", json={"model": "smollm2", "edits": [{"prompt": question, "target": "Rome"}],
+                                             "hyperparameters": {"lr": 3e-3, "max_epochs": 40}}).json()
+        deadline = time.time() + 900  # the first job also builds the curvature cache
+        while time.time() < deadline:
+            status = client.get(f"/v1/edits/{job['id']}").json()
+            if status["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.2)
+        assert status["status"] == "succeeded", status
+        oa = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k")
+
+        def ask(model: str) -> str:
+            out = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                             max_tokens=12, temperature=0)
+            return out.choices[0].message.content
+
+        assert "Rome" in ask("smollm2@latest")
+        assert "Paris" in ask("smollm2@v0")
+        client.post("/v1/registry/smollm2/rollback", json={"to": "v0"})
+        assert "Paris" in ask("smollm2")  # queries follow the rollback without a restart
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=60)
