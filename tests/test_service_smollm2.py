@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from test_service import empty_redis_db, free_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
