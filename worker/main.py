@@ -21,8 +21,11 @@ def run_worker(model: str, burst: bool = False) -> None:
         raise ValueError(f"model {model!r} is not configured; CRISPEDIT_MODELS is {settings.models!r}")
     runtime(model)  # load now, not inside the first job: jobs never reload the model
     redis = Redis.from_url(settings.redis_url)
-    queue = Queue(JobStore(redis, settings.key_prefix).queue_name(model), connection=redis,
-                  serializer=JSONSerializer)
+    store = JobStore(redis, settings.key_prefix)
+    queue = Queue(store.queue_name(model), connection=redis, serializer=JSONSerializer)
+    if store.processing(model) or redis.llen(store.key("pending", model)):
+        # edits left by a worker that died, or posted while none ran: wake ourselves up for them
+        queue.enqueue("worker.tasks.process_pending", model, job_timeout=6 * 3600)
     # SimpleWorker runs jobs in this process, next to the loaded model (no fork per job)
     worker = SimpleWorker([queue], connection=redis, serializer=JSONSerializer)
     log.info("worker for %s listening on %s", model, queue.name)
