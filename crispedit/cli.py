@@ -121,13 +121,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.host, args.port, args.model, worker=not args.no_worker)
 
 
+def cmd_config(args: argparse.Namespace) -> None:
+    from service.settings import Settings
+
+    current = Settings()
+    for env, default, meaning in Settings.describe():
+        value = getattr(current, env.removeprefix("CRISPEDIT_").lower())
+        print(f"{env}={value}\n    default: {default}\n    {meaning}")
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     from worker.main import run_worker
 
     run_worker(args.model, burst=args.burst)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crispedit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,12 +192,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-worker", action="store_true", help="API only (workers run as `crispedit worker`)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("config", help="every setting: environment variable, default, current value, meaning")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("worker", help="run an RQ worker that applies edits to one model")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=cmd_worker)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from transformers.utils import logging as hf_logging

@@ -1,4 +1,7 @@
-"""Service configuration: every setting is an environment variable ``CRISPEDIT_<NAME>``."""
+"""Service configuration in one place: every setting is an environment variable ``CRISPEDIT_<NAME>``.
+
+``crispedit config`` prints them all with their defaults, current values and meanings.
+"""
 
 from __future__ import annotations
 
@@ -14,24 +17,31 @@ from crispedit.models import crispedit_home
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRISPEDIT_", extra="ignore")
 
-    registry_root: Path = Field(default_factory=lambda: crispedit_home() / "registry")  # versions, blobs, caches
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "crispedit"  # every Redis key and queue name starts with this
-    models: str = "smollm2"  # served models, "name" or "name=base" (bundled name or checkpoint folder), comma-separated
-    corpus: str = "self"  # capability corpus for a missing curvature cache: a file, or "self"
-    cache_samples: int = 40
-    cache_seq_len: int = 512
-    coalesce_max: int = 32  # at most this many queued edits of one model are applied as one batch
-    kl_budget: float = 0.05  # capability guard: reject an edit whose KL(base‖edited) on held-out text exceeds this
-    min_reliability: float = 0.9  # capability guard: reject an edit whose teacher-forced reliability is lower
-    max_new_tokens: int = 256  # upper bound on completion length
-    device: str = "auto"
-    api_keys: str = ""  # "key:role,..." with role reader | editor | admin; none: an admin key is generated once
-    max_body_bytes: int = 1_000_000  # larger request bodies get 413
+    registry_root: Path = Field(default_factory=lambda: crispedit_home() / "registry",
+                                description="versions, blobs, aliases and curvature caches (share it between machines)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0",
+                           description="Redis for queues and job records; `crispedit serve` embeds one when unset")
+    key_prefix: str = Field("crispedit", description="prefix of every Redis key and queue name")
+    models: str = Field("smollm2", description="served models: 'name' or 'name=base' (bundled name or checkpoint "
+                                               "folder), comma-separated")
+    corpus: str = Field("self", description="capability corpus for a missing curvature cache: a .txt/.jsonl file, "
+                                            "or 'self' (text sampled from the model)")
+    cache_samples: int = Field(40, description="curvature cache: number of sequences")
+    cache_seq_len: int = Field(512, description="curvature cache: tokens per sequence")
+    coalesce_max: int = Field(32, description="at most this many queued edit requests of a model form one batch")
+    kl_budget: float = Field(0.05, description="capability guard: reject an edit whose KL(base‖edited) on held-out "
+                                               "text exceeds this")
+    min_reliability: float = Field(0.9, description="capability guard: reject an edit whose teacher-forced "
+                                                    "reliability is lower")
+    max_new_tokens: int = Field(256, description="upper bound on max_tokens of a completion")
+    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
+    api_keys: str = Field("", description="'key:role,...' with role reader | editor | admin; none configured: an "
+                                          "admin key is generated at first start and printed once")
+    max_body_bytes: int = Field(1_000_000, description="larger request bodies get 413")
 
     @property
     def data_dir(self) -> Path:
-        """Beside the registry: the hashed keys file and the audit log."""
+        """Beside the registry: the hashed keys file, the audit log and the embedded Redis."""
         return self.registry_root.parent
 
     def model_bases(self) -> dict[str, str]:
@@ -40,6 +50,15 @@ class Settings(BaseSettings):
             name, _, base = item.partition("=")
             out[name] = base or name
         return out
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(environment variable, default, meaning) for every setting."""
+        rows = []
+        for name, field in cls.model_fields.items():
+            default = field.default_factory() if field.default_factory else field.default
+            rows.append((f"CRISPEDIT_{name.upper()}", str(default), field.description or ""))
+        return rows
 
 
 @lru_cache
