@@ -36,11 +36,14 @@ def process_pending(model_name: str) -> dict:
     store = job_store(rt)
     leftovers = store.processing(model_name)  # taken by a worker that died: finish or redo them, never twice
     ids = leftovers + store.take_pending(model_name, max(0, rt.settings.coalesce_max - len(leftovers)))
+    committed = {j: v for v in rt.registry.versions(model_name) for j in v.hyperparameters.get("jobs", [])}
     records = []
     for job_id in ids:
         record = store.get(job_id)
-        done = next((v for v in rt.registry.versions(model_name) if job_id in v.hyperparameters.get("jobs", [])), None)
+        done = committed.get(job_id)
         if done is not None:  # committed before a crash: report it, do not apply it again
+            if rt.registry.resolve(model_name, "latest") == done.parent:  # killed before `latest` moved
+                rt.registry.set_alias(model_name, "latest", done.id, expected=done.parent)
             store.finish(model_name, job_id, status="succeeded", version=done.id, metrics=done.metrics)
         elif record["status"] != "cancelled":
             records.append(record)
