@@ -210,3 +210,29 @@ def test_auth_matrix(service, method, path, body, needed):
             assert r.status_code == 403 and f"needs the {needed} role" in r.json()["detail"], (role, r.text)
         else:
             assert r.status_code not in (401, 403), (role, r.text)
+
+
+def test_worker_killed_mid_edit_is_finished_once_by_the_next_worker(service):
+    import signal
+
+    c = api(service, "editor")
+    slow = {"lr": 1e-6, "max_epochs": 150}  # never reaches the early stop: runs all its epochs
+    job = c.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": slow,
+                                    "guard": {"min_reliability": 0.0}}).json()
+    worker = service["start_worker"]()
+    deadline = time.time() + 120
+    while (c.get(f"/v1/edits/{job['id']}").json().get("progress") or {}).get("epoch", 0) < 3:
+        assert time.time() < deadline, "the edit never started"
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    assert c.get(f"/v1/edits/{job['id']}").json()["status"] == "running"
+    replacement = service["start_worker"]()  # finds the dead worker's edit and finishes it
+    try:
+        done = wait_done(c, job["id"])
+    finally:
+        replacement.terminate()
+        replacement.wait(timeout=30)
+    assert done["status"] == "succeeded", done
+    versions = c.get("/v1/registry/tiny/versions").json()["data"]
+    assert sum(job["id"] in v["hyperparameters"].get("jobs", []) for v in versions) == 1  # applied exactly once
