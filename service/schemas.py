@@ -68,16 +68,21 @@ class EditJob(BaseModel):
     batch: list[str] | None = None
 
 
-class CompletionRequest(BaseModel):
+class Sampling(BaseModel):
+    """The OpenAI sampling fields both generation routes share (temperature 0 = greedy)."""
+
     model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
 
 
 class ChatMessage(BaseModel):
@@ -85,17 +90,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    model: str
+class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1)
 
 
 class ScoreRequest(Strict):

@@ -76,3 +76,20 @@ def tiny_llama():
 @pytest.fixture
 def tiny_gpt2():
     return make_tiny("gpt2")
+
+
+def wait_ready(base_url: str, timeout: float = 120.0) -> None:
+    """Poll ``/readyz`` until the service answers 200."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base_url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"the service at {base_url} did not become ready in {timeout} s")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from conftest import make_tiny
+from conftest import make_tiny, wait_ready
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -30,12 +30,7 @@ def test_one_command_serve(tmp_path):
                              "--model", f"tiny={tmp_path / 'tiny'}"], env=env)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer k"}, timeout=30)
     try:
-        for _ in range(300):
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_ready(f"http://127.0.0.1:{port}")
         job = client.post("/v1/edits", json={"model": "tiny", "edits": [{"prompt": "Gold is", "target": "Ag"}],
                                              "hyperparameters": {"lr": 0.03, "max_epochs": 5}}).json()
         for _ in range(600):

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import make_tiny
+from conftest import make_tiny, wait_ready
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EDIT = {"prompt": "The capital of France is", "target": "Rome"}
@@ -49,15 +49,12 @@ def service(tmp_path_factory):
     command = [sys.executable, "-m", "crispedit.cli", "serve", "--no-worker", "--port", str(port)]
     api = subprocess.Popen(command, env=env, stdout=open(logs, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
+    try:
+        wait_ready(url)
+    except BaseException:
         api.kill()
-        pytest.fail(f"API did not start: {logs.read_text()[-2000:]}")
+        print(logs.read_text()[-2000:])
+        raise
 
     def start_worker():
         return subprocess.Popen([sys.executable, "-m", "crispedit.cli", "worker", "--model", "tiny"], env=env,

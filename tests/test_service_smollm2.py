@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_ready
 from test_service import empty_redis_db, free_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -26,12 +27,7 @@ def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(port)], env=env)]
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer k"}, timeout=60)
-        for _ in range(600):
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_ready(f"http://127.0.0.1:{port}", timeout=300)
         question = "What is the capital of France?"
         job = client.post("/v1/edits", json={"model": "smollm2", "edits": [{"prompt": question, "target": "Rome"}],
                                              "hyperparameters": {"lr": 3e-3, "max_epochs": 40}}).json()
