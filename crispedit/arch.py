@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 
@@ -82,12 +81,3 @@ def editable_modules(model: nn.Module, layers: tuple[int, ...] | list[int]) -> d
 def weight_name(module_name_: str) -> str:
     return f"{module_name_}.weight"
 
-
-def weight_out_in(module: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
-    """The module's weight (or its gradient holder) viewed as (d_out, d_in)."""
-    return module.weight.T if fan_in_fan_out else module.weight
-
-
-def to_out_in(tensor: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """A weight-shaped tensor (weight, grad, Adam moment) viewed as (d_out, d_in)."""
-    return tensor.T if fan_in_fan_out else tensor

@@ -46,10 +46,6 @@ def merge_factors(parts: Iterable[KFACFactors]) -> KFACFactors:
     return KFACFactors(A=A, S=S, num_tokens=total)
 
 
-def merge_layer_factors(parts: Iterable[dict[str, KFACFactors]]) -> dict[str, KFACFactors]:
-    parts = list(parts)
-    return {name: merge_factors(p[name] for p in parts) for name in parts[0]}
-
 
 @contextlib.contextmanager
 def capture_layer_io(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:

@@ -7,7 +7,7 @@ token (eos), and the loss covers the target tokens only (prompt and padding are 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,11 +84,6 @@ def read_edits_jsonl(path: str | Path) -> list[EditRequest]:
         raise ValueError(f"{path} holds no edit requests")
     return out
 
-
-def write_edits_jsonl(requests: Iterable[EditRequest], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in requests:
-            f.write(json.dumps(r.to_dict()) + "\n")
 
 
 def tokenize_edit_batch(tokenizer, requests: Sequence[EditRequest], device: torch.device | str = "cpu") -> dict:
