@@ -244,9 +244,10 @@ def edit(
             if config.sequential_chunk and capability is not None:
                 chunk_features.append(edit_features(model, tokenizer, chunk, modules, config.stats_batch_size))
                 folded.append({n: factors_from_features(*ag) for n, ag in chunk_features[-1].items()})
-                optimizer.set_projectors(make_projectors(current_cache(), config, names, fan_in_fan_out, device))
+                state = current_cache()
+                optimizer.set_projectors(make_projectors(state, config, names, fan_in_fan_out, device))
                 if on_progress:
-                    on_progress({"event": "fold", "chunk": k, "tokens": current_cache().num_tokens})
+                    on_progress({"event": "fold", "chunk": k, "tokens": state.num_tokens})
         for p in params:
             if not torch.isfinite(p).all():
                 raise EditError("an edited weight became non-finite; lower the learning rate")
