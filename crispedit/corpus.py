@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 def read_documents(path: str | Path) -> list[str]:
@@ -51,23 +52,43 @@ def token_windows(tokenizer, documents: list[str], n_samples: int, seq_len: int)
     )
 
 
+class _TokenProgress:
+    """A logits processor that only advances a progress bar: ``generate`` calls it once per new token."""
+
+    def __init__(self, bar: tqdm, batch: int) -> None:
+        self.bar, self.batch = bar, batch
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.bar.update(self.batch)
+        return scores
+
+
 @torch.no_grad()
 def sample_from_model(
-    model: nn.Module, tokenizer, n_samples: int, seq_len: int, batch_size: int = 8, seed: int = 0
+    model: nn.Module, tokenizer, n_samples: int, seq_len: int, batch_size: int = 32, seed: int = 0,
+    progress: bool = True,
 ) -> list[list[int]]:
-    """``n_samples`` sequences of ``seq_len`` tokens drawn from the model itself (temperature 1)."""
+    """``n_samples`` sequences of ``seq_len`` tokens drawn from the model itself (temperature 1).
+
+    Wide batches: on a CPU, decoding 32 sequences at once costs about twice as much per step as 8.
+    """
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     out: list[list[int]] = []
-    while len(out) < n_samples:
-        b = min(batch_size, n_samples - len(out))
-        prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
-        generated = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=tokenizer.pad_token_id,
-        )
-        out.extend(generated.tolist())
+    with tqdm(total=n_samples * (seq_len - 1), unit="tok", desc="sampling capability text",
+              disable=not progress) as bar:
+        while len(out) < n_samples:
+            b = min(batch_size, n_samples - len(out))
+            prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
+            generated = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([_TokenProgress(bar, b)]),
+            )
+            out.extend(generated.tolist())
     return out
 
 

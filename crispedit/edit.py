@@ -195,10 +195,13 @@ def edit(
     """
     config = config or EditConfig()
     check_requests(requests, tokenizer)
-    if config.chat_form:
-        if not getattr(tokenizer, "chat_template", None):
-            raise EditError("chat_form needs a tokenizer with a chat template; this model has none")
-        requests = [x for r in requests for x in (r, r.in_chat_form(tokenizer))]
+    if config.chat_form and not getattr(tokenizer, "chat_template", None):
+        raise EditError("chat_form needs a tokenizer with a chat template; this model has none")
+
+    def with_chat_form(chunk: Sequence[EditRequest]) -> list[EditRequest]:
+        # each edit is also trained in the chat template, within the same chunk as its plain form
+        return [x for r in chunk for x in (r, r.in_chat_form(tokenizer))] if config.chat_form else list(chunk)
+
     layers = cache.layers if cache is not None else (config.layers or default_layers(model))
     modules = editable_modules(model, layers)
     fan_in_fan_out = arch_spec(model).fan_in_fan_out
@@ -236,7 +239,7 @@ def edit(
         epoch_losses: list[float] = []
         step_seconds: list[float] = []
         for k, start in enumerate(range(0, len(requests), chunk_size)):
-            chunk = list(requests[start : start + chunk_size])
+            chunk = with_chat_form(requests[start : start + chunk_size])
             with trainable(params):
                 losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k)
             epoch_losses += losses

@@ -26,8 +26,9 @@ class Settings(BaseSettings):
                                                "folder), comma-separated")
     corpus: str = Field("self", description="capability corpus for a missing curvature cache: a .txt/.jsonl file, "
                                             "or 'self' (text sampled from the model)")
-    cache_samples: int = Field(40, description="curvature cache: number of sequences")
-    cache_seq_len: int = Field(512, description="curvature cache: tokens per sequence")
+    cache_samples: int = Field(32, description="curvature cache: number of sequences (the paper uses more; this "
+                                                 "default builds in about a minute on a laptop CPU)")
+    cache_seq_len: int = Field(256, description="curvature cache: tokens per sequence")
     coalesce_max: int = Field(32, description="at most this many queued edit requests of a model form one batch")
     kl_budget: float = Field(0.05, description="capability guard: reject an edit whose KL(base‖edited) on held-out "
                                                "text exceeds this")

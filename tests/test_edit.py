@@ -82,6 +82,18 @@ def test_sequential_edit_folds_each_chunk(tiny_llama, corpus_file):
         torch.testing.assert_close(rebuilt.S, result.cache.factors[name].S, atol=1e-9, rtol=1e-4)
 
 
+def test_chat_form_trains_both_forms_in_the_same_chunk(tiny_llama, corpus_file):
+    model, tok = tiny_llama
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    events = []
+    config = EditConfig(lr=3e-2, max_epochs=2, energy=0.5, chat_form=True, sequential_chunk=len(FACTS))
+    result = edit(model, tok, FACTS, small_cache(model, tok, corpus_file), config, on_progress=events.append)
+    assert [e["chunk"] for e in events if e["event"] == "fold"] == [0]  # one chunk, not one per form
+    edit_tokens = result.cache.num_tokens - small_cache(model, tok, corpus_file).num_tokens
+    plain = sum(len(tok(f.spaced_target)["input_ids"]) for f in FACTS)
+    assert edit_tokens > plain  # the chat forms' tokens are folded too
+
+
 def test_gpt2_conv1d_edit(tiny_gpt2, corpus_file):
     model, tok = tiny_gpt2
     cache = small_cache(model, tok, corpus_file)

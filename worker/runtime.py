@@ -49,7 +49,8 @@ def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
         capability = build_cache(model, tok, layers, settings.corpus, settings.cache_samples, settings.cache_seq_len)
         capability.save(path)
     # held-out text for the capability guard, sampled from the base model itself (no dataset needed)
-    guard = [tok.decode(ids, skip_special_tokens=True) for ids in sample_from_model(model, tok, 8, 64, seed=12345)]
+    guard = [tok.decode(ids, skip_special_tokens=True) for ids in sample_from_model(model, tok, 8, 64, seed=12345,
+                                                                            progress=False)]
     log.info("%s: loaded %s with its curvature cache (%d tokens)", name, base, capability.num_tokens)
     return ModelRuntime(name, model, tok, registry, HotSwapModel(model, registry, name), capability, guard, settings)
 
