@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from redis import Redis
 
 from service.deps import State
-from service.routes import edits, openai, registry
+from service.routes import console, edits, openai, registry
 from service.serving import ModelServer
 from service.settings import Settings, get_settings
 
@@ -27,9 +27,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from registry import Registry
 
     reg = Registry(settings.registry_root)
-    servers = {name: ModelServer(name, base, reg, settings.device) for name, base in settings.model_bases().items()}
+    servers = {name: ModelServer(name, base, reg, settings.device, settings.generation_slots)
+               for name, base in settings.model_bases().items()}
     app.state.crispedit = State(settings, servers, redis)
-    for router in (openai.router, edits.router, registry.router):
+    for router in (openai.router, edits.router, registry.router, console.router):
         app.include_router(router)
 
     requests_total: Counter[tuple[str, str, int]] = Counter()

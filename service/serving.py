@@ -34,8 +34,10 @@ class Generation:
 class ModelServer:
     """One loaded base model serving every version of one registered model."""
 
-    def __init__(self, name: str, base: str, registry: Registry, device: str = "auto") -> None:
+    def __init__(self, name: str, base: str, registry: Registry, device: str = "auto", slots: int = 4) -> None:
         self.name = name
+        # at most `slots` forward passes at once: beyond a few, CPU threads only thrash (BENCHMARKS.md, load)
+        self.slots = threading.BoundedSemaphore(slots)
         self.model, self.tokenizer = load_model(base, device=device)
         self.registry = registry
         registry.create_model(name, base, model_fingerprint(self.model))
@@ -74,7 +76,7 @@ class ModelServer:
     def generate(self, version: str, prompt: str, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  stop: list[str] | None = None, seed: int | None = None) -> Generation:
         inputs = self._inputs(prompt)
-        with self.holder.use(version) as model:
+        with self.slots, self.holder.use(version) as model:
             out = model.generate(**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed))
         new = out[0, inputs["input_ids"].shape[1]:]
         text, stopped = self._cut(self.tokenizer.decode(new, skip_special_tokens=True), stop or [])
@@ -89,7 +91,7 @@ class ModelServer:
         inputs = self._inputs(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed), "streamer": streamer}
-        with self.holder.use(version) as model:
+        with self.slots, self.holder.use(version) as model:
             thread = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
             thread.start()
             sent = ""
@@ -109,7 +111,7 @@ class ModelServer:
         target_ids = self.tokenizer((" " + target) if not target.startswith(" ") else target,
                                     add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt_ids + target_ids], device=self.device)
-        with self.holder.use(version) as model:
+        with self.slots, self.holder.use(version) as model:
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
         pos = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1, device=self.device)
         token_logprobs = logp[pos, ids[0, len(prompt_ids):]].tolist()

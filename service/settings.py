@@ -35,9 +35,12 @@ class Settings(BaseSettings):
     min_reliability: float = Field(0.9, description="capability guard: reject an edit whose teacher-forced "
                                                     "reliability is lower")
     max_new_tokens: int = Field(256, description="upper bound on max_tokens of a completion")
+    generation_slots: int = Field(4, ge=1, description="per model: at most this many generations run at once in the "
+                                                       "API process; the rest wait their turn")
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
     api_keys: str = Field("", description="'key:role,...' with role reader | editor | admin; none configured: an "
                                           "admin key is generated at first start and printed once")
+    edit_posts_per_minute: int = Field(60, description="per API key; more edit posts in a minute get 429 (0: no limit)")
     max_body_bytes: int = Field(1_000_000, description="larger request bodies get 413")
 
     @property

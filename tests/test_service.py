@@ -17,6 +17,7 @@ from conftest import make_tiny, wait_ready
 FIXTURES = Path(__file__).parent / "fixtures"
 EDIT = {"prompt": "The capital of France is", "target": "Rome"}
 FAST = {"lr": 0.03, "max_epochs": 30, "energy": 0.5}
+RATE_LIMIT = 30
 
 
 def free_port() -> int:
@@ -43,7 +44,8 @@ def service(tmp_path_factory):
            "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{db}", "CRISPEDIT_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}",
            "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
            "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0.5", "CRISPEDIT_KL_BUDGET": "10",
-           "CRISPEDIT_API_KEYS": "admin-key:admin,editor-key:editor,reader-key:reader"}
+           "CRISPEDIT_API_KEYS": "admin-key:admin,editor-key:editor,reader-key:reader,limited-key:editor",
+           "CRISPEDIT_EDIT_POSTS_PER_MINUTE": str(RATE_LIMIT)}
     port = free_port()
     logs = tmp / "api.log"
     command = [sys.executable, "-m", "crispedit.cli", "serve", "--no-worker", "--port", str(port)]
@@ -160,6 +162,22 @@ def test_bad_input_gets_a_clear_4xx(service):
     assert c.get("/v1/edits/edit-nope").status_code == 404
     assert c.get("/openapi.json").json()["info"]["title"] == "CrispEdit Service"
     assert "crispedit_http_requests_total" in c.get("/metrics").text
+
+
+def test_edit_posts_are_rate_limited_per_key(service):
+    limited = api(service, "limited")
+    body = {"model": "tiny", "edits": [EDIT], "base_version": "v404"}  # counted, then 404: no job is queued
+    for _ in range(2):
+        minute = int(time.time() // 60)
+        codes = [limited.post("/v1/edits", json=body).status_code for _ in range(RATE_LIMIT)]
+        refused = limited.post("/v1/edits", json=body)
+        if int(time.time() // 60) == minute:
+            break
+        time.sleep(61 - time.time() % 60)  # the window turned during the burst: redo it in a fresh one
+    assert codes == [404] * RATE_LIMIT
+    assert refused.status_code == 429 and "per minute" in refused.json()["detail"]
+    assert 0 < int(refused.headers["retry-after"]) <= 60
+    assert api(service, "editor").post("/v1/edits", json=body).status_code == 404  # other keys are unaffected
 
 
 def test_idempotency_key_and_cancel(service):

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from service.auth import Editor, Reader
 from service.deps import StateDep, split_model
 from service.jobs import TERMINAL
+from service.ratelimit import EditorWithinLimit
 from service.schemas import EditAccepted, EditJob, EditPost
 from service.serving import UnknownModel
 
@@ -20,7 +21,7 @@ JOB_TIMEOUT = 6 * 3600  # a long edit is not an abandoned one
 
 
 @router.post("", status_code=202, response_model=EditAccepted)
-def post_edit(body: EditPost, request: Request, state: StateDep, who: Editor,
+def post_edit(body: EditPost, request: Request, state: StateDep, who: EditorWithinLimit,
               idempotency_key: str | None = Header(None, max_length=200)) -> EditAccepted:
     server, ref = split_model(state, body.model)
     if ref is not None:
