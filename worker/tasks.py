@@ -55,6 +55,11 @@ def process_pending(model_name: str) -> dict:
     return {"processed": [r["id"] for r in records]}
 
 
+def authors(batch: list[dict]) -> str:
+    """Who posted the edits of a coalesced batch (the API records the posting key's role and id)."""
+    return ", ".join(sorted({r["payload"].get("author", "") for r in batch} - {""}))
+
+
 def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
     name = rt.name
     ids = [r["id"] for r in batch]
@@ -78,7 +83,7 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
                     return
                 version = rt.registry.commit(
                     name, parent, outcome["result"].changed, originals=outcome["result"].original,
-                    curvature=contribution(outcome["result"].features), author=batch[0]["payload"].get("author", ""),
+                    curvature=contribution(outcome["result"].features), author=authors(batch),
                     message=payload.get("message") or f"{len(requests)} edit(s)", method=config.method,
                     hyperparameters={**config.__dict__, "jobs": ids, "layers": list(rt.capability.layers)},
                     edits=[r.to_dict() for r in requests], metrics=outcome["metrics"], job_id=ids[0],

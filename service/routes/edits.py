@@ -31,7 +31,8 @@ def post_edit(body: EditPost, request: Request, state: StateDep, who: EditorWith
             server.resolve(body.base_version)
         except UnknownModel as err:
             raise HTTPException(404, f"base_version: {err}") from err
-    record, created = state.jobs.create(server.name, body.model_dump(exclude_none=True), idempotency_key)
+    payload = {**body.model_dump(exclude_none=True), "author": f"{who['role']}:{who['key_id']}"}
+    record, created = state.jobs.create(server.name, payload, idempotency_key)
     if created:
         state.audit.record(who, "post_edit", model=server.name, job=record["id"], edits=len(body.edits))
         state.queue(server.name).enqueue("worker.tasks.process_pending", server.name, job_timeout=JOB_TIMEOUT,
