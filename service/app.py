@@ -13,7 +13,7 @@ from redis import Redis
 
 from service.deps import State
 from service.routes import console, edits, openai, registry
-from service.serving import ModelServer
+from service.serving import BadPrompt, ModelServer
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("crispedit.service")
@@ -59,6 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lines.append("# TYPE crispedit_model_versions gauge")
         lines += [f'crispedit_model_versions{{model="{m}"}} {len(state.registry.versions(m))}' for m in servers]
         return "\n".join(lines) + "\n"
+
+    @app.exception_handler(BadPrompt)
+    async def bad_prompt(request: Request, exc: BadPrompt) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -12,8 +12,8 @@ class Strict(BaseModel):
 
 
 class EditIn(Strict):
-    prompt: str = Field(min_length=1, max_length=2000)
-    target: str = Field(min_length=1, max_length=500)
+    prompt: str = Field(min_length=1, max_length=2000, examples=["The capital of Zubrowka is"])
+    target: str = Field(min_length=1, max_length=500, examples=["Lutz"])
     rephrases: list[str] = Field(default_factory=list, max_length=20)
     locality_prompt: str | None = None
     locality_answer: str | None = None
@@ -41,7 +41,7 @@ class Guard(Strict):
 
 
 class EditPost(Strict):
-    model: str
+    model: str = Field(examples=["smollm2"])
     edits: list[EditIn] = Field(min_length=1, max_length=1000)
     base_version: str | None = None
     hyperparameters: Hyperparameters | None = None
@@ -71,7 +71,7 @@ class EditJob(BaseModel):
 class Sampling(BaseModel):
     """The OpenAI sampling fields both generation routes share (temperature 0 = greedy)."""
 
-    model: str
+    model: str = Field(examples=["smollm2@latest"])
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -81,7 +81,7 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Field(min_length=1)] = Field(examples=["The capital of France is"])
     max_tokens: int = Field(16, ge=1)
 
 
@@ -97,14 +97,14 @@ class ChatRequest(Sampling):
 
 
 class ScoreRequest(Strict):
-    model: str
-    prompt: str = Field(min_length=1)
-    target: str = Field(min_length=1)
+    model: str = Field(examples=["smollm2@v0"])
+    prompt: str = Field(min_length=1, examples=["The capital of France is"])
+    target: str = Field(min_length=1, examples=["Paris"])
 
 
 class AliasPut(Strict):
-    version: str
+    version: str = Field(examples=["v0"])
 
 
 class RollbackPost(Strict):
-    to: str
+    to: str = Field(examples=["v0"])

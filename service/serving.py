@@ -23,6 +23,10 @@ class UnknownModel(LookupError):
     pass
 
 
+class BadPrompt(ValueError):
+    """A prompt this model cannot take (too long for its context); the routes answer 400."""
+
+
 @dataclass
 class Generation:
     text: str
@@ -57,8 +61,21 @@ class ModelServer:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
-    def _inputs(self, prompt: str) -> dict:
-        return {k: v.to(self.device) for k, v in self.tokenizer(prompt, return_tensors="pt").items()}
+    def _inputs(self, prompt: str, max_tokens: int = 0) -> dict:
+        ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:  # an empty prompt starts a new document, as OpenAI's does
+            tok = self.tokenizer
+            ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+        self.check_length(len(ids) + max_tokens)
+        ids_t = torch.tensor([ids], device=self.device)
+        return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
+
+    def check_length(self, n_tokens: int) -> None:
+        context = getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None)
+        if context and n_tokens > context:
+            raise BadPrompt(f"prompt and max_tokens make {n_tokens} tokens, more than this model's context of "
+                            f"{context}; shorten the prompt or lower max_tokens")
 
     def _gen_kwargs(self, max_tokens: int, temperature: float, top_p: float, seed: int | None) -> dict:
         if seed is not None:
@@ -75,7 +92,7 @@ class ModelServer:
     @torch.no_grad()
     def generate(self, version: str, prompt: str, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  stop: list[str] | None = None, seed: int | None = None) -> Generation:
-        inputs = self._inputs(prompt)
+        inputs = self._inputs(prompt, max_tokens)
         with self.slots, self.holder.use(version) as model:
             out = model.generate(**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed))
         new = out[0, inputs["input_ids"].shape[1]:]
@@ -85,10 +102,15 @@ class ModelServer:
 
     def stream(self, version: str, prompt: str, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                stop: list[str] | None = None, seed: int | None = None) -> Iterator[str]:
-        """Text pieces as they are generated (the version's weights stay in place until the last piece)."""
+        """Text pieces as they are generated; a bad prompt raises here, before any response is sent."""
+        inputs = self._inputs(prompt, max_tokens)
+        return self._pieces(version, inputs, max_tokens, temperature, top_p, stop, seed)
+
+    def _pieces(self, version: str, inputs: dict, max_tokens: int, temperature: float, top_p: float,
+                stop: list[str] | None, seed: int | None) -> Iterator[str]:
+        """The version's weights stay in place until the last piece."""
         from transformers import TextIteratorStreamer
 
-        inputs = self._inputs(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed), "streamer": streamer}
         with self.slots, self.holder.use(version) as model:
@@ -110,6 +132,7 @@ class ModelServer:
         prompt_ids = self.tokenizer(prompt)["input_ids"]
         target_ids = self.tokenizer((" " + target) if not target.startswith(" ") else target,
                                     add_special_tokens=False)["input_ids"]
+        self.check_length(len(prompt_ids) + len(target_ids))
         ids = torch.tensor([prompt_ids + target_ids], device=self.device)
         with self.slots, self.holder.use(version) as model:
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)

@@ -162,6 +162,14 @@ def test_bad_input_gets_a_clear_4xx(service):
     assert c.get("/v1/edits/edit-nope").status_code == 404
     assert c.get("/openapi.json").json()["info"]["title"] == "CrispEdit Service"
     assert "crispedit_http_requests_total" in c.get("/metrics").text
+    # prompts: an empty one starts a new document (as OpenAI's does); one longer than the context is a 400
+    empty = c.post("/v1/completions", json={"model": "tiny", "prompt": [""], "max_tokens": 2, "temperature": 0})
+    assert empty.status_code == 200 and len(empty.json()["choices"]) == 1
+    for route, body in (("/v1/completions", {"prompt": "x " * 200, "max_tokens": 2}),
+                        ("/v1/completions", {"prompt": "x " * 200, "max_tokens": 2, "stream": True}),
+                        ("/v1/score", {"prompt": "x " * 200, "target": "y"})):
+        r = c.post(route, json={"model": "tiny", **body})
+        assert r.status_code == 400 and "context of 128" in r.json()["detail"], (route, r.text)
 
 
 def test_edit_posts_are_rate_limited_per_key(service):
