@@ -100,6 +100,13 @@ class JobStore:
         return [j.decode() for j in self.redis.lrange(self.key("processing", model), 0, -1)]
 
     def finish(self, model: str, job_id: str, **fields) -> None:
-        self.update(job_id, **fields)
-        self.redis.lrem(self.key("processing", model), 0, job_id)
-        self.event(job_id, {"event": fields["status"], **{k: v for k, v in fields.items() if k != "status"}})
+        # one MULTI/EXEC: a worker killed here leaves the job either to redo or finished with its terminal
+        # event, never finished without the event or finished yet still in the processing list
+        record = self.get(job_id)
+        record.update(fields, updated_at=time.time())
+        event = {"time": time.time(), "event": fields["status"], **{k: v for k, v in fields.items() if k != "status"}}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.key("edit", job_id), json.dumps(record))
+        pipe.lrem(self.key("processing", model), 0, job_id)
+        pipe.rpush(self.key("edit", job_id, "events"), json.dumps(event))
+        pipe.execute()
