@@ -115,10 +115,11 @@ class Registry:
                     raise Conflict(f"model {model!r} exists with another base ({existing['base']})")
                 return self.get(model, "v0")
             v0 = Version(id="v0", model=model, parent=None, created_at=time.time(), author=author, message="base")
-            write_atomic(info, json.dumps({"name": model, "base": base, "fingerprint": fingerprint,
-                                           "base_tensors": {}}, indent=2).encode())
             self._write_version(v0)
             self._write_alias(model, "latest", "v0")
+            # written last: a model exists once model.json does, so a crash before it leaves nothing half-made
+            write_atomic(info, json.dumps({"name": model, "base": base, "fingerprint": fingerprint,
+                                           "base_tensors": {}}, indent=2).encode())
             return v0
 
     def models(self) -> list[str]:

@@ -167,3 +167,11 @@ def test_killed_commit_leaves_a_consistent_store(tmp_path, point):
     assert verify(reg) == []
     leftovers = [p.name for p in (reg.root / "models" / "tiny").rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_a_crash_while_creating_a_model_leaves_no_half_made_model(tmp_path):
+    reg = new_registry(tmp_path)
+    (reg.model_dir("tiny") / "model.json").unlink()  # as if killed after v0, before model.json
+    assert "tiny" not in reg.models()
+    assert reg.create_model("tiny", "/nowhere", "fp").id == "v0"  # the next start simply registers it again
+    assert reg.models() == ["tiny"] and reg.resolve("tiny", "latest") == "v0"
