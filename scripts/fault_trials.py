@@ -101,7 +101,7 @@ class Trial:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CRISPEDIT_")}
         prefix = f"{name}-{uuid.uuid4().hex[:8]}"
         self.env.update(profile.env, CRISPEDIT_REDIS_URL=redis_url, CRISPEDIT_KEY_PREFIX=prefix,
-                        CRISPEDIT_REGISTRY_ROOT=str(folder / "registry"))
+                        CRISPEDIT_REGISTRY_ROOT=str(folder / "registry"), CRISPEDIT_LEASE_SECONDS="2")
         self.redis = Redis.from_url(redis_url)
         self.store = JobStore(self.redis, prefix)
         self.registry = Registry(folder / "registry")

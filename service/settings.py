@@ -30,6 +30,8 @@ class Settings(BaseSettings):
                                                  "default builds in about a minute on a laptop CPU)")
     cache_seq_len: int = Field(256, description="curvature cache: tokens per sequence")
     coalesce_max: int = Field(32, description="at most this many queued edit requests of a model form one batch")
+    lease_seconds: float = Field(15.0, gt=0, description="a worker editing a model renews its lease on it; one "
+                                                         "killed is replaced by another after at most this long")
     kl_budget: float = Field(0.05, description="capability guard: reject an edit whose KL(base‖edited) on held-out "
                                                "text exceeds this")
     min_reliability: float = Field(0.9, description="capability guard: reject an edit whose teacher-forced "

@@ -44,7 +44,7 @@ class Stack:
                     "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
                     "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0.5", "CRISPEDIT_KL_BUDGET": "10",
                     "CRISPEDIT_API_KEYS": KEYS, "CRISPEDIT_EDIT_POSTS_PER_MINUTE": "0",
-                    "CRISPEDIT_COALESCE_MAX": "8", "OMP_NUM_THREADS": "1"}
+                    "CRISPEDIT_COALESCE_MAX": "8", "OMP_NUM_THREADS": "1", "CRISPEDIT_LEASE_SECONDS": "2"}
         self.redis: subprocess.Popen | None = None
         self.api: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None

@@ -44,6 +44,7 @@ def service(tmp_path_factory):
            "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{db}", "CRISPEDIT_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}",
            "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
            "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0.5", "CRISPEDIT_KL_BUDGET": "10",
+           "CRISPEDIT_LEASE_SECONDS": "2",
            "CRISPEDIT_API_KEYS": "admin-key:admin,editor-key:editor,reader-key:reader,limited-key:editor",
            "CRISPEDIT_EDIT_POSTS_PER_MINUTE": str(RATE_LIMIT)}
     port = free_port()
@@ -259,3 +260,31 @@ def test_worker_killed_mid_edit_is_finished_once_by_the_next_worker(service):
     assert done["status"] == "succeeded", done
     versions = c.get("/v1/registry/tiny/versions").json()["data"]
     assert sum(job["id"] in v["hyperparameters"].get("jobs", []) for v in versions) == 1  # applied exactly once
+
+
+def test_two_live_workers_apply_each_edit_exactly_once(service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = api(service, "editor")
+    head = c.get("/v1/registry/tiny/versions").json()["aliases"]["latest"]
+    workers = [service["start_worker"]() for _ in range(2)]
+
+    def post(i: int) -> str:
+        edit = {"prompt": f"The code name of project {i} is", "target": f"Falcon{i}"}
+        return c.post("/v1/edits", json={"model": "tiny", "edits": [edit], "hyperparameters": FAST}).json()["id"]
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            ids = list(pool.map(post, range(6)))
+        jobs = [wait_done(c, i) for i in ids]
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(timeout=30)
+    assert all(j["status"] in ("succeeded", "rejected") for j in jobs), jobs
+    versions = c.get("/v1/registry/tiny/versions").json()["data"]
+    for job in jobs:  # the lease: whichever worker holds it edits; the other never redoes its edits
+        holding = [v["id"] for v in versions if job["id"] in v["hyperparameters"].get("jobs", [])]
+        assert holding == ([job["version"]] if job["status"] == "succeeded" else []), (job, holding)
+    new = [v for v in versions if int(v["id"][1:]) > int(head[1:])]
+    assert [v["parent"] for v in new] == [head] + [v["id"] for v in new[:-1]]  # one chain on top of the head

@@ -16,6 +16,7 @@ from crispedit.requests import EditRequest
 from registry import Conflict
 from registry.curvature import contribution, version_cache
 from service.jobs import JobStore
+from worker.lease import ModelLease
 from worker.runtime import ModelRuntime, runtime
 
 log = logging.getLogger("crispedit.worker")
@@ -31,9 +32,15 @@ def group_key(record: dict) -> str:
 
 
 def process_pending(model_name: str) -> dict:
-    """Entry point of the wake-up job posted with every edit request."""
+    """Entry point of the wake-up job posted with every edit request: waits for the model's lease."""
     rt = runtime(model_name)
     store = job_store(rt)
+    with ModelLease(store.redis, store.key("lease", model_name), rt.settings.lease_seconds):
+        return process_pending_leased(rt, store)
+
+
+def process_pending_leased(rt: ModelRuntime, store: JobStore) -> dict:
+    model_name = rt.name
     leftovers = store.processing(model_name)  # taken by a worker that died: finish or redo them, never twice
     ids = leftovers + store.take_pending(model_name, max(0, rt.settings.coalesce_max - len(leftovers)))
     committed = {j: v for v in rt.registry.versions(model_name) for j in v.hyperparameters.get("jobs", [])}
