@@ -76,7 +76,7 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # what torch.manual_seed takes
     n: int = Field(1, ge=1, le=1)
 
 

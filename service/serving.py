@@ -80,7 +80,7 @@ class ModelServer:
     def _gen_kwargs(self, max_tokens: int, temperature: float, top_p: float, seed: int | None) -> dict:
         if seed is not None:
             torch.manual_seed(seed)
-        sample = temperature > 0
+        sample = temperature >= 1e-4  # below that, sampling divides logits into inf: it is greedy anyway
         return dict(max_new_tokens=max_tokens, do_sample=sample, temperature=temperature if sample else None,
                     top_p=top_p if sample else None, top_k=None, pad_token_id=self.tokenizer.pad_token_id)
 

@@ -93,3 +93,18 @@ def wait_ready(base_url: str, timeout: float = 120.0) -> None:
             pass
         time.sleep(0.1)
     pytest.fail(f"the service at {base_url} did not become ready in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def redis_db():
+    """An empty database of the Redis at 127.0.0.1:6379 (among 4..15) for one module, emptied afterwards."""
+    import redis
+
+    for db in range(15, 3, -1):
+        r = redis.Redis(db=db)
+        if r.dbsize() == 0 and r.set("crispedit-test-claim", os.getpid(), nx=True):  # a parallel run picks another
+            break
+    else:
+        pytest.fail("no empty Redis database among 4..15 (FLUSHDB the ones earlier runs left behind)")
+    yield db
+    r.flushdb()

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import wait_ready
-from test_service import empty_redis_db, free_port
+from test_service import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARTIFACTS = Path(os.environ.get("CRISPEDIT_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts")) / "console"
@@ -28,11 +28,11 @@ if not (CHROMIUM and CHROMEDRIVER):
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory):
+def console(tmp_path_factory, redis_db):
     tmp = tmp_path_factory.mktemp("console")
     port = free_port()
     env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp / "registry"), "CRISPEDIT_MODELS": "smollm2",
-           "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{empty_redis_db()}",
+           "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
            "CRISPEDIT_KEY_PREFIX": f"c{uuid.uuid4().hex[:8]}", "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"),
            "CRISPEDIT_CACHE_SAMPLES": "4", "CRISPEDIT_CACHE_SEQ_LEN": "64",
            "CRISPEDIT_API_KEYS": "admin-key:admin,reader-key:reader"}

@@ -13,20 +13,20 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny, wait_ready
-from test_service import empty_redis_db, free_port
+from test_service import free_port
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
 
 @pytest.fixture(scope="module")
-def api_url(tmp_path_factory):
+def api_url(tmp_path_factory, redis_db):
     tmp = tmp_path_factory.mktemp("fuzz")
     model, tok = make_tiny("llama")
     model.save_pretrained(tmp / "tiny")
     tok.save_pretrained(tmp / "tiny")
     env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp / "registry"),
            "CRISPEDIT_MODELS": f"smollm2={tmp / 'tiny'}",
-           "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{empty_redis_db()}",
+           "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
            "CRISPEDIT_KEY_PREFIX": f"f{uuid.uuid4().hex[:8]}", "CRISPEDIT_API_KEYS": "fuzz-admin-key:admin",
            "CRISPEDIT_MAX_NEW_TOKENS": "32", "CRISPEDIT_EDIT_POSTS_PER_MINUTE": "0"}
     port = free_port()

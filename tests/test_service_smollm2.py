@@ -10,18 +10,18 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import wait_ready
-from test_service import empty_redis_db, free_port
+from test_service import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.slow
 
 
-def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path):
+def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path, redis_db):
     from openai import OpenAI
 
     port = free_port()
     env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp_path / "registry"), "CRISPEDIT_MODELS": "smollm2",
-           "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{empty_redis_db()}",
+           "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
            "CRISPEDIT_KEY_PREFIX": f"s{uuid.uuid4().hex[:8]}", "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"),
            "CRISPEDIT_CACHE_SAMPLES": "4", "CRISPEDIT_CACHE_SEQ_LEN": "64", "CRISPEDIT_API_KEYS": "k:admin"}
     procs = [subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(port)], env=env)]
