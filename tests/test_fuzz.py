@@ -52,7 +52,7 @@ def test_schemathesis_finds_no_server_error_and_every_4xx_explains_itself(api_ur
                "--request-timeout", "30", "--seed", "1", "--no-color", "--workers", "1",
                "--phases", "examples,coverage,fuzzing", "--generation-database", "none",
                "--report", "har", "--report-har-path", str(har)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp)  # its caches stay there
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     entries = json.loads(har.read_text())["log"]["entries"]
     assert len(entries) > 100, f"schemathesis sent only {len(entries)} requests"
