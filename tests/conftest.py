@@ -62,6 +62,14 @@ def make_tiny(kind: str, seed: int = 0):
     return model, tok
 
 
+def save_tiny_checkpoint(folder, kind: str = "llama"):
+    """A tiny model and its tokenizer as a Hugging Face checkpoint folder (what a service serves)."""
+    model, tok = make_tiny(kind)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=["llama", "qwen2", "gpt2"])
 def tiny(request):
     """(model, tokenizer) for each tiny architecture."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import make_tiny, wait_ready
+from conftest import save_tiny_checkpoint, wait_ready
 from test_service import EDIT, FAST, FIXTURES, api, free_port, wait_done
 
 from service.launcher import die_with_parent, redis_server_binary
@@ -115,9 +115,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    model, tok = make_tiny("llama")
-    model.save_pretrained(tmp / "tiny")
-    tok.save_pretrained(tmp / "tiny")
+    save_tiny_checkpoint(tmp / "tiny")
     s = Stack(tmp)
     s.start_redis()
     try:

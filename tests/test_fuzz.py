@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny, wait_ready
+from conftest import save_tiny_checkpoint, wait_ready
 from test_service import free_port
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
@@ -21,9 +21,7 @@ SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 @pytest.fixture(scope="module")
 def api_url(tmp_path_factory, redis_db):
     tmp = tmp_path_factory.mktemp("fuzz")
-    model, tok = make_tiny("llama")
-    model.save_pretrained(tmp / "tiny")
-    tok.save_pretrained(tmp / "tiny")
+    save_tiny_checkpoint(tmp / "tiny")
     env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp / "registry"),
            "CRISPEDIT_MODELS": f"smollm2={tmp / 'tiny'}",
            "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import httpx
 import psutil
-from conftest import make_tiny, wait_ready
+from conftest import save_tiny_checkpoint, wait_ready
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_one_command_serve(tmp_path):
-    model, tok = make_tiny("llama")
-    model.save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    save_tiny_checkpoint(tmp_path / "tiny")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_tiny, wait_ready
+from conftest import save_tiny_checkpoint, wait_ready
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EDIT = {"prompt": "The capital of France is", "target": "Rome"}
@@ -28,9 +28,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, redis_db):
     tmp = tmp_path_factory.mktemp("service")
-    model, tok = make_tiny("llama")
-    model.save_pretrained(tmp / "tiny")
-    tok.save_pretrained(tmp / "tiny")
+    save_tiny_checkpoint(tmp / "tiny")
     db = redis_db
     env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp / "registry"), "CRISPEDIT_MODELS": f"tiny={tmp / 'tiny'}",
            "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{db}", "CRISPEDIT_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}",
