@@ -4,7 +4,8 @@ An edit request's life: ``queued`` (in the model's pending list) → ``running``
 list by a worker) → ``succeeded`` (a new version) | ``rejected`` (the capability guard said no; nothing
 committed) | ``failed`` (with the error) | ``cancelled`` (deleted while queued). RQ carries a wake-up job
 per post; whichever wake-up runs takes every pending edit of that model at once, so edits that arrive
-while the worker is busy are applied together as one CrispEdit batch.
+while the worker is busy are applied together as one CrispEdit batch. Only the worker holding the
+model's lease (``worker/lease.py``) touches its processing list, so what it finds there was left by a dead one.
 """
 
 from __future__ import annotations
