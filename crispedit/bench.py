@@ -25,7 +25,7 @@ from crispedit.arch import default_layers, editable_modules
 from crispedit.cache import CurvatureCache, build_cache
 from crispedit.capability import capability_report, heldout_texts, mean_kl, perplexity, swapped_weights
 from crispedit.datasets import load_edit_dataset, shared_data_dir
-from crispedit.edit import EditConfig, edit
+from crispedit.edit import EditConfig, edit, epoch_bar
 from crispedit.evaluate import edit_quality, locality_reference
 from crispedit.models import load_model
 
@@ -81,7 +81,8 @@ class Bench:
 
     def run(self, requests, cache, config: EditConfig, reference=None, generated=True, mc=True) -> dict:
         """Edit, measure, and put the base weights back."""
-        result = edit(self.model, self.tok, requests, cache, config)
+        with epoch_bar(config, len(requests), desc=f"{config.method} γ={config.energy}") as report:
+            result = edit(self.model, self.tok, requests, cache, config, on_progress=report)
         try:
             row = {"method": config.method, "energy": config.energy, "edits": len(requests),
                    "epochs": len(result.epoch_losses), "final_loss": result.epoch_losses[-1],

@@ -61,7 +61,7 @@ def cmd_build_cache(args: argparse.Namespace) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> None:
     from crispedit.cache import CurvatureCache
-    from crispedit.edit import edit
+    from crispedit.edit import edit, epoch_bar
     from crispedit.models import load_model
     from crispedit.requests import read_edits_jsonl
 
@@ -72,11 +72,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
         raise SystemExit(f"--method {args.method} needs --cache CACHE (build one with `crispedit build-cache`)")
     config = edit_config(args, parse_layers(args.layers))
 
-    def report(event: dict) -> None:
-        if event["event"] == "epoch":
-            log.info("chunk %d epoch %d: edit loss %.4f", event["chunk"], event["epoch"], event["loss"])
-
-    result = edit(model, tok, requests, cache, config, on_progress=report)
+    with epoch_bar(config, len(requests), desc=f"{config.method} edit") as report:
+        result = edit(model, tok, requests, cache, config, on_progress=report)
     out = Path(args.out)
     model.save_pretrained(out)
     tok.save_pretrained(out)

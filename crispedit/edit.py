@@ -15,7 +15,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,22 @@ from crispedit.projector import METHODS, LayerProjector, build_projector
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 
 ProgressFn = Callable[[dict], None]
+
+
+@contextlib.contextmanager
+def epoch_bar(config: EditConfig, n_requests: int, desc: str = "edit") -> Iterator[ProgressFn]:
+    """A progress bar over the epochs of :func:`edit`, as its ``on_progress`` (early stops end it short)."""
+    from tqdm.auto import tqdm
+
+    chunks = math.ceil(n_requests / (config.sequential_chunk or n_requests))
+    with tqdm(total=chunks * config.max_epochs, desc=desc, unit="epoch") as bar:
+
+        def report(event: dict) -> None:
+            if event["event"] == "epoch":
+                bar.update(1)
+                bar.set_postfix(chunk=event["chunk"], loss=f"{event['loss']:.4f}")
+
+        yield report
 
 
 class EditError(RuntimeError):

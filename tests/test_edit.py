@@ -5,7 +5,7 @@ import torch
 from conftest import CORPUS
 
 from crispedit.cache import build_cache
-from crispedit.edit import EditConfig, EditError, edit
+from crispedit.edit import EditConfig, EditError, edit, epoch_bar
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 
 FACTS = [
@@ -92,6 +92,15 @@ def test_chat_form_trains_both_forms_in_the_same_chunk(tiny_llama, corpus_file):
     edit_tokens = result.cache.num_tokens - small_cache(model, tok, corpus_file).num_tokens
     plain = sum(len(tok(f.spaced_target)["input_ids"]) for f in FACTS)
     assert edit_tokens > plain  # the chat forms' tokens are folded too
+
+
+def test_epoch_bar_counts_the_epochs(tiny_llama, corpus_file, capsys):
+    model, tok = tiny_llama
+    config = EditConfig(lr=3e-2, max_epochs=3, energy=0.5)
+    with epoch_bar(config, len(FACTS), desc="tiny edit") as report:
+        result = edit(model, tok, FACTS, small_cache(model, tok, corpus_file), config, on_progress=report)
+    shown = capsys.readouterr().err
+    assert f"tiny edit: {100 * len(result.epoch_losses) // 3}%" in shown and "loss=" in shown
 
 
 def test_gpt2_conv1d_edit(tiny_gpt2, corpus_file):
