@@ -175,3 +175,21 @@ def test_reader_cannot_roll_back_and_is_told_why(console, browser):
     wait.until(ec.visibility_of_element_located((By.ID, "error")))
     assert "403" in browser.find_element(By.ID, "error").text
     browser.save_screenshot(str(ARTIFACTS / "4-reader-refused.png"))
+
+
+def test_a_rejected_edit_shows_the_guard_figures(console, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    connect(browser, console, "admin-key")
+    fill(browser, "prompt", "The capital of Zubrowka is")
+    fill(browser, "target", "Lutz")
+    fill(browser, "kl-budget", "1e-12")  # no real edit stays under this drift: the guard must say no
+    browser.find_element(By.ID, "post-edit").click()
+    WebDriverWait(browser, 900).until(
+        ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#jobs .job .status"), "rejected"))
+    assert "evaluation: reliability" in browser.find_element(By.CSS_SELECTOR, "#jobs .job pre").text
+    reason = browser.find_element(By.CSS_SELECTOR, "#jobs .job .reason").text
+    assert reason.startswith("rejected: capability drift KL") and "exceeds the budget 1e-12" in reason, reason
+    browser.save_screenshot(str(ARTIFACTS / "5-rejected-by-the-guard.png"))
