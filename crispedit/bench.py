@@ -5,6 +5,8 @@ Suites (each writes ``<out>/<suite>.json`` and ``<out>/<suite>.md``):
 - ``sweep``: γ sweep for crispedit and nullspace (reliability against capability drop, paper Fig. 3) + PNG.
 - ``fisher``: empirical vs sampled Fisher vs a ``self``-sampled corpus, crispedit rows.
 - ``sequential``: R rounds of K edits, curvature folded each round (Alg. 2), crispedit and ft.
+- ``quality``: issue 8's rows: the paper recipe, + a mixed capability set (text + the model's own answers
+  to questions, raw and through the chat template), + paraphrase/prefix augmentation, + both, and ft.
 - ``speed``: CrispEdit step / FT step on identical batches, cache build per token / fwd+bwd per token,
   projector memory.
 Capability data, edit sets and benchmarks are read from the shared data folder (``--data``).
@@ -57,6 +59,23 @@ class Bench:
         cache = build_cache(self.model, self.tok, self.layers, source, samples, self.args.seq_len, fisher)
         cache.save(path)
         return cache
+
+    def part_cache(self, source: str, name: str, samples: int, seq_len: int) -> CurvatureCache:
+        path = self.out / f"cache-{name}-{samples}x{seq_len}.safetensors"
+        if path.exists():
+            return CurvatureCache.load(path, model=self.model, layers=self.layers)
+        cache = build_cache(self.model, self.tok, self.layers, source, samples, seq_len)
+        cache.save(path)
+        return cache
+
+    def mixed_cache(self) -> CurvatureCache:
+        """WikiText-2 + the model's own answers to training-split questions (raw, chat), mixed by ``--mix``."""
+        prompts = write_train_prompts(self.data, self.out / "train-prompts.txt")
+        n = self.args.prompt_samples
+        parts = [self.cache(),
+                 self.part_cache(f"self-raw:{prompts}", "self-raw", n, 48),
+                 self.part_cache(f"self-chat:{prompts}", "self-chat", n, 64)]
+        return CurvatureCache.mixed(parts, [float(w) for w in self.args.mix.split(",")])
 
     def requests(self, dataset: str, split: str = "test"):
         if split == "train":  # tuning data, never the test items
@@ -114,6 +133,21 @@ class Bench:
         log.info("wrote %s", self.out / f"{suite}.md")
 
 
+def write_train_prompts(data: Path, path: Path) -> Path:
+    """Questions and sentence starts for the answer-style capability corpus, from data that is never tested:
+    ZsRE train (each record's question and NQ locality question) and CounterFact records 1000-2999 (the
+    benchmark tests records 0-99); interleaved so any prefix of the file mixes both."""
+    from crispedit.datasets import load_edit_dataset
+
+    zsre = load_edit_dataset("zsre", data / "editing/zsre/zsre_mend_train_1k.json")
+    cf = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], offset=1000)
+    zsre_prompts = [p for r in zsre for p in (r.prompt, r.locality_prompt) if p]
+    cf_prompts = [p for r in cf for p in (r.prompt, r.locality_prompt) if p]
+    lines = [p for pair in zip(zsre_prompts, cf_prompts, strict=False) for p in pair]
+    path.write_text("\n".join(" ".join(p.split()) for p in lines) + "\n")
+    return path
+
+
 DATASET_FILES = {
     "zsre": "editing/zsre/zsre_mend_eval_3k.json",
     "counterfact": "editing/counterfact/counterfact_edit_3k.json",
@@ -121,9 +155,10 @@ DATASET_FILES = {
 }
 
 COLUMNS = [
-    ("rel_tf", "Rel TF"), ("gen_tf", "Gen TF"), ("loc_tf_agree", "Loc TF agree"),
+    ("rel_tf", "Rel TF"), ("gen_tf", "Gen TF"), ("loc_tf_agree", "Loc TF agree"), ("loc_tf_acc", "Loc TF acc"),
     ("rel_nc_contains", "Rel gen NC"), ("gen_nc_contains", "Gen gen NC"),
     ("rel_qa_contains", "Rel gen QA"), ("gen_qa_contains", "Gen gen QA"), ("loc_gen_agree", "Loc gen agree"),
+    ("loc_gen_acc", "Loc gen acc"),
     ("ppl_change_pct", "ΔPPL %"), ("kl", "KL"), ("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C"),
     ("hellaswag", "HS"), ("piqa", "PIQA"), ("boolq", "BoolQ"), ("mmlu", "MMLU"), ("mc_mean", "MC mean"),
     ("edit_seconds", "edit s"),
@@ -161,6 +196,27 @@ def suite_main(b: Bench) -> None:
         for method in b.args.methods.split(","):
             rows.append({"dataset": dataset, **b.run(requests, cache, b.config(method=method), reference)})
     b.write("main", {"base": base, "rows": rows}, markdown_table(rows, [("dataset", "data"), ("method", "method")]))
+
+
+def suite_quality(b: Bench) -> None:
+    """Issue 8: which of mixed capability data and edit-time augmentation improves generality and locality."""
+    paper, mixed = b.cache(), b.mixed_cache()
+    augment = tuple(b.args.augment.split(","))
+    variants = [("paper recipe", "crispedit", paper, ()), ("+ mixed capability set", "crispedit", mixed, ()),
+                ("+ augmentation", "crispedit", paper, augment), ("+ both", "crispedit", mixed, augment),
+                ("fine-tuning", "ft", None, ())]
+    rows = []
+    base = b.base_capability()
+    for dataset in b.args.datasets.split(","):
+        requests = b.requests(dataset)
+        reference = locality_reference(b.model, b.tok, requests)
+        rows.append({"dataset": dataset, "variant": "base", "method": "base", **base, "ppl_change_pct": 0.0,
+                     **edit_quality(b.model, b.tok, requests, reference)})
+        for name, method, cache, aug in variants:
+            row = b.run(requests, cache, b.config(method=method, augment=aug), reference)
+            rows.append({"dataset": dataset, "variant": name, **row})
+    b.write("quality", {"mix": b.args.mix, "augment": augment, "rows": rows, "mixed_parts": mixed.meta["parts"]},
+            markdown_table(rows, [("dataset", "data"), ("variant", "variant")]))
 
 
 def suite_sweep(b: Bench) -> None:
@@ -290,8 +346,8 @@ def suite_speed(b: Bench) -> None:
     b.write("speed", {"reps": reps, "row": row}, "| quantity | value |\n|---|---|\n" + table)
 
 
-SUITES = {"main": suite_main, "sweep": suite_sweep, "fisher": suite_fisher, "sequential": suite_sequential,
-          "speed": suite_speed}
+SUITES = {"main": suite_main, "quality": suite_quality, "sweep": suite_sweep, "fisher": suite_fisher,
+          "sequential": suite_sequential, "speed": suite_speed}
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -326,5 +382,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--mc-limit", type=int, default=50)
     p.add_argument("--ppl-texts", type=int, default=40)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--mix", default="0.5,0.25,0.25", help="quality: weights of WikiText-2, self-raw, self-chat")
+    p.add_argument("--prompt-samples", type=int, default=256, help="quality: prompts answered for self-raw/chat")
+    p.add_argument("--augment", default="paraphrase,prefix", help="quality: augmentations of the + rows")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)

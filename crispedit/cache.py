@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from crispedit.arch import editable_modules
 from crispedit.corpus import batches_of, capability_windows, fingerprint_windows
-from crispedit.kfac import KFACFactors, ekfac_eigenvalues, kfac_factors, merge_factors
+from crispedit.kfac import KFACFactors, ekfac_eigenvalues, kfac_factors, merge_factors, mix_factors
 from crispedit.models import model_fingerprint
 
 
@@ -102,6 +102,38 @@ class CurvatureCache:
         folds = int(self.meta.get("edit_folds", 0)) + 1
         return replace(self, factors=factors, ekfac=None, meta={**self.meta, "edit_folds": folds})
 
+    @classmethod
+    def mixed(cls, caches: list[CurvatureCache], weights: list[float]) -> CurvatureCache:
+        """Recombine caches of the same model and layers into the cache of their weighted mixture."""
+        first = caches[0]
+        for c in caches[1:]:
+            if (c.model_fingerprint, c.layers) != (first.model_fingerprint, first.layers):
+                raise ValueError("only caches of the same model and layers can be mixed")
+        factors = {name: mix_factors([c.factors[name] for c in caches], weights) for name in first.factors}
+        parts = [{"corpus": c.meta.get("corpus"), "weight": w, "tokens": c.num_tokens,
+                  "corpus_fingerprint": c.meta.get("corpus_fingerprint")} for c, w in zip(caches, weights, strict=True)]
+        meta = {**first.meta, "corpus": ",".join(f"{p['corpus']}={p['weight']:g}" for p in parts), "parts": parts,
+                "corpus_fingerprint": "+".join(str(p["corpus_fingerprint"]) for p in parts),
+                "seconds": round(sum(float(c.meta.get("seconds", 0)) for c in caches), 2)}
+        return cls(factors=factors, layers=first.layers, model_fingerprint=first.model_fingerprint, meta=meta)
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``"SOURCE[=WEIGHT],SOURCE[=WEIGHT],..."`` → [(source, weight)]; a missing weight is 1."""
+    parts = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            raise ValueError(f"empty source in corpus mixture {spec!r}")
+        source, sep, weight = item.rpartition("=")
+        if not sep:
+            parts.append((item, 1.0))
+            continue
+        try:
+            parts.append((source, float(weight)))
+        except ValueError as err:
+            raise ValueError(f"corpus mixture weight {weight!r} in {item!r} is not a number") from err
+    return parts
+
 
 def build_cache(
     model,
@@ -116,11 +148,23 @@ def build_cache(
     seed: int = 0,
     progress: bool = True,
 ) -> CurvatureCache:
-    """One streaming pass over the capability corpus for all layers (fp32, token-averaged), with a progress bar."""
+    """One streaming pass over the capability corpus for all layers (fp32, token-averaged), with a progress bar.
+
+    ``corpus`` may be a weighted mixture, ``"SOURCE=W,SOURCE=W"`` (see ``parse_mixture``): each part is
+    built with ``n_samples`` sequences and the parts are mixed by weight (EK-FAC is per single corpus).
+    """
+    parts = parse_mixture(corpus)
+    if len(parts) > 1:
+        if ekfac:
+            raise ValueError("EK-FAC correction is supported for a single corpus, not a mixture")
+        caches = [build_cache(model, tokenizer, layers, source, n_samples, seq_len, fisher, batch_size, seed=seed,
+                              progress=progress) for source, _ in parts]
+        return CurvatureCache.mixed(caches, [w for _, w in parts])
+    corpus = parts[0][0]
     modules = editable_modules(model, layers)
     windows = capability_windows(model, tokenizer, corpus, n_samples, seq_len, seed=seed)
     started = time.perf_counter()
-    with tqdm(total=len(windows) * (seq_len - 1), unit="tok", desc="K-FAC", disable=not progress) as bar:
+    with tqdm(total=sum(len(w) - 1 for w in windows), unit="tok", desc="K-FAC", disable=not progress) as bar:
         factors = kfac_factors(model, modules, batches_of(windows, batch_size), fisher, seed, on_batch=bar.update)
     corrected = None
     if ekfac:

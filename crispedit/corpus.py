@@ -1,8 +1,14 @@
 """The capability corpus whose curvature an edit must respect: text files, JSONL, or the model itself.
 
-``n_samples`` sequences of ``seq_len`` tokens each (the paper uses documents truncated to 512 tokens).
-Files are read as one token stream cut into consecutive windows, so every window is full length.
-``self`` samples the text from the base model (temperature 1), so a fresh install needs no dataset.
+Sources (``capability_windows``):
+- a ``.txt``/``.jsonl`` path: one token stream cut into ``n_samples`` full windows of ``seq_len`` tokens
+  (the paper uses documents truncated to 512 tokens);
+- ``self``: ``n_samples`` sequences sampled from the base model (temperature 1), so a fresh install
+  needs no dataset;
+- ``self-raw:PROMPTS`` / ``self-chat:PROMPTS``: the first ``n_samples`` prompts of a file (one per line,
+  or JSONL ``prompt``/``text``), each followed by the model's own sampled answer of at most ``seq_len``
+  tokens, as raw text or through the chat template. This is curvature of answer-style behaviour.
+A mixture of sources with weights is built in ``crispedit.cache`` (``parse_mixture``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,24 @@ def read_documents(path: str | Path) -> list[str]:
                 docs.append(record["text"])
         return docs
     return [line for line in lines if line.strip()]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts, one per non-empty line, or the ``prompt`` (else ``text``) field of each JSONL record."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return read_documents(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            text = record.get("prompt", record.get("text"))
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: a JSONL prompt file needs a string field 'prompt' or 'text'")
+            prompts.append(text)
+    return prompts
 
 
 def token_windows(tokenizer, documents: list[str], n_samples: int, seq_len: int) -> list[list[int]]:
@@ -92,11 +116,47 @@ def sample_from_model(
     return out
 
 
+@torch.no_grad()
+def answer_from_model(
+    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool, batch_size: int = 32,
+    seed: int = 0, progress: bool = True,
+) -> list[list[int]]:
+    """Each prompt's tokens followed by the model's own answer (temperature 1), up to and including its end
+    token: the model's behaviour on questions, which edits must not change for unrelated ones."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    torch.manual_seed(seed)
+    out: list[list[int]] = []
+    with tqdm(total=len(prompts), unit="answer", desc="sampling answers", disable=not progress) as bar:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(device)
+            generated = model.generate(
+                **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )[:, enc["input_ids"].shape[1] :].tolist()
+            for prompt, answer in zip(chunk, generated, strict=True):
+                end = answer.index(eos) + 1 if eos in answer else len(answer)
+                out.append(tokenizer(prompt)["input_ids"] + answer[:end])
+            bar.update(len(chunk))
+    return out
+
+
 def batches_of(windows: list[list[int]], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Full-length windows as model batches (all real tokens, so the attention mask is all ones)."""
+    """Token sequences as model batches, right padded; the attention mask marks each sequence's own tokens
+    (the padding value is masked out whatever it is, so an answer's own end token still counts)."""
     for i in range(0, len(windows), batch_size):
-        ids = torch.tensor(windows[i : i + batch_size], dtype=torch.long)
-        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        chunk = windows[i : i + batch_size]
+        width = max(len(w) for w in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, w in enumerate(chunk):
+            ids[row, : len(w)] = torch.tensor(w, dtype=torch.long)
+            mask[row, : len(w)] = 1
+        yield {"input_ids": ids, "attention_mask": mask}
 
 
 def fingerprint_windows(windows: list[list[int]]) -> str:
@@ -106,9 +166,20 @@ def fingerprint_windows(windows: list[list[int]]) -> str:
 def capability_windows(
     model: nn.Module, tokenizer, corpus: str, n_samples: int, seq_len: int, seed: int = 0
 ) -> list[list[int]]:
-    """Token windows for ``corpus``: a path to a .txt/.jsonl file, or ``self``."""
+    """Token sequences for one source: a .txt/.jsonl path, ``self``, ``self-raw:PROMPTS`` or ``self-chat:PROMPTS``."""
     if n_samples <= 0 or seq_len < 2:
         raise ValueError("need at least one sample of at least 2 tokens")
     if corpus == "self":
         return sample_from_model(model, tokenizer, n_samples, seq_len, seed=seed)
+    kind, _, path = corpus.partition(":")
+    if kind in PROMPTED_SOURCES and path:
+        prompts = read_prompts(path)[:n_samples]
+        if not prompts:
+            raise ValueError(f"prompt file {path} holds no prompts")
+        if kind == "self-chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("a self-chat corpus needs a tokenizer with a chat template; this model has none")
+        return answer_from_model(model, tokenizer, prompts, seq_len, chat=kind == "self-chat", seed=seed)
     return token_windows(tokenizer, read_documents(corpus), n_samples, seq_len)
+
+
+PROMPTED_SOURCES = ("self-raw", "self-chat")

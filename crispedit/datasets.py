@@ -50,6 +50,7 @@ def zsre_record(r: dict) -> EditRequest:
         rephrases=(r["rephrase"],) if _optional(r.get("rephrase")) else (),
         locality_prompt=loc.removeprefix(ZSRE_LOC_PREFIX).capitalize() + "?" if loc else None,
         locality_answer=_optional(r.get("loc_ans")),
+        subject=_optional(r.get("subject")),
     )
 
 
@@ -62,6 +63,7 @@ def flat_record(r: dict) -> EditRequest:
         rephrases=(r["rephrase_prompt"],) if _optional(r.get("rephrase_prompt")) else (),
         locality_prompt=_optional(r.get("locality_prompt")),
         locality_answer=_optional(r.get("locality_ground_truth")),
+        subject=_optional(r.get("subject")),
     )
 
 

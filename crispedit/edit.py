@@ -5,6 +5,8 @@ the γ-approximate null space of the capability curvature (Eq. 6) and takes an A
 whose loss is already below ``early_stop`` is skipped; editing stops when an epoch's mean loss is.
 Algorithm 2: edits arrive in chunks; after each chunk, the K-FAC factors of its prompt+target text are
 folded into the cache (token-weighted), so later chunks also protect earlier edits.
+With ``augment``, each epoch also trains every edit on one of its model-written variants (other
+wordings, unrelated context before it; ``crispedit.augment``), drawn at random.
 
 The model is edited in place. On any error it is restored exactly, so a failed edit leaves it untouched.
 """
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from crispedit.arch import arch_spec, default_layers, editable_modules, weight_name
+from crispedit.augment import AUGMENTATIONS, augmented_prompts
 from crispedit.cache import CurvatureCache
 from crispedit.kfac import factors_from_features, token_features
 from crispedit.optim import ProjectedAdam
@@ -65,6 +68,7 @@ class EditConfig:
     stats_batch_size: int = 8  # batch size of the K-FAC pass over edit text when folding
     recompute_drift: float | None = None  # recompute capability curvature past this relative weight drift
     chat_form: bool = False  # also train each edit through the chat template, so chat queries see it
+    augment: tuple[str, ...] = ()  # model-written variants to train on too: "paraphrase", "prefix"
     layers: tuple[int, ...] | None = None  # used only without a cache (ft); a cache fixes its own layers
     seed: int = 0
 
@@ -78,6 +82,10 @@ class EditConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.sequential_chunk is not None and self.sequential_chunk <= 0:
             raise ValueError("sequential_chunk must be a positive number of edits")
+        object.__setattr__(self, "augment", tuple(self.augment))
+        unknown = set(self.augment) - set(AUGMENTATIONS)
+        if unknown:
+            raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {list(AUGMENTATIONS)}")
 
 
 @dataclass
@@ -157,15 +165,19 @@ def run_epochs(
     on_step: Callable[[], None] | None = None,
     on_progress: ProgressFn | None = None,
     chunk: int = 0,
+    variants: Sequence[Sequence[EditRequest]] = (),
 ) -> tuple[list[float], list[float]]:
-    """Algorithm 1's loop. Returns (epoch mean losses, seconds per optimizer step)."""
+    """Algorithm 1's loop, each epoch over ``requests`` plus one random pick from each pool of ``variants``.
+
+    Returns (epoch mean losses, seconds per optimizer step).
+    """
     device = next(model.parameters()).device
     rng = random.Random(config.seed + chunk)
-    order = list(requests)
     epoch_losses: list[float] = []
     step_seconds: list[float] = []
     first_loss: float | None = None
     for epoch in range(config.max_epochs):
+        order = list(requests) + [rng.choice(pool) for pool in variants if pool]
         rng.shuffle(order)
         losses = []
         for i in range(0, len(order), config.batch_size):
@@ -218,6 +230,9 @@ def edit(
         # each edit is also trained in the chat template, within the same chunk as its plain form
         return [x for r in chunk for x in (r, r.in_chat_form(tokenizer))] if config.chat_form else list(chunk)
 
+    variants = augmented_prompts(model, tokenizer, requests, config.augment, config.seed) if config.augment else []
+    if on_progress and config.augment:
+        on_progress({"event": "augment", "variants": sum(len(v) for v in variants)})
     layers = cache.layers if cache is not None else (config.layers or default_layers(model))
     modules = editable_modules(model, layers)
     fan_in_fan_out = arch_spec(model).fan_in_fan_out
@@ -256,8 +271,9 @@ def edit(
         step_seconds: list[float] = []
         for k, start in enumerate(range(0, len(requests), chunk_size)):
             chunk = with_chat_form(requests[start : start + chunk_size])
+            pools = variants[start : start + chunk_size]
             with trainable(params):
-                losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k)
+                losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k, pools)
             epoch_losses += losses
             step_seconds += seconds
             if config.sequential_chunk and capability is not None:

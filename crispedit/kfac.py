@@ -46,6 +46,21 @@ def merge_factors(parts: Iterable[KFACFactors]) -> KFACFactors:
     return KFACFactors(A=A, S=S, num_tokens=total)
 
 
+def mix_factors(parts: list[KFACFactors], weights: list[float]) -> KFACFactors:
+    """A weighted mixture of capability sets: A = Σ_p w_p A_p / Σ_p w_p, same for S.
+
+    Each part is already a token average, so this is the K-FAC factor of a corpus in which part p
+    contributes the fraction w_p / Σ w of the tokens; ``merge_factors`` is the case w_p = N_p.
+    """
+    if len(parts) != len(weights) or not parts:
+        raise ValueError("a mixture needs one weight per part, and at least one part")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"mixture weights must be non-negative and not all zero, got {weights}")
+    total = sum(weights)
+    A = sum(p.A * (w / total) for p, w in zip(parts, weights, strict=True))
+    S = sum(p.S * (w / total) for p, w in zip(parts, weights, strict=True))
+    return KFACFactors(A=A, S=S, num_tokens=sum(p.num_tokens for p in parts))
+
 
 @contextlib.contextmanager
 def capture_layer_io(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:

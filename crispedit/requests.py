@@ -25,6 +25,7 @@ class EditRequest:
     rephrases: tuple[str, ...] = field(default_factory=tuple)
     locality_prompt: str | None = None
     locality_answer: str | None = None
+    subject: str | None = None  # what the prompt is about; paraphrase augmentation keeps it
 
     def __post_init__(self) -> None:
         for name in ("prompt", "target"):
@@ -54,7 +55,7 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, d: dict) -> EditRequest:
-        unknown = set(d) - {"prompt", "target", "rephrases", "locality_prompt", "locality_answer"}
+        unknown = set(d) - {"prompt", "target", "rephrases", "locality_prompt", "locality_answer", "subject"}
         if unknown:
             raise ValueError(f"unknown edit request fields {sorted(unknown)}")
         rephrases = d.get("rephrases") or ()
@@ -66,11 +67,12 @@ class EditRequest:
             rephrases=tuple(rephrases),
             locality_prompt=d.get("locality_prompt"),
             locality_answer=d.get("locality_answer"),
+            subject=d.get("subject"),
         )
 
 
 def read_edits_jsonl(path: str | Path) -> list[EditRequest]:
-    """EDITS.jsonl: one ``{"prompt", "target", "rephrases"?, "locality_prompt"?, "locality_answer"?}`` per line."""
+    """EDITS.jsonl: ``{"prompt", "target", "rephrases"?, "locality_prompt"?, "locality_answer"?, "subject"?}`` lines."""
     out: list[EditRequest] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -1,0 +1,125 @@
+"""Edit-time augmentation: more wordings of each edit prompt, written by the base model itself (issue 8).
+
+- ``paraphrase``: the model rewrites each prompt through its chat template. A rewrite is kept when it is
+  non-empty, differs from the prompt, and keeps the subject (the request's ``subject``, else every
+  capitalised word of the prompt after its first word).
+- ``prefix``: ROME's context templates. Short texts sampled from the model are put before the prompt
+  ("{prefix}. {prompt}"), so the edit also holds after unrelated context.
+
+The evaluation rephrases are never used: every variant comes from the base model and the prompt alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from crispedit.requests import EditRequest
+
+AUGMENTATIONS = ("paraphrase", "prefix")
+
+# Few-shot completion, not a chat instruction: asked in chat, a 135M model answers the question instead.
+QUESTION_SHOTS = (
+    "Rewrite each question in other words.\n"
+    "Question: What is the capital city of France?\nRewritten: Which city is the capital of France?\n"
+    "Question: Who wrote the novel Dracula?\nRewritten: Who is the author of the novel Dracula?\n"
+    "Question: In which year was the Eiffel Tower completed?\nRewritten: When was the Eiffel Tower finished?\n"
+    "Question: {prompt}\nRewritten:"
+)
+SENTENCE_SHOTS = (
+    "Rewrite the start of each sentence in other words, and leave it unfinished.\n"
+    "Sentence: The mother tongue of Jean Reno is\nRewritten: Jean Reno's native language is\n"
+    "Sentence: Toyota Corolla is produced by\nRewritten: The Toyota Corolla is a car made by\n"
+    "Sentence: Angela Merkel holds the position of\nRewritten: Angela Merkel serves as\n"
+    "Sentence: {prompt}\nRewritten:"
+)
+PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When")  # as ROME's context templates
+
+
+def subject_words(request: EditRequest) -> list[str]:
+    """What a paraphrase must keep: the request's subject, else the prompt's capitalised words (not the first)."""
+    if request.subject:
+        return [request.subject]
+    return [w.strip("?,.'\"") for w in request.prompt.split()[1:] if w[:1].isupper()]
+
+
+def keep_paraphrase(request: EditRequest, text: str) -> str | None:
+    """The cleaned rewrite if it passes the filter, else None: non-empty, not the prompt, a question for a
+    question, at most twice as long, and keeping the subject."""
+    text = text.strip().splitlines()[0].strip() if text.strip() else ""
+    text = re.sub(r"^(new question|question|sentence|rewritten)\s*:\s*", "", text, flags=re.IGNORECASE).strip('" ')
+    is_question = request.prompt.rstrip().endswith("?")
+    if not is_question:
+        text = text.rstrip(" .")  # a sentence start stays unfinished, so the target can follow it
+    if not text or text.lower() == request.prompt.strip().lower():
+        return None
+    if (is_question and not text.endswith("?")) or len(text.split()) > 2 * len(request.prompt.split()) + 3:
+        return None
+    if not all(w.lower() in text.lower() for w in subject_words(request)):
+        return None
+    return text
+
+
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module, tokenizer, texts: Sequence[str], n: int, max_new_tokens: int = 32, batch_size: int = 16,
+    temperature: float = 0.8,
+) -> list[list[str]]:
+    """``n`` sampled completions of each text, up to its first newline."""
+    device = next(model.parameters()).device
+    replies: list[list[str]] = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left")
+        enc = enc.to(device)
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95, top_k=0,
+                             max_new_tokens=max_new_tokens, num_return_sequences=n, stop_strings=["\n"],
+                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+        decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        replies.extend(decoded[j : j + n] for j in range(0, len(decoded), n))
+    return replies
+
+
+def paraphrases(model: nn.Module, tokenizer, requests: Sequence[EditRequest], n: int = 4) -> list[list[str]]:
+    """Up to ``n`` distinct filtered rewrites of each request's prompt, by the model itself (few-shot)."""
+    texts = [(QUESTION_SHOTS if r.prompt.rstrip().endswith("?") else SENTENCE_SHOTS).format(prompt=r.prompt.strip())
+             for r in requests]
+    out = []
+    for request, replies in zip(requests, sample_completions(model, tokenizer, texts, n), strict=True):
+        kept = [keep_paraphrase(request, reply) for reply in replies]
+        out.append(list(dict.fromkeys(k for k in kept if k)))
+    return out
+
+
+@torch.no_grad()
+def context_prefixes(model: nn.Module, tokenizer, n: int = 12, length: int = 10) -> list[str]:
+    """ROME's context templates: texts of ``length`` tokens sampled from the model after a common first
+    word (following an end token, as at the start of a document), cut to their first line; ≥ 3 words."""
+    device = next(model.parameters()).device
+    starts = [(tokenizer.eos_token or "") + PREFIX_STARTS[i % len(PREFIX_STARTS)] for i in range(n)]
+    enc = tokenizer(starts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length, min_new_tokens=length,
+                         pad_token_id=tokenizer.pad_token_id)
+    texts = [x.strip().split("\n")[0].strip(" .") for x in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return [t for t in texts if len(t.split()) >= 3]
+
+
+def augmented_prompts(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], kinds: Sequence[str], seed: int = 0
+) -> list[list[EditRequest]]:
+    """For each request, its augmented variants (same target, other prompt wordings), in ``kinds`` order."""
+    unknown = set(kinds) - set(AUGMENTATIONS)
+    if unknown:
+        raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {AUGMENTATIONS}")
+    torch.manual_seed(seed)
+    variants: list[list[str]] = [[] for _ in requests]
+    if "paraphrase" in kinds:
+        for mine, rewrites in zip(variants, paraphrases(model, tokenizer, requests), strict=True):
+            mine.extend(rewrites)
+    if "prefix" in kinds:
+        prefixes = context_prefixes(model, tokenizer)
+        for mine, r in zip(variants, requests, strict=True):
+            mine.extend(f"{p}. {r.prompt}" for p in prefixes)
+    return [[EditRequest(prompt=v, target=r.target) for v in vs] for r, vs in zip(requests, variants, strict=True)]

@@ -1,0 +1,58 @@
+"""Edit-time augmentation (issue 8): model-written paraphrases and context prefixes, and training on them."""
+
+import pytest
+import torch
+from conftest import CORPUS
+from test_edit import FACTS, target_logprob
+
+from crispedit.augment import augmented_prompts, context_prefixes, keep_paraphrase, paraphrases
+from crispedit.cache import build_cache
+from crispedit.edit import EditConfig, edit
+from crispedit.requests import EditRequest
+
+
+def test_paraphrase_filter_keeps_the_subject_and_the_form():
+    q = EditRequest("Who designed the Eiffel Tower?", "Gustave Eiffel", subject="Eiffel Tower")
+    assert keep_paraphrase(q, " Who was the architect of the Eiffel Tower?\nQuestion: x") == \
+        "Who was the architect of the Eiffel Tower?"
+    assert keep_paraphrase(q, "Who designed the Eiffel Tower?") is None  # the prompt itself
+    assert keep_paraphrase(q, "Who designed the tower in Paris?") is None  # subject lost
+    assert keep_paraphrase(q, "The Eiffel Tower was designed by Gustave Eiffel.") is None  # an answer, not a question
+    assert keep_paraphrase(q, "") is None
+    s = EditRequest("The mother tongue of Danielle Darrieux is", "English")  # no subject: capitalised words
+    assert keep_paraphrase(s, "Danielle Darrieux's native language is.") == "Danielle Darrieux's native language is"
+    assert keep_paraphrase(s, "Her native language is") is None
+    assert keep_paraphrase(s, "Danielle Darrieux " + "spoke " * 30) is None  # far longer than the prompt
+
+
+def test_augmented_prompts_keep_the_target_and_end_with_the_prompt(tiny_llama):
+    model, tok = tiny_llama
+    torch.manual_seed(0)
+    assert all(len(p.split()) >= 3 and "\n" not in p for p in context_prefixes(model, tok, n=4))
+    variants = augmented_prompts(model, tok, FACTS, ("prefix",))
+    assert len(variants) == len(FACTS)
+    for request, mine in zip(FACTS, variants, strict=True):
+        assert all(v.target == request.target and v.prompt.endswith(". " + request.prompt) for v in mine)
+    rewrites = paraphrases(model, tok, FACTS, n=2)  # a random tiny model rarely passes the filter; none is the prompt
+    assert len(rewrites) == len(FACTS)
+    assert all(r.prompt not in kept for r, kept in zip(FACTS, rewrites, strict=True))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augmented_prompts(model, tok, FACTS, ("backtranslate",))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        EditConfig(augment=("backtranslate",))
+
+
+def test_edit_with_prefix_augmentation_trains_the_prefixed_prompts(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 3))
+    cache = build_cache(model, tok, (1, 2), str(corpus), n_samples=6, seq_len=16, progress=False)
+    torch.manual_seed(0)
+    variants = [v for vs in augmented_prompts(model, tok, FACTS, ("prefix",)) for v in vs]
+    assert variants
+    before = target_logprob(model, tok, variants)
+    events = []
+    edit(model, tok, FACTS, cache, EditConfig(lr=3e-2, max_epochs=20, energy=0.5, augment=("prefix",)),
+         on_progress=events.append)
+    assert events[0]["event"] == "augment" and events[0]["variants"] > 0
+    assert target_logprob(model, tok, variants) > before + 1.0
