@@ -1,4 +1,4 @@
-"""``crispedit`` command line: build-cache, edit, eval, bench."""
+"""``crispedit`` command line: build-cache, mix-cache, edit, eval, bench."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential-chunk", type=int, default=None, help="Alg. 2: fold curvature every K edits")
     p.add_argument("--recompute-drift", type=float, default=None,
                    help="recompute the capability curvature when an edited weight drifts past this relative norm")
+    p.add_argument("--chat-form", action="store_true", help="also train each edit through the chat template")
+    p.add_argument("--augment", default=",".join(d.augment),
+                   help="comma-separated: 'paraphrase' and/or 'prefix' (model-written variants of each prompt); "
+                        "'' for none")
 
 
 def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None):
@@ -42,7 +46,8 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None)
 
     return EditConfig(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
                       max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
-                      recompute_drift=args.recompute_drift, layers=layers)
+                      recompute_drift=args.recompute_drift, chat_form=args.chat_form,
+                      augment=tuple(a for a in args.augment.split(",") if a), layers=layers)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:
@@ -57,6 +62,14 @@ def cmd_build_cache(args: argparse.Namespace) -> None:
     path = cache.save(args.out)
     log.info("curvature cache for layers %s (%d tokens, %s Fisher) written to %s in %.1f s",
              list(layers), cache.num_tokens, args.fisher, path, cache.meta["seconds"])
+
+
+def cmd_mix_cache(args: argparse.Namespace) -> None:
+    from crispedit.cache import CurvatureCache, parse_mixture
+
+    parts = parse_mixture(",".join(args.caches))
+    mixed = CurvatureCache.mixed([CurvatureCache.load(path) for path, _ in parts], [w for _, w in parts])
+    log.info("mixed %d caches (%s) into %s", len(parts), mixed.meta["corpus"], mixed.save(args.out))
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -140,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-cache", help="K-FAC curvature of the capability loss for the editable layers")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--corpus", default="self", help="a .txt or .jsonl file, or 'self' to sample from the model")
+    p.add_argument("--corpus", default="self",
+                   help="a .txt or .jsonl file; 'self' (text sampled from the model); 'self-raw:PROMPTS' or "
+                        "'self-chat:PROMPTS' (the model's own answers to the prompts in a file, raw or through "
+                        "the chat template); or a weighted mixture 'SOURCE=W,SOURCE=W'")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: 5 middle layers)")
@@ -151,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_build_cache)
+
+    p = sub.add_parser("mix-cache", help="recombine curvature caches of one model into their weighted mixture")
+    p.add_argument("caches", nargs="+", help="CACHE=WEIGHT (a weight defaults to 1)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_mix_cache)
 
     p = sub.add_parser("edit", help="apply edits from a JSONL file and write a Hugging Face checkpoint")
     p.add_argument("--model", default="smollm2")

@@ -33,6 +33,9 @@ class Hyperparameters(Strict):
     batch_size: int = Field(32, ge=1, le=512)
     max_epochs: int = Field(25, ge=1, le=200)
     chat_form: bool | None = None  # also train through the chat template; default: when the model has one
+    augment: list[Literal["paraphrase", "prefix"]] | None = Field(
+        None, description="also train on wordings the base model writes: paraphrases of each prompt, and "
+                          "the prompt after unrelated context (prefix)")
 
 
 class Guard(Strict):

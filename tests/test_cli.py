@@ -78,3 +78,34 @@ def test_clear_errors(tiny_dir, tmp_path):
                     "--out", str(tmp_path / "y"))
     assert run.returncode == 2 and "bad.jsonl:1" in run.stderr and "target" in run.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
+    from crispedit.cache import CurvatureCache
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Who wrote Hamlet?\nWhat is the capital of Spain?\n")
+    corpus = str(FIXTURES / "corpus.txt")
+    mixed, text, raw = (tmp_path / f"{n}.safetensors" for n in ("mixed", "text", "raw"))
+    common = ("--model", str(tiny_dir), "--samples", "2", "--seq-len", "16", "--layers", "1,2")
+    assert crispedit("build-cache", *common, "--corpus", f"{corpus}=3,self-raw:{prompts}=1",
+                     "--out", str(mixed)).returncode == 0
+    for source, out in ((corpus, text), (f"self-raw:{prompts}", raw)):
+        assert crispedit("build-cache", *common, "--corpus", source, "--out", str(out)).returncode == 0
+    recombined = tmp_path / "recombined.safetensors"
+    run = crispedit("mix-cache", f"{text}=3", f"{raw}=1", "--out", str(recombined))
+    assert run.returncode == 0, run.stderr
+    a, b = CurvatureCache.load(mixed), CurvatureCache.load(recombined)
+    assert [p["weight"] for p in a.meta["parts"]] == [3.0, 1.0]
+    for name in a.factors:  # building the mixture at once equals mixing the parts' caches afterwards
+        torch.testing.assert_close(a.factors[name].A, b.factors[name].A)
+        torch.testing.assert_close(a.factors[name].S, b.factors[name].S)
+
+    out = tmp_path / "edited"
+    run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
+                    "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert json.loads((out / "crispedit_edit.json").read_text())["config"]["augment"] == ["prefix"]
+    run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
+                    "--augment", "backtranslate", "--out", str(tmp_path / "z"))
+    assert run.returncode != 0 and "unknown augmentation" in run.stderr
