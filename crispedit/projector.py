@@ -44,12 +44,43 @@ def project_kronecker_complement(
     return Q - U_out @ ((U_out.T @ Q @ U_in) * removed) @ U_in.T
 
 
+def project_kronecker_staircase(
+    Q: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor, removed: torch.Tensor,
+    blocks: list[tuple[int, int, int]],
+) -> torch.Tensor:
+    """:func:`project_kronecker_complement`, one block of rows of the mask at a time.
+
+    With eigenvalues sorted in decreasing order, the removed products λ^S_i λ^A_j ≥ τ form a staircase:
+    row i removes columns j < c_i, with c_i non-increasing. Block (r0, r1, c) covers rows r0..r1-1,
+    which remove nothing past column c, so only U_in[:, :c] enters. The cost falls from
+    O(d_out·d_in·(r_out + r_in)) to O(d_out·d_in·r_out + d_in·#removed). Exact for any mask.
+    """
+    R = U_out.T @ Q
+    Y = torch.zeros_like(R)
+    for r0, r1, c in blocks:
+        U = U_in[:, :c]
+        Y[r0:r1] = ((R[r0:r1] @ U) * removed[r0:r1, :c].to(Q.dtype)) @ U.T
+    return Q - U_out @ Y
+
+
+def staircase_blocks(removed: torch.Tensor, n_blocks: int = 16) -> list[tuple[int, int, int]]:
+    """Split the rows of a (staircase-ordered) mask into ``n_blocks`` ranges, each with its last removed column."""
+    bounds = torch.linspace(0, removed.shape[0], min(n_blocks, removed.shape[0]) + 1).round().long().tolist()
+    blocks = []
+    for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
+        used = removed[r0:r1].any(dim=0).nonzero()
+        if r1 > r0 and used.numel():
+            blocks.append((r0, r1, int(used.max()) + 1))
+    return blocks
+
+
 @dataclass
 class LayerProjector:
     """Eq. 6 for one weight, in complement form: the eigenvectors of the removed directions and their mask.
 
     ``U_out`` (d_out, r_out) and ``U_in`` (d_in, r_in) are the eigenvectors of S and A that take part in
-    at least one removed product; ``removed`` (r_out, r_in) marks the removed products among them.
+    at least one removed product, ordered so that the removed products ``removed`` (r_out, r_in) form a
+    staircase; ``blocks`` are its row blocks (see :func:`project_kronecker_staircase`).
     """
 
     U_out: torch.Tensor | None
@@ -57,12 +88,17 @@ class LayerProjector:
     removed: torch.Tensor
     kept_fraction: float
     fan_in_fan_out: bool = False  # the weight is stored (d_in, d_out), as GPT-2's Conv1D
+    blocks: list[tuple[int, int, int]] | None = None
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         """Project a weight-shaped tensor (gradient or Adam moment) in its own storage layout."""
         Q = grad.T if self.fan_in_fan_out else grad
-        U_out = None if self.U_out is None else self.U_out.to(Q.dtype)
-        projected = project_kronecker_complement(Q, U_out, self.U_in.to(Q.dtype), self.removed.to(Q.dtype))
+        U_in = self.U_in.to(Q.dtype)
+        if self.U_out is None or self.blocks is None:
+            U_out = None if self.U_out is None else self.U_out.to(Q.dtype)
+            projected = project_kronecker_complement(Q, U_out, U_in, self.removed.to(Q.dtype))
+        else:
+            projected = project_kronecker_staircase(Q, self.U_out.to(Q.dtype), U_in, self.removed, self.blocks)
         return projected.T if self.fan_in_fan_out else projected
 
     @property
@@ -74,15 +110,20 @@ class LayerProjector:
 def complement_form(
     U_out: torch.Tensor | None, U_in: torch.Tensor, mask: torch.Tensor, fan_in_fan_out: bool, device
 ) -> LayerProjector:
-    """Keep only the eigenvectors that take part in a removed product (mask == 0)."""
+    """Keep only the eigenvectors that take part in a removed product (mask == 0), most-removed first."""
     removed = ~mask
     if U_out is None:
         cols = removed
         return LayerProjector(None, U_in[:, cols].to(device), removed[cols].to(device),
                               float(mask.float().mean()), fan_in_fan_out)
-    rows, cols = removed.any(dim=1), removed.any(dim=0)
-    return LayerProjector(U_out[:, rows].to(device), U_in[:, cols].to(device), removed[rows][:, cols].to(device),
-                          float(mask.float().mean()), fan_in_fan_out)
+    rows, cols = removed.any(dim=1).nonzero().squeeze(1), removed.any(dim=0).nonzero().squeeze(1)
+    sub = removed[rows][:, cols]
+    rows = rows[sub.sum(dim=1).argsort(descending=True, stable=True)]  # K-FAC: by decreasing λ^S
+    cols = cols[sub.sum(dim=0).argsort(descending=True, stable=True)]  # K-FAC: by decreasing λ^A
+    sub = removed[rows][:, cols]
+    U_in = U_in[:, cols].T.contiguous().T  # column-contiguous, so each block's U_in[:, :c] is a plain view
+    return LayerProjector(U_out[:, rows].to(device), U_in.to(device), sub.to(device),
+                          float(mask.float().mean()), fan_in_fan_out, staircase_blocks(sub))
 
 
 def build_projector(

@@ -116,3 +116,25 @@ def test_project_kronecker_with_identity_bases_is_a_mask():
     Q = torch.arange(6.0).reshape(2, 3)
     mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     torch.testing.assert_close(project_kronecker(Q, torch.eye(2), torch.eye(3), mask), Q * mask)
+
+
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_staircase_blocks_are_exact_for_any_mask(ekfac):
+    """Row blocks of the staircase (and of a mask that is no staircase, as EK-FAC's) give Eq. 6 exactly."""
+    from crispedit.eigen import eigh_psd, energy_mask, kronecker_eigenvalues
+
+    d_out, d_in = 40, 60
+    A, S = random_psd(d_in, 12), random_psd(d_out, 13)
+    Q = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(14))
+    lam_in, U_in = eigh_psd(A)
+    lam_out, U_out = eigh_psd(S)
+    curvature = (torch.rand(d_out, d_in, generator=torch.Generator().manual_seed(15)) if ekfac
+                 else kronecker_eigenvalues(lam_out, lam_in))
+    mask = energy_mask(curvature, 0.8)
+    proj = build_projector(KFACFactors(A=A, S=S, num_tokens=1), 0.8,
+                           corrected_eigenvalues=curvature if ekfac else None)
+    assert proj.blocks and sum(r1 - r0 for r0, r1, _ in proj.blocks) <= proj.removed.shape[0]
+    torch.testing.assert_close(proj(Q), project_kronecker(Q, U_out, U_in, mask.float()), atol=1e-5, rtol=1e-5)
+    if not ekfac:  # a K-FAC mask is a staircase: the later row blocks need fewer columns
+        widths = [c for _, _, c in proj.blocks]
+        assert widths == sorted(widths, reverse=True) and widths[-1] < widths[0]
