@@ -17,6 +17,8 @@ class EditIn(Strict):
     rephrases: list[str] = Field(default_factory=list, max_length=20)
     locality_prompt: str | None = None
     locality_answer: str | None = None
+    subject: str | None = Field(None, max_length=500, description="what the prompt is about; paraphrase "
+                                "augmentation keeps it in every rewrite")
 
     @field_validator("prompt", "target")
     @classmethod
