@@ -2,6 +2,7 @@
 
 Compact re-implementations (no lm-evaluation-harness): multiple-choice tasks are scored like lm-eval's
 log-likelihood tasks, i.e. each choice by the sum of the log-probabilities of its tokens after the context.
+``scripts/lm_eval_check/crosscheck.py`` checks that against lm-eval itself (BENCHMARKS.md section 7).
 """
 
 from __future__ import annotations
