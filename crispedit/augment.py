@@ -1,8 +1,9 @@
 """Edit-time augmentation: more wordings of each edit prompt, written by the base model itself (issue 8).
 
-- ``paraphrase``: the model rewrites each prompt through its chat template. A rewrite is kept when it is
-  non-empty, differs from the prompt, and keeps the subject (the request's ``subject``, else every
-  capitalised word of the prompt after its first word).
+- ``paraphrase``: the model rewrites each prompt, prompted with a few examples (few-shot completion).
+  A rewrite is kept when it is non-empty, differs from the prompt, has the prompt's form (a question
+  stays a question), is at most about twice as long, and keeps the subject (the request's ``subject``,
+  else every capitalised word of the prompt after its first word).
 - ``prefix``: ROME's context templates. Short texts sampled from the model are put before the prompt
   ("{prefix}. {prompt}"), so the edit also holds after unrelated context.
 
