@@ -158,7 +158,7 @@ COLUMNS = [
     ("rel_tf", "Rel TF"), ("gen_tf", "Gen TF"), ("loc_tf_agree", "Loc TF agree"), ("loc_tf_acc", "Loc TF acc"),
     ("rel_nc_contains", "Rel gen NC"), ("gen_nc_contains", "Gen gen NC"),
     ("rel_qa_contains", "Rel gen QA"), ("gen_qa_contains", "Gen gen QA"), ("loc_gen_agree", "Loc gen agree"),
-    ("loc_gen_acc", "Loc gen acc"),
+    ("loc_gen_acc", "Loc gen acc"), ("loc_qa_agree", "Loc QA agree"), ("loc_qa_acc", "Loc QA acc"),
     ("ppl_change_pct", "ΔPPL %"), ("kl", "KL"), ("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C"),
     ("hellaswag", "HS"), ("piqa", "PIQA"), ("boolq", "BoolQ"), ("mmlu", "MMLU"), ("mc_mean", "MC mean"),
     ("edit_seconds", "edit s"),

@@ -5,8 +5,8 @@
 - Generated (the WILD protocol, with exact match in place of the LLM judge): greedy decoding, at most 40
   new tokens, cut at the first "." or newline; normalised exact match and containment of the target.
   Each with no context (the question as is) and with the QA template ``QA_TEMPLATE``.
-- Locality: agreement with the base model (teacher-forced tokens and generated answers) on unrelated
-  prompts, and accuracy against their ground-truth answers.
+- Locality: agreement with the base model (teacher-forced tokens, and generated answers with no context
+  and with the QA template) on unrelated prompts, and accuracy against their ground-truth answers.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class LocalityReference:
 
     teacher_forced: list[list[int]]
     generated: list[str]
+    generated_qa: list[str] | None = None  # answers with the QA template
 
 
 def locality_items(requests: Sequence[EditRequest]) -> list[EditRequest]:
@@ -103,7 +104,8 @@ def locality_reference(model: nn.Module, tokenizer, requests: Sequence[EditReque
     items = locality_items(requests)
     prompts = [r.locality_prompt for r in items]
     tf = teacher_forced_predictions(model, tokenizer, prompts, [r.locality_answer for r in items])
-    return LocalityReference([pred for pred, _ in tf], generate_answers(model, tokenizer, prompts))
+    return LocalityReference([pred for pred, _ in tf], generate_answers(model, tokenizer, prompts),
+                             generate_answers(model, tokenizer, [QA_TEMPLATE.format(q=p) for p in prompts]))
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -153,4 +155,8 @@ def edit_quality(
         metrics["loc_gen_acc"] = match_scores(answers, [r.locality_answer for r in items])[1]
         if reference is not None:
             metrics["loc_gen_agree"] = match_scores(answers, reference.generated)[0]
+        answers = generate_answers(model, tokenizer, [QA_TEMPLATE.format(q=r.locality_prompt) for r in items])
+        metrics["loc_qa_acc"] = match_scores(answers, [r.locality_answer for r in items])[1]
+        if reference is not None and reference.generated_qa is not None:
+            metrics["loc_qa_agree"] = match_scores(answers, reference.generated_qa)[0]
     return metrics
