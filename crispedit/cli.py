@@ -11,6 +11,7 @@ from pathlib import Path
 
 log = logging.getLogger("crispedit")
 
+DEFAULT_AUGMENT = ""  # off: it trades capability for generality on CounterFact (BENCHMARKS.md section 8)
 DEFAULT_SAMPLES = 40  # capability windows of --seq-len tokens; the paper finds n ≥ 100 docs enough (Table 7)
 
 
@@ -36,9 +37,9 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute-drift", type=float, default=None,
                    help="recompute the capability curvature when an edited weight drifts past this relative norm")
     p.add_argument("--chat-form", action="store_true", help="also train each edit through the chat template")
-    p.add_argument("--augment", default=",".join(d.augment),
+    p.add_argument("--augment", default=DEFAULT_AUGMENT,
                    help="comma-separated: 'paraphrase' and/or 'prefix' (model-written variants of each prompt); "
-                        "'' for none")
+                        "'' for none (the paper's recipe, the default; see BENCHMARKS.md section 8)")
 
 
 def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None):

@@ -25,7 +25,12 @@ class Settings(BaseSettings):
     models: str = Field("smollm2", description="served models: 'name' or 'name=base' (bundled name or checkpoint "
                                                "folder), comma-separated")
     corpus: str = Field("self", description="capability corpus for a missing curvature cache: a .txt/.jsonl file, "
-                                            "or 'self' (text sampled from the model)")
+                                            "'self' (text sampled from the model), 'self-raw:PROMPTS' / "
+                                            "'self-chat:PROMPTS' (the model's answers to a file of prompts), "
+                                            "or a weighted mixture 'SOURCE=W,SOURCE=W'")
+    augment: str = Field("", description="edits also train on wordings the base model writes: 'paraphrase', "
+                                         "'prefix', both comma-separated, or '' (none; a request's "
+                                         "hyperparameters.augment overrides it; see BENCHMARKS.md section 8)")
     cache_samples: int = Field(32, description="curvature cache: number of sequences (the paper uses more; this "
                                                  "default builds in about a minute on a laptop CPU)")
     cache_seq_len: int = Field(256, description="curvature cache: tokens per sequence")
