@@ -68,6 +68,7 @@ def test_zsre_mapping_and_skips_empty_target(tmp_path, caplog):
         rephrases=("What river system is Charity Creek in?",),
         locality_prompt="How many series of diary of a wimpy kid are there?",
         locality_answer="12",
+        subject="Charity Creek",  # kept for paraphrase augmentation
     )
     assert reqs[1].rephrases == () and reqs[1].locality_prompt == "Who?"
 
@@ -88,6 +89,7 @@ def test_wikibigedit_mapping_skips_empty_prompt(tmp_path):
     reqs = load_edit_dataset("wikibigedit", write_json(tmp_path / "w.json", WIKIBIGEDIT))
     assert len(reqs) == 1
     assert reqs[0].target == "Roxburghshire" and reqs[0].locality_answer == "West Lothian"
+    assert reqs[0].subject == "Crailing Parish Church"
 
 
 def test_unknown_name_lists_valid_ones():
