@@ -114,13 +114,14 @@ def augmented_prompts(
     unknown = set(kinds) - set(AUGMENTATIONS)
     if unknown:
         raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {AUGMENTATIONS}")
-    torch.manual_seed(seed)
     variants: list[list[str]] = [[] for _ in requests]
-    if "paraphrase" in kinds:
-        for mine, rewrites in zip(variants, paraphrases(model, tokenizer, requests), strict=True):
-            mine.extend(rewrites)
-    if "prefix" in kinds:
-        prefixes = context_prefixes(model, tokenizer)
-        for mine, r in zip(variants, requests, strict=True):
-            mine.extend(f"{p}. {r.prompt}" for p in prefixes)
+    with torch.random.fork_rng(devices=[]):  # seeded sampling, without touching the caller's random state
+        torch.manual_seed(seed)
+        if "paraphrase" in kinds:
+            for mine, rewrites in zip(variants, paraphrases(model, tokenizer, requests), strict=True):
+                mine.extend(rewrites)
+        if "prefix" in kinds:
+            prefixes = context_prefixes(model, tokenizer)
+            for mine, r in zip(variants, requests, strict=True):
+                mine.extend(f"{p}. {r.prompt}" for p in prefixes)
     return [[EditRequest(prompt=v, target=r.target) for v in vs] for r, vs in zip(requests, variants, strict=True)]
