@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Non-empty lines of a text file, or the ``text`` field of each JSONL record."""
+def read_documents(path: str | Path, fields: tuple[str, ...] = ("text",)) -> list[str]:
+    """Non-empty lines of a text file, or of each JSONL record the first of ``fields`` it has."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"capability corpus {path} does not exist")
@@ -34,29 +34,18 @@ def read_documents(path: str | Path) -> list[str]:
         for lineno, line in enumerate(lines, 1):
             if line.strip():
                 record = json.loads(line)
-                if not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{lineno}: a JSONL corpus needs a string field 'text'")
-                docs.append(record["text"])
+                text = next((record[f] for f in fields if f in record), None)
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: a JSONL corpus needs a string field "
+                                     + " or ".join(repr(f) for f in fields))
+                docs.append(text)
         return docs
     return [line for line in lines if line.strip()]
 
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts, one per non-empty line, or the ``prompt`` (else ``text``) field of each JSONL record."""
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        return read_documents(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            record = json.loads(line)
-            text = record.get("prompt", record.get("text"))
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: a JSONL prompt file needs a string field 'prompt' or 'text'")
-            prompts.append(text)
-    return prompts
+    return read_documents(path, fields=("prompt", "text"))
 
 
 def token_windows(tokenizer, documents: list[str], n_samples: int, seq_len: int) -> list[list[int]]:
