@@ -7,6 +7,7 @@ Suites (each writes ``<out>/<suite>.json`` and ``<out>/<suite>.md``):
 - ``sequential``: R rounds of K edits, curvature folded each round (Alg. 2), crispedit and ft.
 - ``quality``: issue 8's rows: the paper recipe, + a mixed capability set (text + the model's own answers
   to questions, raw and through the chat template), + paraphrase/prefix augmentation, + both, and ft.
+- ``layers``: the fixed middle layers against as many layers ranked by edit-gradient norm (all layers cached).
 - ``speed``: CrispEdit step / FT step on identical batches, cache build per token / fwd+bwd per token,
   projector memory.
 Capability data, edit sets and benchmarks are read from the shared data folder (``--data``).
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from crispedit.arch import default_layers, editable_modules
+from crispedit.arch import default_layers, editable_modules, num_layers
 from crispedit.cache import CurvatureCache, build_cache
 from crispedit.capability import capability_report, heldout_texts, mean_kl, perplexity, swapped_weights
 from crispedit.datasets import load_edit_dataset, shared_data_dir
@@ -50,13 +51,15 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self._base_capability: dict | None = None
 
-    def cache(self, corpus: str = "wikitext", fisher: str = "empirical", samples: int | None = None) -> CurvatureCache:
-        samples = samples or self.args.samples
-        path = self.out / f"cache-{corpus}-{fisher}-{samples}x{self.args.seq_len}.safetensors"
+    def cache(self, corpus: str = "wikitext", fisher: str = "empirical", samples: int | None = None,
+              layers: tuple[int, ...] | None = None) -> CurvatureCache:
+        samples, layers = samples or self.args.samples, layers or self.layers
+        tag = "" if layers == self.layers else f"-layers{layers[0]}-{layers[-1]}"
+        path = self.out / f"cache-{corpus}-{fisher}-{samples}x{self.args.seq_len}{tag}.safetensors"
         if path.exists():
-            return CurvatureCache.load(path, model=self.model, layers=self.layers)
+            return CurvatureCache.load(path, model=self.model, layers=layers)
         source = "self" if corpus == "self" else str(self.data / TRAIN_CORPUS)
-        cache = build_cache(self.model, self.tok, self.layers, source, samples, self.args.seq_len, fisher)
+        cache = build_cache(self.model, self.tok, layers, source, samples, self.args.seq_len, fisher)
         cache.save(path)
         return cache
 
@@ -105,7 +108,8 @@ class Bench:
         try:
             row = {"method": config.method, "energy": config.energy, "edits": len(requests),
                    "epochs": len(result.epoch_losses), "final_loss": result.epoch_losses[-1],
-                   "steps": result.steps, "edit_seconds": round(result.seconds, 1)}
+                   "steps": result.steps, "edit_seconds": round(result.seconds, 1),
+                   "edited_layers": list(result.layers)}
             row.update(edit_quality(self.model, self.tok, requests, reference, generated=generated))
             cap = self.capability(result, mc=mc)
             base = self.base_capability(mc=mc)
@@ -217,6 +221,21 @@ def suite_quality(b: Bench) -> None:
             rows.append({"dataset": dataset, "variant": name, **row})
     b.write("quality", {"mix": b.args.mix, "augment": augment, "rows": rows, "mixed_parts": mixed.meta["parts"]},
             markdown_table(rows, [("dataset", "data"), ("variant", "variant")]))
+
+
+def suite_layers(b: Bench) -> None:
+    """Issue 8: the fixed middle layers against the same number of layers ranked by edit-gradient norm."""
+    fixed, every = b.cache(), b.cache(layers=tuple(range(num_layers(b.model))))
+    rows = []
+    base = b.base_capability()
+    for dataset in b.args.datasets.split(","):
+        requests = b.requests(dataset)
+        reference = locality_reference(b.model, b.tok, requests)
+        for name, cache, auto in (("fixed", fixed, None), ("ranked", every, len(b.layers))):
+            row = b.run(requests, cache, b.config(auto_layers=auto), reference)
+            rows.append({"dataset": dataset, "layer choice": name, **row})
+    b.write("layers", {"base": base, "rows": rows},
+            markdown_table(rows, [("dataset", "data"), ("layer choice", "layers"), ("edited_layers", "edited")]))
 
 
 def suite_sweep(b: Bench) -> None:
@@ -346,8 +365,8 @@ def suite_speed(b: Bench) -> None:
     b.write("speed", {"reps": reps, "row": row}, "| quantity | value |\n|---|---|\n" + table)
 
 
-SUITES = {"main": suite_main, "quality": suite_quality, "sweep": suite_sweep, "fisher": suite_fisher,
-          "sequential": suite_sequential, "speed": suite_speed}
+SUITES = {"main": suite_main, "quality": suite_quality, "layers": suite_layers, "sweep": suite_sweep,
+          "fisher": suite_fisher, "sequential": suite_sequential, "speed": suite_speed}
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

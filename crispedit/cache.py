@@ -102,6 +102,14 @@ class CurvatureCache:
         folds = int(self.meta.get("edit_folds", 0)) + 1
         return replace(self, factors=factors, ekfac=None, meta={**self.meta, "edit_folds": folds})
 
+    def subset(self, layers: tuple[int, ...], names: list[str]) -> CurvatureCache:
+        """The factors of some of the cache's layers (``names``: their module names, in the same order)."""
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise ValueError(f"the curvature cache covers layers {list(self.layers)}, not {missing}")
+        ekfac = {n: self.ekfac[n] for n in names if n in self.ekfac} if self.ekfac else None
+        return replace(self, factors={n: self.factors[n] for n in names}, layers=tuple(layers), ekfac=ekfac or None)
+
     @classmethod
     def mixed(cls, caches: list[CurvatureCache], weights: list[float]) -> CurvatureCache:
         """Recombine caches of the same model and layers into the cache of their weighted mixture."""

@@ -37,6 +37,8 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute-drift", type=float, default=None,
                    help="recompute the capability curvature when an edited weight drifts past this relative norm")
     p.add_argument("--chat-form", action="store_true", help="also train each edit through the chat template")
+    p.add_argument("--auto-layers", type=int, default=None, metavar="K",
+                   help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
                    help="comma-separated: 'paraphrase' and/or 'prefix' (model-written variants of each prompt); "
                         "'' for none (the paper's recipe, the default; see BENCHMARKS.md section 8)")
@@ -48,7 +50,8 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None)
     return EditConfig(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
                       max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
                       recompute_drift=args.recompute_drift, chat_form=args.chat_form,
-                      augment=tuple(a for a in args.augment.split(",") if a), layers=layers)
+                      augment=tuple(a for a in args.augment.split(",") if a), layers=layers,
+                      auto_layers=args.auto_layers)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:
@@ -92,14 +95,14 @@ def cmd_edit(args: argparse.Namespace) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "crispedit_edit.json").write_text(json.dumps({
-        "base_model": args.model, "config": asdict(config), "edits": len(requests),
+        "base_model": args.model, "config": asdict(config), "edits": len(requests), "layers": list(result.layers),
         "epoch_losses": result.epoch_losses, "steps": result.steps, "seconds": round(result.seconds, 2),
         "changed": result.relative_change(), "kept_fraction": result.kept_fraction,
     }, indent=2))
     if result.cache is not None and args.cache_out:
         result.cache.save(args.cache_out)
-    log.info("%d edits applied in %.1f s (%d steps); checkpoint written to %s",
-             len(requests), result.seconds, result.steps, out)
+    log.info("%d edits applied to layers %s in %.1f s (%d steps); checkpoint written to %s",
+             len(requests), list(result.layers), result.seconds, result.steps, out)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

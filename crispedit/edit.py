@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from crispedit.arch import arch_spec, default_layers, editable_modules, weight_name
+from crispedit.arch import arch_spec, default_layers, editable_modules, module_name, weight_name
 from crispedit.augment import AUGMENTATIONS, augmented_prompts
 from crispedit.cache import CurvatureCache
 from crispedit.kfac import factors_from_features, token_features
+from crispedit.layer_choice import rank_layers
 from crispedit.optim import ProjectedAdam
 from crispedit.projector import METHODS, LayerProjector, build_projector
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
@@ -70,6 +71,7 @@ class EditConfig:
     chat_form: bool = False  # also train each edit through the chat template, so chat queries see it
     augment: tuple[str, ...] = ()  # model-written variants to train on too: "paraphrase", "prefix"
     layers: tuple[int, ...] | None = None  # used only without a cache (ft); a cache fixes its own layers
+    auto_layers: int | None = None  # edit only the k layers (of the cache's) with the largest edit gradient
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +82,8 @@ class EditConfig:
         for name in ("lr", "batch_size", "max_epochs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.auto_layers is not None and self.auto_layers <= 0:
+            raise ValueError("auto_layers must be a positive number of layers")
         if self.sequential_chunk is not None and self.sequential_chunk <= 0:
             raise ValueError("sequential_chunk must be a positive number of edits")
         object.__setattr__(self, "augment", tuple(self.augment))
@@ -98,6 +102,7 @@ class EditResult:
     steps: int
     seconds: float
     step_seconds: list[float] = field(default_factory=list)
+    layers: tuple[int, ...] = ()
     kept_fraction: dict[str, float] = field(default_factory=dict)
     cache: CurvatureCache | None = None  # the cache with this edit's statistics folded in (sequential mode)
     features: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # this edit's own (a, g) per module
@@ -234,6 +239,14 @@ def edit(
     if on_progress and config.augment:
         on_progress({"event": "augment", "variants": sum(len(v) for v in variants)})
     layers = cache.layers if cache is not None else (config.layers or default_layers(model))
+    if config.auto_layers:
+        try:
+            layers = rank_layers(model, tokenizer, with_chat_form(requests), layers, config.auto_layers)
+        except ValueError as err:
+            raise EditError(str(err)) from err
+        cache = cache.subset(layers, [module_name(model, i) for i in layers]) if cache is not None else None
+        if on_progress:
+            on_progress({"event": "layers", "layers": list(layers)})
     modules = editable_modules(model, layers)
     fan_in_fan_out = arch_spec(model).fan_in_fan_out
     names = list(modules)
@@ -300,6 +313,7 @@ def edit(
         steps=len(step_seconds),
         seconds=time.perf_counter() - started,
         step_seconds=step_seconds,
+        layers=tuple(layers),
         kept_fraction={n: p.kept_fraction for n, p in zip(names, projectors, strict=True) if p is not None},
         cache=current_cache() if config.sequential_chunk else None,
         features={n: tuple(torch.cat([f[n][i] for f in chunk_features]) for i in (0, 1)) for n in names}

@@ -77,6 +77,14 @@ def tiny(request):
 
 
 @pytest.fixture
+def corpus_file(tmp_path):
+    """The tiny corpus as a text file (a capability corpus for caches of tiny models)."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS * 3))
+    return path
+
+
+@pytest.fixture
 def tiny_llama():
     return make_tiny("llama")
 

@@ -103,9 +103,12 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
 
     out = tmp_path / "edited"
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
-                    "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--out", str(out))
+                    "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--auto-layers", "1", "--out", str(out))
     assert run.returncode == 0, run.stderr
-    assert json.loads((out / "crispedit_edit.json").read_text())["config"]["augment"] == ["prefix"]
+    report = json.loads((out / "crispedit_edit.json").read_text())
+    assert report["config"]["augment"] == ["prefix"] and report["config"]["auto_layers"] == 1
+    assert len(report["layers"]) == 1 and report["layers"][0] in (1, 2)
+    assert [int(n.split(".")[2]) for n in report["changed"]] == report["layers"]
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--augment", "backtranslate", "--out", str(tmp_path / "z"))
     assert run.returncode != 0 and "unknown augmentation" in run.stderr

@@ -27,13 +27,6 @@ def target_logprob(model, tok, requests) -> float:
     return float((picked * mask).sum() / mask.sum())
 
 
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(CORPUS * 3))
-    return path
-
-
 def small_cache(model, tok, corpus_file, layers=(1, 2), **kw):
     return build_cache(model, tok, layers, str(corpus_file), n_samples=6, seq_len=16, progress=False, **kw)
 
