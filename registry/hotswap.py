@@ -35,17 +35,23 @@ class HotSwapModel:
         self._readers = 0
         self._cond = threading.Condition()
 
+    def _load(self, version_id: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+        digests = self.registry.get(self.name, version_id).tensors
+        tensors = {
+            n: self.registry.blobs.get(d).to(self.params[n].device, self.params[n].dtype) for n, d in digests.items()
+        }
+        return digests, tensors
+
+    def _remember(self, version_id: str, loaded: tuple[dict[str, str], dict[str, torch.Tensor]]) -> None:
+        self._lru[version_id] = loaded
+        self._lru.move_to_end(version_id)
+        while len(self._lru) > self.capacity:
+            self._lru.popitem(last=False)
+
     def _version_tensors(self, version_id: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         """(digests, tensors) of a version; manifests are immutable, so an LRU hit touches no file."""
         if version_id not in self._lru:
-            digests = self.registry.get(self.name, version_id).tensors
-            tensors = {
-                n: self.registry.blobs.get(d).to(self.params[n].device, self.params[n].dtype)
-                for n, d in digests.items()
-            }
-            self._lru[version_id] = (digests, tensors)
-            while len(self._lru) > self.capacity:
-                self._lru.popitem(last=False)
+            self._remember(version_id, self._load(version_id))
         self._lru.move_to_end(version_id)
         return self._lru[version_id]
 
@@ -67,6 +73,22 @@ class HotSwapModel:
                 self.params[name].copy_(tensors[name])
                 self.applied[name] = digest
         self.current = version_id
+
+    def preload(self, ref: str) -> str:
+        """Load ``ref``'s tensors into the LRU without putting them in the model (the next switch is copies only)."""
+        version_id = self.registry.resolve(self.name, ref)
+        with self._cond:
+            if version_id in self._lru:
+                return version_id
+        loaded = self._load(version_id)  # file reads outside the lock: queries go on meanwhile
+        with self._cond:
+            self._remember(version_id, loaded)
+        return version_id
+
+    @property
+    def cached_versions(self) -> list[str]:
+        with self._cond:
+            return list(self._lru)
 
     def switch_to(self, ref: str) -> str:
         """Make ``ref`` the weights in place now (waits for readers of another version to finish)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -12,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from redis import Redis
 
 from service.deps import State
+from service.notify import AliasFollower
 from service.routes import console, edits, openai, registry
 from service.serving import BadPrompt, ModelServer
 from service.settings import Settings, get_settings
@@ -21,14 +24,22 @@ log = logging.getLogger("crispedit.service")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="CrispEdit Service", version="0.1.0",
-                  description="Edit a language model over HTTP; every edit is a new immutable version.")
     redis = Redis.from_url(settings.redis_url)
     from registry import Registry
 
     reg = Registry(settings.registry_root)
     servers = {name: ModelServer(name, base, reg, settings.device, settings.generation_slots)
                for name, base in settings.model_bases().items()}
+
+    @asynccontextmanager
+    async def follow_aliases(_: FastAPI) -> AsyncIterator[None]:
+        follower = AliasFollower(redis, settings.key_prefix, servers, settings.alias_poll_seconds)
+        follower.start()
+        yield
+        follower.stop()
+
+    app = FastAPI(title="CrispEdit Service", version="0.1.0", lifespan=follow_aliases,
+                  description="Edit a language model over HTTP; every edit is a new immutable version.")
     app.state.crispedit = State(settings, servers, redis)
     for router in (openai.router, edits.router, registry.router, console.router):
         app.include_router(router)

@@ -12,6 +12,7 @@ from rq.serializers import JSONSerializer
 from registry import Registry
 from service.auth import AuditLog, KeyRing
 from service.jobs import JobStore
+from service.notify import announce_aliases
 from service.serving import ModelServer
 from service.settings import Settings
 
@@ -27,6 +28,10 @@ class State:
         self.jobs = JobStore(redis, settings.key_prefix)
         self.keys = KeyRing(settings.api_keys, settings.data_dir / "api-keys.json")
         self.audit = AuditLog(settings.data_dir / "audit.log")
+
+    def announce(self, model: str) -> None:
+        """Tell every API process that the model's aliases moved (they preload the new versions)."""
+        announce_aliases(self.redis, self.settings.key_prefix, self.registry, model)
 
     def queue(self, model: str) -> Queue:
         return Queue(self.jobs.queue_name(model), connection=self.redis, serializer=JSONSerializer)

@@ -16,6 +16,7 @@ from crispedit.requests import EditRequest
 from registry import Conflict
 from registry.curvature import contribution, version_cache
 from service.jobs import JobStore
+from service.notify import announce_aliases
 from worker.lease import ModelLease
 from worker.runtime import ModelRuntime, runtime
 
@@ -102,6 +103,7 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
                     raise
         if payload.get("promote"):
             rt.registry.set_alias(name, "production", version.id)
+        announce_aliases(store.redis, rt.settings.key_prefix, rt.registry, name)
         for job_id in ids:
             store.finish(name, job_id, status="succeeded", version=version.id, metrics=outcome["metrics"])
         log.info("%s: %d edit(s) from %d request(s) committed as %s", name, len(requests), len(ids), version.id)

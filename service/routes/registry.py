@@ -50,6 +50,7 @@ def put_alias(model: str, alias: str, body: AliasPut, state: StateDep, who: Admi
     server, _ = split_model(state, model)
     target = guarded(state.registry.set_alias, server.name, alias, body.version)
     state.audit.record(who, "set_alias", model=server.name, alias=alias, version=target)
+    state.announce(server.name)
     return {"alias": alias, "version": target}
 
 
@@ -58,6 +59,7 @@ def rollback(model: str, body: RollbackPost, state: StateDep, who: Admin) -> dic
     server, _ = split_model(state, model)
     target = guarded(state.registry.rollback, server.name, body.to)
     state.audit.record(who, "rollback", model=server.name, to=target)
+    state.announce(server.name)
     return {"rolled_back_to": target, "aliases": state.registry.aliases(server.name)}
 
 
