@@ -7,6 +7,7 @@ Suites (each writes ``<out>/<suite>.json`` and ``<out>/<suite>.md``):
 - ``sequential``: R rounds of K edits, curvature folded each round (Alg. 2), crispedit and ft.
 - ``quality``: issue 8's rows: the paper recipe, + a mixed capability set (text + the model's own answers
   to questions, raw and through the chat template), + paraphrase/prefix augmentation, + both, and ft.
+- ``anchor``: the paper recipe with the KL penalty on anchor questions (``crispedit.anchor``) at each β.
 - ``layers``: the fixed middle layers against as many layers ranked by edit-gradient norm (all layers cached).
 - ``speed``: CrispEdit step / FT step on identical batches, cache build per token / fwd+bwd per token,
   projector memory.
@@ -101,10 +102,10 @@ class Bench:
             self._base_capability = self.capability(mc=mc)
         return self._base_capability
 
-    def run(self, requests, cache, config: EditConfig, reference=None, generated=True, mc=True) -> dict:
+    def run(self, requests, cache, config: EditConfig, reference=None, generated=True, mc=True, anchors=None) -> dict:
         """Edit, measure, and put the base weights back."""
         with epoch_bar(config, len(requests), desc=f"{config.method} γ={config.energy}") as report:
-            result = edit(self.model, self.tok, requests, cache, config, on_progress=report)
+            result = edit(self.model, self.tok, requests, cache, config, on_progress=report, anchors=anchors)
         try:
             row = {"method": config.method, "energy": config.energy, "edits": len(requests),
                    "epochs": len(result.epoch_losses), "final_loss": result.epoch_losses[-1],
@@ -238,6 +239,36 @@ def suite_layers(b: Bench) -> None:
             markdown_table(rows, [("dataset", "data"), ("layer choice", "layers"), ("edited_layers", "edited")]))
 
 
+def anchor_pairs(data: Path, n: int) -> list[tuple[str, str]]:
+    """Anchor (question, answer) pairs from data that is never tested: the locality prompts and answers of
+    ZsRE train records 500 on (records 0-499 serve as tuning edits) and of CounterFact records 1000 on."""
+    zsre = load_edit_dataset("zsre", data / "editing/zsre/zsre_mend_train_1k.json", offset=500)
+    cf = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], offset=1000)
+    pairs = [[(r.locality_prompt, r.locality_answer) for r in rs if r.locality_prompt and r.locality_answer]
+             for rs in (zsre, cf)]
+    return [p for pair in zip(*pairs, strict=False) for p in pair][:n]
+
+
+def suite_anchor(b: Bench) -> None:
+    """Issue 8: the paper recipe with the KL penalty on anchor questions at each β (β = 0: without)."""
+    from crispedit.anchor import base_anchors
+
+    cache = b.cache()
+    anchors = base_anchors(b.model, b.tok, anchor_pairs(b.data, b.args.anchors))
+    test = b.args.split == "test"
+    base = b.base_capability(mc=test)
+    rows = []
+    for dataset in b.args.datasets.split(",") if test else ["zsre"]:
+        requests = b.requests(dataset, split=b.args.split)
+        reference = locality_reference(b.model, b.tok, requests, generated=test)
+        for weight in (float(w) for w in b.args.anchor_weights.split(",")):
+            row = b.run(requests, cache, b.config(anchor_weight=weight), reference, generated=test, mc=test,
+                        anchors=anchors)
+            rows.append({"dataset": dataset, "anchor_weight": weight, **row})
+    b.write("anchor", {"split": b.args.split, "anchors": len(anchors), "base": base, "rows": rows},
+            markdown_table(rows, [("dataset", "data"), ("anchor_weight", "β")]))
+
+
 def suite_sweep(b: Bench) -> None:
     cache = b.cache()
     requests = b.requests("zsre", split=b.args.split)
@@ -365,8 +396,8 @@ def suite_speed(b: Bench) -> None:
     b.write("speed", {"reps": reps, "row": row}, "| quantity | value |\n|---|---|\n" + table)
 
 
-SUITES = {"main": suite_main, "quality": suite_quality, "layers": suite_layers, "sweep": suite_sweep,
-          "fisher": suite_fisher, "sequential": suite_sequential, "speed": suite_speed}
+SUITES = {"main": suite_main, "quality": suite_quality, "layers": suite_layers, "anchor": suite_anchor,
+          "sweep": suite_sweep, "fisher": suite_fisher, "sequential": suite_sequential, "speed": suite_speed}
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -385,7 +416,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--datasets", default="zsre,counterfact")
     p.add_argument("--methods", default="crispedit,nullspace,ft")
-    p.add_argument("--split", default="train", choices=["train", "test"], help="sweep/fisher: zsre train or test")
+    p.add_argument("--split", default="train", choices=["train", "test"],
+                   help="sweep/fisher/anchor: zsre train (tuning) or test items")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--layers", default=None)
     p.add_argument("--energy", type=float, default=d.energy)
@@ -404,5 +436,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--mix", default="0.5,0.25,0.25", help="quality: weights of WikiText-2, self-raw, self-chat")
     p.add_argument("--prompt-samples", type=int, default=256, help="quality: prompts answered for self-raw/chat")
     p.add_argument("--augment", default="paraphrase,prefix", help="quality: augmentations of the + rows")
+    p.add_argument("--anchors", type=int, default=256, help="anchor: number of anchor (question, answer) pairs")
+    p.add_argument("--anchor-weights", default="0,1", help="anchor: β values, comma-separated (0: without)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from crispedit.anchor import Anchors, anchor_kl
 from crispedit.arch import arch_spec, default_layers, editable_modules, module_name, weight_name
 from crispedit.augment import AUGMENTATIONS, augmented_prompts
 from crispedit.cache import CurvatureCache
@@ -72,6 +73,8 @@ class EditConfig:
     augment: tuple[str, ...] = ()  # model-written variants to train on too: "paraphrase", "prefix"
     layers: tuple[int, ...] | None = None  # used only without a cache (ft); a cache fixes its own layers
     auto_layers: int | None = None  # edit only the k layers (of the cache's) with the largest edit gradient
+    anchor_weight: float = 0.0  # β of the KL penalty on anchor prompts (crispedit.anchor); 0 = off
+    anchor_batch: int = 16  # anchors drawn per step
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,7 +82,9 @@ class EditConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 <= self.energy <= 1.0:
             raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
-        for name in ("lr", "batch_size", "max_epochs"):
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be non-negative, got {self.anchor_weight}")
+        for name in ("lr", "batch_size", "max_epochs", "anchor_batch"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.auto_layers is not None and self.auto_layers <= 0:
@@ -171,13 +176,17 @@ def run_epochs(
     on_progress: ProgressFn | None = None,
     chunk: int = 0,
     variants: Sequence[Sequence[EditRequest]] = (),
+    anchors: Anchors | None = None,
 ) -> tuple[list[float], list[float]]:
     """Algorithm 1's loop, each epoch over ``requests`` plus one random pick from each pool of ``variants``.
+
+    With ``anchors``, each step adds β · KL(base ‖ edited) on a random draw of them (``crispedit.anchor``).
 
     Returns (epoch mean losses, seconds per optimizer step).
     """
     device = next(model.parameters()).device
     rng = random.Random(config.seed + chunk)
+    draw = torch.Generator().manual_seed(config.seed + chunk)
     epoch_losses: list[float] = []
     step_seconds: list[float] = []
     first_loss: float | None = None
@@ -198,6 +207,9 @@ def run_epochs(
             losses.append(value)
             if value < config.early_stop:
                 continue
+            if anchors is not None and config.anchor_weight > 0:
+                rows = torch.randperm(len(anchors), generator=draw)[: config.anchor_batch].to(device)
+                loss = loss + config.anchor_weight * anchor_kl(model, anchors, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -220,14 +232,19 @@ def edit(
     config: EditConfig | None = None,
     on_progress: ProgressFn | None = None,
     recompute_cache: Callable[[], CurvatureCache] | None = None,
+    anchors: Anchors | None = None,
 ) -> EditResult:
     """Apply ``requests`` to ``model`` in place (Alg. 1, or Alg. 2 with ``config.sequential_chunk``).
 
     ``recompute_cache`` (optional) rebuilds the capability curvature at the current weights; it is
     called when an edited weight drifts past ``config.recompute_drift`` relative to the last build.
+    ``anchors`` (from :func:`crispedit.anchor.base_anchors` on the unedited model) are used when
+    ``config.anchor_weight`` > 0.
     """
     config = config or EditConfig()
     check_requests(requests, tokenizer)
+    if config.anchor_weight > 0 and not anchors:
+        raise EditError("anchor_weight > 0 needs anchors: pass crispedit.anchor.base_anchors(model, tok, pairs)")
     if config.chat_form and not getattr(tokenizer, "chat_template", None):
         raise EditError("chat_form needs a tokenizer with a chat template; this model has none")
 
@@ -286,7 +303,8 @@ def edit(
             chunk = with_chat_form(requests[start : start + chunk_size])
             pools = variants[start : start + chunk_size]
             with trainable(params):
-                losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k, pools)
+                losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k, pools,
+                                             anchors)
             epoch_losses += losses
             step_seconds += seconds
             if config.sequential_chunk and capability is not None:

@@ -99,12 +99,16 @@ def locality_items(requests: Sequence[EditRequest]) -> list[EditRequest]:
     return [r for r in requests if r.locality_prompt and r.locality_answer]
 
 
-def locality_reference(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> LocalityReference:
-    """Record the (base) model's locality predictions before an edit."""
+def locality_reference(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], generated: bool = True
+) -> LocalityReference:
+    """Record the (base) model's locality predictions before an edit (teacher-forced only without ``generated``)."""
     items = locality_items(requests)
     prompts = [r.locality_prompt for r in items]
-    tf = teacher_forced_predictions(model, tokenizer, prompts, [r.locality_answer for r in items])
-    return LocalityReference([pred for pred, _ in tf], generate_answers(model, tokenizer, prompts),
+    tf = [pred for pred, _ in teacher_forced_predictions(model, tokenizer, prompts, [r.locality_answer for r in items])]
+    if not generated:
+        return LocalityReference(tf, [])
+    return LocalityReference(tf, generate_answers(model, tokenizer, prompts),
                              generate_answers(model, tokenizer, [QA_TEMPLATE.format(q=p) for p in prompts]))
 
 

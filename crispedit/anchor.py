@@ -1,0 +1,67 @@
+"""An exact Bregman penalty on anchor prompts: keep the base model's predictions on unrelated questions.
+
+CrispEdit constrains the quadratic (Gauss-Newton) model of the capability loss's Bregman divergence,
+which for softmax cross-entropy is KL(p_base ‖ p_edited) of next-token distributions (paper §3). Text
+curvature does not protect question answering well (BENCHMARKS.md §8: locality agreement ≈ 0.4), so
+this adds the divergence itself, on a set of anchor (prompt, continuation) pairs, to the edit loss:
+
+    L = L_edit + β · mean over anchored positions of KL(p_base ‖ p_edited),
+
+a penalty form of a trust region on the Bregman divergence. The base distributions are recorded once,
+before the edit, as their top-k tokens (the tail beyond k is dropped from the sum).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crispedit.requests import IGNORE, EditRequest, tokenize_edit_batch
+
+
+@dataclass
+class Anchors:
+    """Anchor sequences and the base model's top-k next-token log-probabilities at each anchored position."""
+
+    input_ids: torch.Tensor  # (n, L), right padded
+    attention_mask: torch.Tensor  # (n, L)
+    anchored: torch.Tensor  # (n, L - 1) bool: position t predicts a continuation token t + 1
+    top_ids: torch.Tensor  # (n, L - 1, k)
+    top_logp: torch.Tensor  # (n, L - 1, k), log p_base
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@torch.no_grad()
+def base_anchors(
+    model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], top_k: int = 32, batch_size: int = 32
+) -> Anchors:
+    """Record the (base) model's predictions over each continuation, given its prompt."""
+    if not pairs:
+        raise ValueError("no anchor (prompt, continuation) pairs given")
+    device = next(model.parameters()).device
+    batch = tokenize_edit_batch(tokenizer, [EditRequest(p, c) for p, c in pairs], device)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    top_ids, top_logp = [], []
+    for i in range(0, len(pairs), batch_size):
+        logits = model(input_ids=ids[i : i + batch_size], attention_mask=mask[i : i + batch_size]).logits[:, :-1]
+        top = torch.log_softmax(logits.float(), -1).topk(top_k, dim=-1)
+        top_ids.append(top.indices)
+        top_logp.append(top.values)
+    return Anchors(ids, mask, batch["labels"][:, 1:] != IGNORE, torch.cat(top_ids), torch.cat(top_logp))
+
+
+def anchor_kl(model: nn.Module, anchors: Anchors, rows: torch.Tensor) -> torch.Tensor:
+    """Mean over the anchored positions of ``rows`` of Σ_top-k p_base (log p_base − log p_edited)."""
+    mask = anchors.attention_mask[rows]
+    length = int(mask.sum(dim=1).max())  # drop padding columns that no row of this minibatch needs
+    logits = model(input_ids=anchors.input_ids[rows, :length], attention_mask=mask[:, :length]).logits[:, :-1]
+    logq = torch.log_softmax(logits.float(), -1).gather(-1, anchors.top_ids[rows, : length - 1])
+    logp = anchors.top_logp[rows, : length - 1]
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    anchored = anchors.anchored[rows, : length - 1]
+    return (kl * anchored).sum() / anchored.sum().clamp_min(1)
