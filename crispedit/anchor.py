@@ -13,8 +13,10 @@ before the edit, as their top-k tokens (the tail beyond k is dropped from the su
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,6 +36,26 @@ class Anchors:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def read_anchor_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """ANCHORS.jsonl: ``{"prompt": ..., "answer": ...}`` lines (an unrelated question and its answer)."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                prompt, answer = record["prompt"], record["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": ..., \"answer\": ...}} ({err})") from err
+            if not (isinstance(prompt, str) and isinstance(answer, str) and prompt.strip() and answer.strip()):
+                raise ValueError(f"{path}:{lineno}: prompt and answer must be non-empty strings")
+            pairs.append((prompt, answer))
+    if not pairs:
+        raise ValueError(f"{path} holds no anchor pairs")
+    return pairs
 
 
 @torch.no_grad()

@@ -37,6 +37,10 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute-drift", type=float, default=None,
                    help="recompute the capability curvature when an edited weight drifts past this relative norm")
     p.add_argument("--chat-form", action="store_true", help="also train each edit through the chat template")
+    p.add_argument("--anchors", default=None, metavar="ANCHORS.jsonl",
+                   help='{"prompt", "answer"} lines whose base-model predictions the edit keeps (with --anchor-weight)')
+    p.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
+                   help="β of the KL(base‖edited) penalty on the anchors (0: off, the paper's recipe)")
     p.add_argument("--auto-layers", type=int, default=None, metavar="K",
                    help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
@@ -51,7 +55,7 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None)
                       max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
                       recompute_drift=args.recompute_drift, chat_form=args.chat_form,
                       augment=tuple(a for a in args.augment.split(",") if a), layers=layers,
-                      auto_layers=args.auto_layers)
+                      auto_layers=args.auto_layers, anchor_weight=args.anchor_weight)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:
@@ -77,6 +81,7 @@ def cmd_mix_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
+    from crispedit.anchor import base_anchors, read_anchor_pairs
     from crispedit.cache import CurvatureCache
     from crispedit.edit import edit, epoch_bar
     from crispedit.models import load_model
@@ -88,9 +93,12 @@ def cmd_edit(args: argparse.Namespace) -> None:
     if cache is None and args.method != "ft":
         raise SystemExit(f"--method {args.method} needs --cache CACHE (build one with `crispedit build-cache`)")
     config = edit_config(args, parse_layers(args.layers))
+    if config.anchor_weight > 0 and not args.anchors:
+        raise SystemExit("--anchor-weight needs --anchors ANCHORS.jsonl")
+    anchors = base_anchors(model, tok, read_anchor_pairs(args.anchors)) if args.anchors else None
 
     with epoch_bar(config, len(requests), desc=f"{config.method} edit") as report:
-        result = edit(model, tok, requests, cache, config, on_progress=report)
+        result = edit(model, tok, requests, cache, config, on_progress=report, anchors=anchors)
     out = Path(args.out)
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -101,14 +101,21 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
         torch.testing.assert_close(a.factors[name].A, b.factors[name].A)
         torch.testing.assert_close(a.factors[name].S, b.factors[name].S)
 
-    out = tmp_path / "edited"
+    out, anchors, bad = tmp_path / "edited", tmp_path / "anchors.jsonl", tmp_path / "bad.jsonl"
+    anchors.write_text('{"prompt": "Who wrote Hamlet?", "answer": "Shakespeare"}\n')
+    bad.write_text('{"prompt": "Who wrote Hamlet?"}\n')
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
-                    "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--auto-layers", "1", "--out", str(out))
+                    "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--auto-layers", "1",
+                    "--anchors", str(anchors), "--anchor-weight", "1.0", "--out", str(out))
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "crispedit_edit.json").read_text())
     assert report["config"]["augment"] == ["prefix"] and report["config"]["auto_layers"] == 1
+    assert report["config"]["anchor_weight"] == 1.0
     assert len(report["layers"]) == 1 and report["layers"][0] in (1, 2)
     assert [int(n.split(".")[2]) for n in report["changed"]] == report["layers"]
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--augment", "backtranslate", "--out", str(tmp_path / "z"))
     assert run.returncode != 0 and "unknown augmentation" in run.stderr
+    run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
+                    "--anchors", str(bad), "--anchor-weight", "1", "--out", str(tmp_path / "w"))
+    assert run.returncode != 0 and "bad.jsonl:1: expected" in run.stderr
