@@ -72,6 +72,13 @@ def wait_done(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
     pytest.fail(f"edit {job_id} did not finish: {job}")
 
 
+def wait_logged(path: Path, text: str, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while text not in path.read_text():
+        assert time.time() < deadline, f"{path.name} never said {text!r}"
+        time.sleep(0.1)
+
+
 def test_edit_query_rollback_through_the_service(service):
     from openai import OpenAI
 
@@ -88,6 +95,8 @@ def test_edit_query_rollback_through_the_service(service):
     assert [j["status"] for j in jobs] == ["succeeded"] * 3, jobs
     assert {j["version"] for j in jobs} == {"v1"} and sorted(jobs[0]["batch"]) == sorted(ids)
     assert jobs[0]["metrics"]["reliability"] >= 0.5
+    wait_logged(service["tmp"] / "api.log", "tiny@latest → v1: preloaded")  # the worker's notification
+
 
     events = reader.get(f"/v1/edits/{ids[0]}/events").text
     kinds = [line.split(": ", 1)[1] for line in events.splitlines() if line.startswith("event: ")]
