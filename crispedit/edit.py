@@ -311,7 +311,8 @@ def edit(
                 chunk_features.append(edit_features(model, tokenizer, chunk, modules, config.stats_batch_size))
                 folded.append({n: factors_from_features(*ag) for n, ag in chunk_features[-1].items()})
                 state = current_cache()
-                optimizer.set_projectors(make_projectors(state, config, names, fan_in_fan_out, device))
+                if start + chunk_size < len(requests):  # later chunks are projected to protect this one
+                    optimizer.set_projectors(make_projectors(state, config, names, fan_in_fan_out, device))
                 if on_progress:
                     on_progress({"event": "fold", "chunk": k, "tokens": state.num_tokens})
         for p in params:
