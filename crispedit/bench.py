@@ -285,24 +285,29 @@ def suite_sweep(b: Bench) -> None:
 
 
 def plot_sweep(rows: list[dict], path: Path) -> None:
+    """Reliability and generality against perplexity increase, one point per γ (cf. paper Fig. 3)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, marker in (("crispedit", "o"), ("nullspace", "s")):
-        pts = [r for r in rows if r["method"] == method]
-        ax.plot([r["ppl_change_pct"] for r in pts], [r["rel_tf"] for r in pts], marker=marker, label=method)
-        for r in pts:
-            ax.annotate(f"γ={r['gamma']}", (r["ppl_change_pct"], r["rel_tf"]), fontsize=7)
-    ft = [r for r in rows if r["method"] == "ft"]
-    ax.scatter([r["ppl_change_pct"] for r in ft], [r["rel_tf"] for r in ft], color="red", marker="x", label="ft")
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlabel("perplexity increase on held-out WikiText-2 (%)")
-    ax.set_ylabel("teacher-forced reliability")
-    ax.set_title("Reliability vs capability drop (cf. paper Fig. 3)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for ax, key, label in ((axes[0], "rel_tf", "teacher-forced reliability"),
+                           (axes[1], "gen_tf", "teacher-forced generality (rephrases)")):
+        for method, marker, dy in (("crispedit", "o", 6), ("nullspace", "s", -10)):
+            pts = [r for r in rows if r["method"] == method]
+            ax.plot([r["ppl_change_pct"] for r in pts], [r[key] for r in pts], marker=marker, label=method)
+            for r in pts:
+                ax.annotate(f"{r['gamma']:g}", (r["ppl_change_pct"], r[key]), textcoords="offset points",
+                            xytext=(0, dy), ha="center", fontsize=7)
+        ft = [r for r in rows if r["method"] == "ft"]
+        ax.scatter([r["ppl_change_pct"] for r in ft], [r[key] for r in ft], color="red", marker="x", label="ft")
+        ax.set_xscale("log")
+        ax.set_xlabel("perplexity increase on held-out WikiText-2 (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="labels: γ")
+    fig.suptitle("γ sweep: editing success against capability drop (cf. paper Fig. 3)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
