@@ -32,7 +32,8 @@ class Hyperparameters(Strict):
     method: Literal["crispedit", "nullspace", "ft"] = "crispedit"
     energy: float = Field(0.8, ge=0.0, le=1.0)
     lr: float = Field(2e-3, gt=0.0, le=1.0)
-    batch_size: int = Field(32, ge=1, le=512)
+    batch_size: int | None = Field(None, ge=1, le=512, description="edits per optimizer step; default: the server's "
+                                   "CRISPEDIT_EDIT_BATCH_SIZE")
     max_epochs: int = Field(25, ge=1, le=200)
     chat_form: bool | None = None  # also train through the chat template; default: when the model has one
     augment: list[Literal["paraphrase", "prefix"]] | None = Field(

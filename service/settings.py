@@ -35,6 +35,9 @@ class Settings(BaseSettings):
                                                  "default builds in about a minute on a laptop CPU)")
     cache_seq_len: int = Field(256, description="curvature cache: tokens per sequence")
     coalesce_max: int = Field(32, description="at most this many queued edit requests of a model form one batch")
+    edit_batch_size: int = Field(0, ge=0, description="edits per optimizer step of a (coalesced) batch; 0 = auto: "
+                                                      "4 on a CPU (faster there, same quality; BENCHMARKS.md), "
+                                                      "32 on a GPU (the paper's)")
     lease_seconds: float = Field(15.0, gt=0, description="a worker editing a model renews its lease on it; one "
                                                          "killed is replaced by another after at most this long")
     kl_budget: float = Field(0.05, description="capability guard: reject an edit whose KL(base‖edited) on held-out "

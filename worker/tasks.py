@@ -79,6 +79,7 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         requests = [EditRequest.from_dict(e) for r in batch for e in r["payload"]["edits"]]
         hyper = {k: v for k, v in (payload.get("hyperparameters") or {}).items() if v is not None}
         hyper.setdefault("chat_form", bool(getattr(rt.tokenizer, "chat_template", None)))
+        hyper.setdefault("batch_size", rt.edit_batch_size)
         hyper.setdefault("augment", [a for a in rt.settings.augment.split(",") if a])
         config = EditConfig(**{"sequential_chunk": len(requests), **hyper})
         for attempt in range(2):  # once more if the head moved under us (e.g. a rollback)
