@@ -1,0 +1,53 @@
+"""Where a CrispEdit step's projection time goes: the whole Eq. 6 projection of every cached layer, its two
+U_S rotations alone, one plain matmul of the same shape (the machine's matmul speed), and the projector build.
+
+Usage: .venv/bin/python scripts/bench_projector.py CACHE.safetensors [--energy 0.8] [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from crispedit.cache import CurvatureCache
+from crispedit.projector import build_projector
+
+
+def median_seconds(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cache")
+    parser.add_argument("--energy", type=float, default=0.8)
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    cache = CurvatureCache.load(args.cache)
+    started = time.perf_counter()
+    projectors = [build_projector(f, args.energy) for f in cache.factors.values()]
+    build = time.perf_counter() - started
+    torch.manual_seed(0)
+    grads = [torch.randn(p.U_out.shape[0], p.U_in.shape[0]) for p in projectors]
+    whole = median_seconds(lambda: [p(g) for p, g in zip(projectors, grads, strict=True)], args.reps)
+    rotations = median_seconds(lambda: [p.U_out @ (p.U_out.T @ g) for p, g in zip(projectors, grads, strict=True)],
+                               args.reps)
+    d_out, d_in = grads[0].shape
+    a, b = torch.randn(d_out, d_out), torch.randn(d_out, d_in)
+    matmul = median_seconds(lambda: a @ b, args.reps)
+    print(f"{len(projectors)} layers at γ = {args.energy}: projection {whole * 1e3:.1f} ms, of which the two U_S "
+          f"rotations {rotations * 1e3:.1f} ms; one {d_out}×{d_out}×{d_in} matmul {matmul * 1e3:.2f} ms "
+          f"({2 * d_out * d_out * d_in / matmul / 1e9:.0f} GFLOP/s); building the projectors {build:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
