@@ -1,0 +1,63 @@
+"""How the minibatch size changes a coalesced batch's edit time (issue 4), in process on the real SmolLM2.
+
+Edits ZsRE records as the worker does (chat form on, one sequential chunk so the batch's curvature is
+folded), once per batch size, then a few of them alone; each row: seconds, epochs, steps, teacher-forced
+reliability and KL(base‖edited) on held-out WikiText-2.
+
+Usage: .venv/bin/python scripts/bench_edit_batch.py CACHE.safetensors [--batch-sizes 32,8,4] [--n 30] [--singles 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from crispedit.cache import CurvatureCache
+from crispedit.capability import heldout_texts, mean_kl
+from crispedit.datasets import load_edit_dataset, shared_data_dir
+from crispedit.edit import EditConfig, edit
+from crispedit.evaluate import edit_quality
+from crispedit.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cache")
+    parser.add_argument("--batch-sizes", default="32,8,4")
+    parser.add_argument("--n", type=int, default=30)
+    parser.add_argument("--offset", type=int, default=204, help="ZsRE eval records (the service benchmark's)")
+    parser.add_argument("--singles", type=int, default=2)
+    args = parser.parse_args()
+    model, tok = load_model("smollm2")
+    cache = CurvatureCache.load(args.cache, model=model)
+    data = shared_data_dir()
+    requests = load_edit_dataset("zsre", data / "editing/zsre/zsre_mend_eval_3k.json", n=args.n, offset=args.offset)
+    texts = heldout_texts(data / "capability/wikitext2/wiki.test.raw", 20)
+
+    def run(batch: list, batch_size: int) -> dict:
+        config = EditConfig(batch_size=batch_size, chat_form=True, sequential_chunk=len(batch))
+        started = time.perf_counter()
+        result = edit(model, tok, batch, cache, config)
+        seconds = time.perf_counter() - started
+        row = {"edits": len(batch), "batch_size": batch_size, "seconds": round(seconds, 1),
+               "epochs": len(result.epoch_losses), "steps": result.steps,
+               "rel_tf": edit_quality(model, tok, batch, generated=False)["rel_tf"],
+               "kl": mean_kl(model, tok, texts, result.original, result.changed)}
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in result.original.items():
+                params[name].copy_(value)
+        print(json.dumps(row), flush=True)
+        return row
+
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        run(requests, batch_size)
+    for i in range(args.singles):
+        run(requests[i : i + 1], 32)
+
+
+if __name__ == "__main__":
+    main()
