@@ -227,15 +227,16 @@ def suite_quality(b: Bench) -> None:
 def suite_layers(b: Bench) -> None:
     """Issue 8: the fixed middle layers against the same number of layers ranked by edit-gradient norm."""
     fixed, every = b.cache(), b.cache(layers=tuple(range(num_layers(b.model))))
+    test = b.args.split == "test"
     rows = []
-    base = b.base_capability()
-    for dataset in b.args.datasets.split(","):
-        requests = b.requests(dataset)
-        reference = locality_reference(b.model, b.tok, requests)
+    base = b.base_capability(mc=test)
+    for dataset in b.args.datasets.split(",") if test else ["zsre"]:
+        requests = b.requests(dataset, split=b.args.split)
+        reference = locality_reference(b.model, b.tok, requests, generated=test)
         for name, cache, auto in (("fixed", fixed, None), ("ranked", every, len(b.layers))):
-            row = b.run(requests, cache, b.config(auto_layers=auto), reference)
+            row = b.run(requests, cache, b.config(auto_layers=auto), reference, generated=test, mc=test)
             rows.append({"dataset": dataset, "layer choice": name, **row})
-    b.write("layers", {"base": base, "rows": rows},
+    b.write("layers", {"split": b.args.split, "base": base, "rows": rows},
             markdown_table(rows, [("dataset", "data"), ("layer choice", "layers"), ("edited_layers", "edited")]))
 
 
@@ -422,7 +423,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--datasets", default="zsre,counterfact")
     p.add_argument("--methods", default="crispedit,nullspace,ft")
     p.add_argument("--split", default="train", choices=["train", "test"],
-                   help="sweep/fisher/anchor: zsre train (tuning) or test items")
+                   help="sweep/fisher/anchor/layers: zsre train (tuning) or test items")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--layers", default=None)
     p.add_argument("--energy", type=float, default=d.energy)
