@@ -36,6 +36,8 @@ class Hyperparameters(Strict):
                                    "CRISPEDIT_EDIT_BATCH_SIZE")
     max_epochs: int = Field(25, ge=1, le=200)
     chat_form: bool | None = None  # also train through the chat template; default: when the model has one
+    anchor_weight: float | None = Field(None, ge=0.0, le=100.0, description="β of the KL penalty on the server's "
+                                        "anchor questions (CRISPEDIT_ANCHORS); default CRISPEDIT_ANCHOR_WEIGHT")
     augment: list[Literal["paraphrase", "prefix"]] | None = Field(
         None, description="also train on wordings the base model writes: paraphrases of each prompt, and "
                           "the prompt after unrelated context (prefix)")
