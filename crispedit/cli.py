@@ -39,8 +39,9 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-form", action="store_true", help="also train each edit through the chat template")
     p.add_argument("--anchors", default=None, metavar="ANCHORS.jsonl",
                    help='{"prompt", "answer"} lines whose base-model predictions the edit keeps (with --anchor-weight)')
-    p.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
-                   help="β of the KL(base‖edited) penalty on the anchors (0: off, the paper's recipe)")
+    p.add_argument("--anchor-weight", type=float, default=None,
+                   help="β of the KL(base‖edited) penalty on the anchors (default with --anchors: 1, tuned in "
+                        "BENCHMARKS.md §9; 0: off, the paper's recipe)")
     p.add_argument("--auto-layers", type=int, default=None, metavar="K",
                    help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
@@ -49,13 +50,15 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
 
 
 def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None):
+    from crispedit.anchor import TUNED_WEIGHT
     from crispedit.edit import EditConfig
 
+    anchor_weight = args.anchor_weight if args.anchor_weight is not None else (TUNED_WEIGHT if args.anchors else 0.0)
     return EditConfig(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
                       max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
                       recompute_drift=args.recompute_drift, chat_form=args.chat_form,
                       augment=tuple(a for a in args.augment.split(",") if a), layers=layers,
-                      auto_layers=args.auto_layers, anchor_weight=args.anchor_weight)
+                      auto_layers=args.auto_layers, anchor_weight=anchor_weight)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:

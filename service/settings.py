@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from crispedit.anchor import TUNED_WEIGHT
 from crispedit.models import crispedit_home
 
 
@@ -33,8 +34,8 @@ class Settings(BaseSettings):
                                          "hyperparameters.augment overrides it; see BENCHMARKS.md section 8)")
     anchors: str = Field("", description="ANCHORS.jsonl of {\"prompt\", \"answer\"} pairs (unrelated questions) whose "
                                          "base-model predictions every edit keeps, by a KL penalty; '' = none")
-    anchor_weight: float = Field(1.0, ge=0, description="β of that penalty when anchors are configured (a request's "
-                                                        "hyperparameters.anchor_weight overrides it; 0 = off)")
+    anchor_weight: float = Field(TUNED_WEIGHT, ge=0, description="β of that penalty when anchors are configured "
+                                 "(a request's hyperparameters.anchor_weight overrides it; 0 = off)")
     cache_samples: int = Field(32, description="curvature cache: number of sequences (the paper uses more; this "
                                                  "default builds in about a minute on a laptop CPU)")
     cache_seq_len: int = Field(256, description="curvature cache: tokens per sequence")

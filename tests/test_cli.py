@@ -106,11 +106,11 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
     bad.write_text('{"prompt": "Who wrote Hamlet?"}\n')
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--auto-layers", "1",
-                    "--anchors", str(anchors), "--anchor-weight", "1.0", "--out", str(out))
+                    "--anchors", str(anchors), "--out", str(out))
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "crispedit_edit.json").read_text())
     assert report["config"]["augment"] == ["prefix"] and report["config"]["auto_layers"] == 1
-    assert report["config"]["anchor_weight"] == 1.0
+    assert report["config"]["anchor_weight"] == 1.0  # the tuned β, since --anchors was given
     assert len(report["layers"]) == 1 and report["layers"][0] in (1, 2)
     assert [int(n.split(".")[2]) for n in report["changed"]] == report["layers"]
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
