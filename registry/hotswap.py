@@ -50,9 +50,10 @@ class HotSwapModel:
 
     def _version_tensors(self, version_id: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         """(digests, tensors) of a version; manifests are immutable, so an LRU hit touches no file."""
-        if version_id not in self._lru:
+        if version_id in self._lru:
+            self._lru.move_to_end(version_id)
+        else:
             self._remember(version_id, self._load(version_id))
-        self._lru.move_to_end(version_id)
         return self._lru[version_id]
 
     def _base_value(self, name: str) -> torch.Tensor:
