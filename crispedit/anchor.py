@@ -60,6 +60,15 @@ def read_anchor_pairs(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def with_question_forms(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The pairs, then each again inside one of the QA framings of ``crispedit.augment.QA_FORMS`` (in turn),
+    so the penalty also keeps answers to questions asked that way."""
+    from crispedit.augment import QA_FORMS
+
+    framed = [(QA_FORMS[i % len(QA_FORMS)].format(q=p), a) for i, (p, a) in enumerate(pairs)]
+    return list(pairs) + framed
+
+
 @torch.no_grad()
 def base_anchors(
     model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], top_k: int = 32, batch_size: int = 32

@@ -6,6 +6,8 @@
   else every capitalised word of the prompt after its first word).
 - ``prefix``: ROME's context templates. Short texts sampled from the model are put before the prompt
   ("{prefix}. {prompt}"), so the edit also holds after unrelated context.
+- ``qa``: the prompt and each kept paraphrase inside fixed question-answer framings (``QA_FORMS``), so the
+  edit also holds when asked as a question. The evaluation's QA template is deliberately not one of them.
 
 The evaluation rephrases are never used: every variant comes from the base model and the prompt alone.
 """
@@ -20,7 +22,7 @@ from torch import nn
 
 from crispedit.requests import EditRequest
 
-AUGMENTATIONS = ("paraphrase", "prefix")
+AUGMENTATIONS = ("paraphrase", "prefix", "qa")
 
 # Few-shot completion, not a chat instruction: asked in chat, a 135M model answers the question instead.
 QUESTION_SHOTS = (
@@ -37,6 +39,7 @@ SENTENCE_SHOTS = (
     "Sentence: Angela Merkel holds the position of\nRewritten: Angela Merkel serves as\n"
     "Sentence: {prompt}\nRewritten:"
 )
+QA_FORMS = ("Question: {q}\nAnswer:", "Answer the question.\n{q}\nAnswer:", "{q}\nThe answer is")
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When")  # as ROME's context templates
 
 
@@ -115,13 +118,18 @@ def augmented_prompts(
     if unknown:
         raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {AUGMENTATIONS}")
     variants: list[list[str]] = [[] for _ in requests]
+    wordings: list[list[str]] = [[r.prompt] for r in requests]  # what the QA framings wrap
     with torch.random.fork_rng(devices=[]):  # seeded sampling, without touching the caller's random state
         torch.manual_seed(seed)
         if "paraphrase" in kinds:
-            for mine, rewrites in zip(variants, paraphrases(model, tokenizer, requests), strict=True):
+            for mine, own, rewrites in zip(variants, wordings, paraphrases(model, tokenizer, requests), strict=True):
                 mine.extend(rewrites)
+                own.extend(rewrites)
         if "prefix" in kinds:
             prefixes = context_prefixes(model, tokenizer)
             for mine, r in zip(variants, requests, strict=True):
                 mine.extend(f"{p}. {r.prompt}" for p in prefixes)
+    if "qa" in kinds:
+        for mine, own in zip(variants, wordings, strict=True):
+            mine.extend(form.format(q=w) for w in own for form in QA_FORMS)
     return [[EditRequest(prompt=v, target=r.target) for v in vs] for r, vs in zip(requests, variants, strict=True)]

@@ -8,6 +8,8 @@ Suites (each writes ``<out>/<suite>.json`` and ``<out>/<suite>.md``):
 - ``quality``: issue 8's rows: the paper recipe, + a mixed capability set (text + the model's own answers
   to questions, raw and through the chat template), + paraphrase/prefix augmentation, + both, and ft.
 - ``anchor``: the paper recipe with the KL penalty on anchor questions (``crispedit.anchor``) at each β.
+- ``combined``: issue 8's targets in one row: paraphrase + QA-form augmentation with anchors (raw and
+  QA-framed), beside the paper recipe and ft.
 - ``layers``: the fixed middle layers against as many layers ranked by edit-gradient norm (all layers cached).
 - ``speed``: CrispEdit step / FT step on identical batches, cache build per token / fwd+bwd per token,
   projector memory.
@@ -270,6 +272,31 @@ def suite_anchor(b: Bench) -> None:
             markdown_table(rows, [("dataset", "data"), ("anchor_weight", "β")]))
 
 
+def suite_combined(b: Bench) -> None:
+    """Issue 8: what helped, together: augmentation (``--augment``) and β = 1 anchors, raw and QA-framed."""
+    from crispedit.anchor import TUNED_WEIGHT, base_anchors, with_question_forms
+
+    cache = b.cache()
+    anchors = base_anchors(b.model, b.tok, with_question_forms(anchor_pairs(b.data, b.args.anchors)))
+    augment = tuple(b.args.augment.split(","))
+    variants = {"paper recipe": (cache, b.config()),
+                "+ augmentation + anchors": (cache, b.config(augment=augment, anchor_weight=TUNED_WEIGHT)),
+                "fine-tuning": (None, b.config(method="ft"))}
+    chosen = [v.strip() for v in b.args.variants.split(",")]
+    test = b.args.split == "test"
+    base = b.base_capability(mc=test)
+    rows = []
+    for dataset in b.args.datasets.split(",") if test else ["zsre"]:
+        requests = b.requests(dataset, split=b.args.split)
+        reference = locality_reference(b.model, b.tok, requests)
+        for name, (cache_, config) in variants.items():
+            if name.split()[0] in chosen or name in chosen:
+                row = b.run(requests, cache_, config, reference, mc=test, anchors=anchors)
+                rows.append({"dataset": dataset, "variant": name, **row})
+    b.write("combined", {"split": b.args.split, "augment": augment, "anchors": len(anchors), "base": base,
+                         "rows": rows}, markdown_table(rows, [("dataset", "data"), ("variant", "variant")]))
+
+
 def suite_sweep(b: Bench) -> None:
     cache = b.cache()
     requests = b.requests("zsre", split=b.args.split)
@@ -402,8 +429,9 @@ def suite_speed(b: Bench) -> None:
     b.write("speed", {"reps": reps, "row": row}, "| quantity | value |\n|---|---|\n" + table)
 
 
-SUITES = {"main": suite_main, "quality": suite_quality, "layers": suite_layers, "anchor": suite_anchor,
-          "sweep": suite_sweep, "fisher": suite_fisher, "sequential": suite_sequential, "speed": suite_speed}
+SUITES = {"main": suite_main, "quality": suite_quality, "combined": suite_combined, "layers": suite_layers,
+          "anchor": suite_anchor, "sweep": suite_sweep, "fisher": suite_fisher, "sequential": suite_sequential,
+          "speed": suite_speed}
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -444,5 +472,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--augment", default="paraphrase,prefix", help="quality: augmentations of the + rows")
     p.add_argument("--anchors", type=int, default=256, help="anchor: number of anchor (question, answer) pairs")
     p.add_argument("--anchor-weights", default="0,1", help="anchor: β values, comma-separated (0: without)")
+    p.add_argument("--variants", default="paper,+,fine-tuning",
+                   help="combined: rows to run, by first word: 'paper', '+' (augmentation + anchors), 'fine-tuning'")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)

@@ -45,7 +45,8 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-layers", type=int, default=None, metavar="K",
                    help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
-                   help="comma-separated: 'paraphrase' and/or 'prefix' (model-written variants of each prompt); "
+                   help="comma-separated: 'paraphrase', 'prefix' (model-written variants of each prompt) and/or 'qa' "
+                        "(the prompt and its paraphrases framed as a question); "
                         "'' for none (the paper's recipe, the default; see BENCHMARKS.md section 8)")
 
 

@@ -29,8 +29,9 @@ class Settings(BaseSettings):
                                             "'self' (text sampled from the model), 'self-raw:PROMPTS' / "
                                             "'self-chat:PROMPTS' (the model's answers to a file of prompts), "
                                             "or a weighted mixture 'SOURCE=W,SOURCE=W'")
-    augment: str = Field("", description="edits also train on wordings the base model writes: 'paraphrase', "
-                                         "'prefix', both comma-separated, or '' (none; a request's "
+    augment: str = Field("", description="edits also train on other wordings: 'paraphrase', 'prefix' "
+                                         "(both written by the base model), 'qa' (framed as a question), "
+                                         "comma-separated, or '' (none; a request's "
                                          "hyperparameters.augment overrides it; see BENCHMARKS.md section 8)")
     anchors: str = Field("", description="ANCHORS.jsonl of {\"prompt\", \"answer\"} pairs (unrelated questions) whose "
                                          "base-model predictions every edit keeps, by a KL penalty; '' = none")

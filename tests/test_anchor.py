@@ -5,7 +5,8 @@ import torch
 from conftest import make_tiny
 from test_edit import FACTS
 
-from crispedit.anchor import anchor_kl, base_anchors
+from crispedit.anchor import anchor_kl, base_anchors, with_question_forms
+from crispedit.augment import QA_FORMS
 from crispedit.edit import EditConfig, EditError, edit
 
 PAIRS = [("Q: Who wrote Hamlet? A:", "Shakespeare"), ("Q: What is the capital of Spain? A:", "Madrid"),
@@ -60,3 +61,10 @@ def test_a_weight_without_anchors_is_refused():
         edit(model, tok, FACTS, None, EditConfig(method="ft", anchor_weight=1.0))
     with pytest.raises(ValueError, match="anchor_weight must be non-negative"):
         EditConfig(anchor_weight=-1.0)
+
+
+def test_question_forms_add_each_pair_framed_as_a_question_in_turn():
+    pairs = [("Who wrote Dracula?", "Bram Stoker"), ("Capital of Peru?", "Lima"), ("2 + 2?", "4"), ("x?", "y")]
+    out = with_question_forms(pairs)
+    assert out[:4] == pairs
+    assert out[4:] == [(QA_FORMS[i % len(QA_FORMS)].format(q=p), a) for i, (p, a) in enumerate(pairs)]
