@@ -88,6 +88,11 @@ def base_anchors(
     return Anchors(ids, mask, batch["labels"][:, 1:] != IGNORE, torch.cat(top_ids), torch.cat(top_logp))
 
 
+def load_anchors(model: nn.Module, tokenizer, path: str | Path) -> Anchors:
+    """The base model's predictions on an ANCHORS.jsonl file, each pair raw and framed as a question."""
+    return base_anchors(model, tokenizer, with_question_forms(read_anchor_pairs(path)))
+
+
 def anchor_kl(model: nn.Module, anchors: Anchors, rows: torch.Tensor) -> torch.Tensor:
     """Mean over the anchored positions of ``rows`` of Σ_top-k p_base (log p_base − log p_edited)."""
     mask = anchors.attention_mask[rows]

@@ -84,7 +84,11 @@ class Bench:
         return CurvatureCache.mixed(parts, [float(w) for w in self.args.mix.split(",")])
 
     def requests(self, dataset: str, split: str = "test"):
-        if split == "train":  # tuning data, never the test items
+        """Test items: the first N records. Tuning items, never tested: ZsRE's train file, and CounterFact
+        records from 2000 on (records 1000-1999 give anchors, 0-99 are the test items)."""
+        if split == "train" and dataset == "counterfact":
+            return load_edit_dataset(dataset, self.data / DATASET_FILES[dataset], n=self.args.n, offset=2000)
+        if split == "train":
             path = self.data / "editing/zsre/zsre_mend_train_1k.json"
             return load_edit_dataset("zsre", path, n=self.args.n)
         return load_edit_dataset(dataset, self.data / DATASET_FILES[dataset], n=self.args.n)
@@ -286,7 +290,7 @@ def suite_combined(b: Bench) -> None:
     test = b.args.split == "test"
     base = b.base_capability(mc=test)
     rows = []
-    for dataset in b.args.datasets.split(",") if test else ["zsre"]:
+    for dataset in b.args.datasets.split(","):  # train split: ZsRE train, CounterFact records 2000 on
         requests = b.requests(dataset, split=b.args.split)
         reference = locality_reference(b.model, b.tok, requests)
         for name, (cache_, config) in variants.items():

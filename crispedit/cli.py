@@ -85,7 +85,7 @@ def cmd_mix_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from crispedit.anchor import base_anchors, read_anchor_pairs
+    from crispedit.anchor import load_anchors
     from crispedit.cache import CurvatureCache
     from crispedit.edit import edit, epoch_bar
     from crispedit.models import load_model
@@ -99,7 +99,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     config = edit_config(args, parse_layers(args.layers))
     if config.anchor_weight > 0 and not args.anchors:
         raise SystemExit("--anchor-weight needs --anchors ANCHORS.jsonl")
-    anchors = base_anchors(model, tok, read_anchor_pairs(args.anchors)) if args.anchors else None
+    anchors = load_anchors(model, tok, args.anchors) if args.anchors else None
 
     with epoch_bar(config, len(requests), desc=f"{config.method} edit") as report:
         result = edit(model, tok, requests, cache, config, on_progress=report, anchors=anchors)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from crispedit.anchor import Anchors, base_anchors, read_anchor_pairs
+from crispedit.anchor import Anchors, load_anchors
 from crispedit.arch import default_layers
 from crispedit.cache import CurvatureCache, build_cache
 from crispedit.corpus import sample_from_model
@@ -60,7 +60,7 @@ def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
     # held-out text for the capability guard, sampled from the base model itself (no dataset needed)
     guard = [tok.decode(ids, skip_special_tokens=True) for ids in sample_from_model(model, tok, 8, 64, seed=12345,
                                                                             progress=False)]
-    anchors = base_anchors(model, tok, read_anchor_pairs(settings.anchors)) if settings.anchors else None
+    anchors = load_anchors(model, tok, settings.anchors) if settings.anchors else None
     log.info("%s: loaded %s with its curvature cache (%d tokens)%s", name, base, capability.num_tokens,
              f" and {len(anchors)} anchors" if anchors else "")
     return ModelRuntime(name, model, tok, registry, HotSwapModel(model, registry, name), capability, guard, settings,
