@@ -39,22 +39,23 @@ def test_augmented_prompts_keep_the_target_and_end_with_the_prompt(tiny_llama):
     assert all(r.prompt not in kept for r, kept in zip(FACTS, rewrites, strict=True))
     with pytest.raises(ValueError, match="unknown augmentation"):
         augmented_prompts(model, tok, FACTS, ("backtranslate",))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        EditConfig(augment=("backtranslate",))
 
 
-def test_qa_augmentation_frames_the_prompt_and_each_paraphrase_but_never_like_the_evaluation(tiny_llama):
+def test_qa_augmentation_frames_the_prompt_and_each_paraphrase_but_never_like_the_evaluation(tiny_llama, monkeypatch):
     model, tok = tiny_llama
-    torch.manual_seed(0)
     framed = augmented_prompts(model, tok, FACTS, ("qa",))
     assert [[v.prompt for v in vs] for vs in framed] == [[f.format(q=r.prompt) for f in QA_FORMS] for r in FACTS]
     assert all(v.target == r.target for r, vs in zip(FACTS, framed, strict=True) for v in vs)
     assert QA_TEMPLATE not in QA_FORMS and all("Q: {q}" not in f for f in QA_FORMS)
+    # a random tiny model's rewrites rarely pass the filter, so stand in for the model's paraphrases
+    rewrites = [[f"In other words, {r.prompt}"] for r in FACTS]
+    monkeypatch.setattr("crispedit.augment.paraphrases", lambda model, tok, requests: rewrites)
     both = augmented_prompts(model, tok, FACTS, ("paraphrase", "qa"))
-    rewrites = augmented_prompts(model, tok, FACTS, ("paraphrase",))
     for r, mine, own in zip(FACTS, both, rewrites, strict=True):
-        wordings = [r.prompt] + [v.prompt for v in own]
-        assert [v.prompt for v in mine] == [v.prompt for v in own] + [f.format(q=w) for w in wordings for f in QA_FORMS]
-    with pytest.raises(ValueError, match="unknown augmentation"):
-        EditConfig(augment=("backtranslate",))
+        wordings = [r.prompt, *own]
+        assert [v.prompt for v in mine] == own + [f.format(q=w) for w in wordings for f in QA_FORMS]
 
 
 def test_edit_with_prefix_augmentation_trains_the_prefixed_prompts(tiny_llama, tmp_path):
