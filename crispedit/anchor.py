@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from crispedit.augment import QA_FORMS
 from crispedit.requests import IGNORE, EditRequest, tokenize_edit_batch
 
 TUNED_WEIGHT = 1.0  # β chosen on the ZsRE train file (BENCHMARKS.md §9)
@@ -63,8 +64,6 @@ def read_anchor_pairs(path: str | Path) -> list[tuple[str, str]]:
 def with_question_forms(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """The pairs, then each again inside one of the QA framings of ``crispedit.augment.QA_FORMS`` (in turn),
     so the penalty also keeps answers to questions asked that way."""
-    from crispedit.augment import QA_FORMS
-
     framed = [(QA_FORMS[i % len(QA_FORMS)].format(q=p), a) for i, (p, a) in enumerate(pairs)]
     return list(pairs) + framed
 
