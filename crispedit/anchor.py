@@ -8,7 +8,13 @@ this adds the divergence itself, on a set of anchor (prompt, continuation) pairs
     L = L_edit + β · mean over anchored positions of KL(p_base ‖ p_edited),
 
 a penalty form of a trust region on the Bregman divergence. The base distributions are recorded once,
-before the edit, as their top-k tokens (the tail beyond k is dropped from the sum).
+before the edit, as their top-k tokens; the rest of the vocabulary is one "tail" outcome, so the penalty
+is the exact KL between the two distributions coarsened to k + 1 outcomes (never negative, zero only when
+they agree on those outcomes).
+
+Text anchors (``text_anchors``) apply the same penalty at every position of capability text windows:
+the divergence the curvature cache approximates to second order (Eq. 3), kept exactly on a sample of
+the corpus, because the quadratic model stops describing it once an edit moves far.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import torch
 from torch import nn
 
 from crispedit.augment import QA_FORMS
+from crispedit.corpus import batches_of, capability_windows, read_documents, token_windows
 from crispedit.requests import IGNORE, EditRequest, tokenize_edit_batch
 
 TUNED_WEIGHT = 1.0  # β chosen on the ZsRE train file (BENCHMARKS.md §9)
+TEXT_TUNED_WEIGHT = 10.0  # β of text anchors, chosen on the ZsRE train file (BENCHMARKS.md §12)
 
 
 @dataclass
@@ -69,6 +77,19 @@ def with_question_forms(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str
 
 
 @torch.no_grad()
+def record_base(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, anchored: torch.Tensor, top_k: int, batch_size: int
+) -> Anchors:
+    """The model's top-k next-token log-probabilities at every position of ``ids``."""
+    top_ids, top_logp = [], []
+    for i in range(0, len(ids), batch_size):
+        logits = model(input_ids=ids[i : i + batch_size], attention_mask=mask[i : i + batch_size]).logits[:, :-1]
+        top = torch.log_softmax(logits.float(), -1).topk(top_k, dim=-1)
+        top_ids.append(top.indices)
+        top_logp.append(top.values)
+    return Anchors(ids, mask, anchored, torch.cat(top_ids), torch.cat(top_logp))
+
+
 def base_anchors(
     model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], top_k: int = 32, batch_size: int = 32
 ) -> Anchors:
@@ -77,14 +98,28 @@ def base_anchors(
         raise ValueError("no anchor (prompt, continuation) pairs given")
     device = next(model.parameters()).device
     batch = tokenize_edit_batch(tokenizer, [EditRequest(p, c) for p, c in pairs], device)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    top_ids, top_logp = [], []
-    for i in range(0, len(pairs), batch_size):
-        logits = model(input_ids=ids[i : i + batch_size], attention_mask=mask[i : i + batch_size]).logits[:, :-1]
-        top = torch.log_softmax(logits.float(), -1).topk(top_k, dim=-1)
-        top_ids.append(top.indices)
-        top_logp.append(top.values)
-    return Anchors(ids, mask, batch["labels"][:, 1:] != IGNORE, torch.cat(top_ids), torch.cat(top_logp))
+    anchored = batch["labels"][:, 1:] != IGNORE
+    return record_base(model, batch["input_ids"], batch["attention_mask"], anchored, top_k, batch_size)
+
+
+def text_anchors(model: nn.Module, windows: Sequence[Sequence[int]], top_k: int = 32, batch_size: int = 8) -> Anchors:
+    """Record the (base) model's predictions at every position of token windows of capability text."""
+    if not windows or min(len(w) for w in windows) < 2:
+        raise ValueError("text anchors need at least one window of at least 2 tokens")
+    device = next(model.parameters()).device
+    batch = next(batches_of([list(w) for w in windows], len(windows)))
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    return record_base(model, ids, mask, mask[:, 1:].bool(), top_k, batch_size)
+
+
+def load_text_anchors(model: nn.Module, tokenizer, source: str, n_windows: int = 256, seq_len: int = 128) -> Anchors:
+    """The base model's predictions on ``n_windows`` windows of a capability corpus (``self`` or a .txt/.jsonl
+    path; a small file gives as many full windows as it holds)."""
+    if source == "self":
+        windows = capability_windows(model, tokenizer, source, n_windows, seq_len)
+    else:
+        windows = token_windows(tokenizer, read_documents(source), n_windows, seq_len, allow_fewer=True)
+    return text_anchors(model, windows)
 
 
 def load_anchors(model: nn.Module, tokenizer, path: str | Path) -> Anchors:
@@ -93,12 +128,19 @@ def load_anchors(model: nn.Module, tokenizer, path: str | Path) -> Anchors:
 
 
 def anchor_kl(model: nn.Module, anchors: Anchors, rows: torch.Tensor) -> torch.Tensor:
-    """Mean over the anchored positions of ``rows`` of Σ_top-k p_base (log p_base − log p_edited)."""
+    """Mean over the anchored positions of ``rows`` of KL(p_base ‖ p_edited) over the top-k tokens + the tail."""
     mask = anchors.attention_mask[rows]
     length = int(mask.sum(dim=1).max())  # drop padding columns that no row of this minibatch needs
     logits = model(input_ids=anchors.input_ids[rows, :length], attention_mask=mask[:, :length]).logits[:, :-1]
     logq = torch.log_softmax(logits.float(), -1).gather(-1, anchors.top_ids[rows, : length - 1])
     logp = anchors.top_logp[rows, : length - 1]
-    kl = (logp.exp() * (logp - logq)).sum(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1) + tail_kl(logp, logq)
     anchored = anchors.anchored[rows, : length - 1]
     return (kl * anchored).sum() / anchored.sum().clamp_min(1)
+
+
+def tail_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """The tail outcome's term p_tail (log p_tail − log q_tail), where p_tail = 1 − Σ_top-k p."""
+    p_tail = (1 - logp.exp().sum(-1)).clamp_min(0)
+    q_tail = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
+    return p_tail * (torch.log(p_tail.clamp_min(1e-12)) - torch.log(q_tail))

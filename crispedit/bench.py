@@ -108,10 +108,19 @@ class Bench:
             self._base_capability = self.capability(mc=mc)
         return self._base_capability
 
-    def run(self, requests, cache, config: EditConfig, reference=None, generated=True, mc=True, anchors=None) -> dict:
+    def text_anchors(self):
+        """The base model's predictions on ``--text-anchors`` windows of the WikiText-2 train excerpt."""
+        from crispedit.anchor import load_text_anchors
+
+        return load_text_anchors(self.model, self.tok, str(self.data / TRAIN_CORPUS), self.args.text_anchors,
+                                 self.args.text_anchor_len)
+
+    def run(self, requests, cache, config: EditConfig, reference=None, generated=True, mc=True, anchors=None,
+            text_anchors=None) -> dict:
         """Edit, measure, and put the base weights back."""
         with epoch_bar(config, len(requests), desc=f"{config.method} γ={config.energy}") as report:
-            result = edit(self.model, self.tok, requests, cache, config, on_progress=report, anchors=anchors)
+            result = edit(self.model, self.tok, requests, cache, config, on_progress=report, anchors=anchors,
+                          text_anchors=text_anchors)
         try:
             row = {"method": config.method, "energy": config.energy, "edits": len(requests),
                    "epochs": len(result.epoch_losses), "final_loss": result.epoch_losses[-1],
@@ -277,15 +286,19 @@ def suite_anchor(b: Bench) -> None:
 
 
 def suite_combined(b: Bench) -> None:
-    """Issue 8: what helped, together: augmentation (``--augment``) and β = 1 anchors, raw and QA-framed."""
+    """Issue 8: what helped, together: augmentation (``--augment``) and β = 1 anchors, raw and QA-framed,
+    with the KL penalty on WikiText-2 windows at each ``--text-anchor-weights`` β (0: without)."""
     from crispedit.anchor import TUNED_WEIGHT, base_anchors, with_question_forms
 
     cache = b.cache()
     anchors = base_anchors(b.model, b.tok, with_question_forms(anchor_pairs(b.data, b.args.anchors)))
+    text_weights = [float(w) for w in b.args.text_anchor_weights.split(",")]
+    text = b.text_anchors() if any(text_weights) else None
     augment = tuple(b.args.augment.split(","))
-    variants = {"paper recipe": (cache, b.config()),
-                "+ augmentation + anchors": (cache, b.config(augment=augment, anchor_weight=TUNED_WEIGHT)),
-                "fine-tuning": (None, b.config(method="ft"))}
+    variants = [("paper recipe", cache, b.config())]
+    variants += [("+ augmentation + anchors", cache, b.config(augment=augment, anchor_weight=TUNED_WEIGHT,
+                                                              text_anchor_weight=w)) for w in text_weights]
+    variants += [("fine-tuning", None, b.config(method="ft"))]
     chosen = [v.strip() for v in b.args.variants.split(",")]
     test = b.args.split == "test"
     base = b.base_capability(mc=test)
@@ -293,12 +306,13 @@ def suite_combined(b: Bench) -> None:
     for dataset in b.args.datasets.split(","):  # train split: ZsRE train, CounterFact records 2000 on
         requests = b.requests(dataset, split=b.args.split)
         reference = locality_reference(b.model, b.tok, requests)
-        for name, (cache_, config) in variants.items():
+        for name, cache_, config in variants:
             if name.split()[0] in chosen or name in chosen:
-                row = b.run(requests, cache_, config, reference, mc=test, anchors=anchors)
-                rows.append({"dataset": dataset, "variant": name, **row})
-    b.write("combined", {"split": b.args.split, "augment": augment, "anchors": len(anchors), "base": base,
-                         "rows": rows}, markdown_table(rows, [("dataset", "data"), ("variant", "variant")]))
+                row = b.run(requests, cache_, config, reference, mc=test, anchors=anchors, text_anchors=text)
+                rows.append({"dataset": dataset, "variant": name, "text_beta": config.text_anchor_weight, **row})
+    b.write("combined", {"split": b.args.split, "augment": augment, "anchors": len(anchors),
+                         "text_anchors": len(text) if text else 0, "base": base, "rows": rows},
+            markdown_table(rows, [("dataset", "data"), ("variant", "variant"), ("text_beta", "text β")]))
 
 
 def suite_sweep(b: Bench) -> None:
@@ -476,6 +490,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--augment", default="paraphrase,prefix", help="quality: augmentations of the + rows")
     p.add_argument("--anchors", type=int, default=256, help="anchor: number of anchor (question, answer) pairs")
     p.add_argument("--anchor-weights", default="0,1", help="anchor: β values, comma-separated (0: without)")
+    p.add_argument("--text-anchors", type=int, default=256, help="combined: WikiText-2 train windows kept by KL")
+    p.add_argument("--text-anchor-len", type=int, default=128, help="combined: tokens per text anchor window")
+    p.add_argument("--text-anchor-weights", default="0",
+                   help="combined: β values of the text-window KL penalty of the '+' rows, comma-separated (0: off)")
     p.add_argument("--variants", default="paper,+,fine-tuning",
                    help="combined: rows to run, by first word: 'paper', '+' (augmentation + anchors), 'fine-tuning'")
     p.add_argument("--device", default="auto")

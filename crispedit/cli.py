@@ -25,6 +25,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 
 def add_edit_options(p: argparse.ArgumentParser) -> None:
+    from crispedit.anchor import TEXT_TUNED_WEIGHT
     from crispedit.edit import EditConfig
 
     d = EditConfig()
@@ -42,6 +43,11 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchor-weight", type=float, default=None,
                    help="β of the KL(base‖edited) penalty on the anchors (default with --anchors: 1, tuned in "
                         "BENCHMARKS.md §9; 0: off, the paper's recipe)")
+    p.add_argument("--text-anchors", default=None, metavar="CORPUS",
+                   help="capability text (.txt/.jsonl or 'self') whose base-model predictions the edit keeps: "
+                        "KL(base‖edited) at every position of 256 windows of 128 tokens (with --text-anchor-weight)")
+    p.add_argument("--text-anchor-weight", type=float, default=None,
+                   help=f"β of that penalty (default with --text-anchors: {TEXT_TUNED_WEIGHT:g}, BENCHMARKS.md §12)")
     p.add_argument("--auto-layers", type=int, default=None, metavar="K",
                    help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
@@ -51,15 +57,18 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
 
 
 def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None):
-    from crispedit.anchor import TUNED_WEIGHT
+    from crispedit.anchor import TEXT_TUNED_WEIGHT, TUNED_WEIGHT
     from crispedit.edit import EditConfig
 
     anchor_weight = args.anchor_weight if args.anchor_weight is not None else (TUNED_WEIGHT if args.anchors else 0.0)
+    text_weight = args.text_anchor_weight
+    if text_weight is None:
+        text_weight = TEXT_TUNED_WEIGHT if args.text_anchors else 0.0
     return EditConfig(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
                       max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
                       recompute_drift=args.recompute_drift, chat_form=args.chat_form,
                       augment=tuple(a for a in args.augment.split(",") if a), layers=layers,
-                      auto_layers=args.auto_layers, anchor_weight=anchor_weight)
+                      auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:
@@ -85,7 +94,7 @@ def cmd_mix_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from crispedit.anchor import load_anchors
+    from crispedit.anchor import load_anchors, load_text_anchors
     from crispedit.cache import CurvatureCache
     from crispedit.edit import edit, epoch_bar
     from crispedit.models import load_model
@@ -99,10 +108,14 @@ def cmd_edit(args: argparse.Namespace) -> None:
     config = edit_config(args, parse_layers(args.layers))
     if config.anchor_weight > 0 and not args.anchors:
         raise SystemExit("--anchor-weight needs --anchors ANCHORS.jsonl")
+    if config.text_anchor_weight > 0 and not args.text_anchors:
+        raise SystemExit("--text-anchor-weight needs --text-anchors CORPUS")
     anchors = load_anchors(model, tok, args.anchors) if args.anchors else None
+    text_anchors = load_text_anchors(model, tok, args.text_anchors) if args.text_anchors else None
 
     with epoch_bar(config, len(requests), desc=f"{config.method} edit") as report:
-        result = edit(model, tok, requests, cache, config, on_progress=report, anchors=anchors)
+        result = edit(model, tok, requests, cache, config, on_progress=report, anchors=anchors,
+                      text_anchors=text_anchors)
     out = Path(args.out)
     model.save_pretrained(out)
     tok.save_pretrained(out)

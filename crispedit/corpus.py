@@ -48,8 +48,11 @@ def read_prompts(path: str | Path) -> list[str]:
     return read_documents(path, fields=("prompt", "text"))
 
 
-def token_windows(tokenizer, documents: list[str], n_samples: int, seq_len: int) -> list[list[int]]:
-    """The first ``n_samples`` windows of ``seq_len`` tokens from the documents' concatenated token stream."""
+def token_windows(
+    tokenizer, documents: list[str], n_samples: int, seq_len: int, allow_fewer: bool = False
+) -> list[list[int]]:
+    """The first ``n_samples`` windows of ``seq_len`` tokens from the documents' concatenated token stream
+    (with ``allow_fewer``, as many as the documents hold, if that is at least one)."""
     windows: list[list[int]] = []
     stream: list[int] = []
     for doc in documents:
@@ -59,6 +62,8 @@ def token_windows(tokenizer, documents: list[str], n_samples: int, seq_len: int)
             stream = stream[seq_len:]
         if len(windows) == n_samples:
             return windows
+    if allow_fewer and windows:
+        return windows
     raise ValueError(
         f"corpus too small: it holds {len(windows)} full windows of {seq_len} tokens, {n_samples} were asked for; "
         "pass fewer --samples, a shorter --seq-len, or a bigger corpus"

@@ -75,6 +75,8 @@ class EditConfig:
     auto_layers: int | None = None  # edit only the k layers (of the cache's) with the largest edit gradient
     anchor_weight: float = 0.0  # β of the KL penalty on anchor prompts (crispedit.anchor); 0 = off
     anchor_batch: int = 16  # anchors drawn per step
+    text_anchor_weight: float = 0.0  # β of the same penalty on capability text windows (text_anchors); 0 = off
+    text_anchor_batch: int = 4  # text windows drawn per step
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,9 +84,10 @@ class EditConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 <= self.energy <= 1.0:
             raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
-        if self.anchor_weight < 0:
-            raise ValueError(f"anchor_weight must be non-negative, got {self.anchor_weight}")
-        for name in ("lr", "batch_size", "max_epochs", "anchor_batch"):
+        for name in ("anchor_weight", "text_anchor_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        for name in ("lr", "batch_size", "max_epochs", "anchor_batch", "text_anchor_batch"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.auto_layers is not None and self.auto_layers <= 0:
@@ -177,10 +180,12 @@ def run_epochs(
     chunk: int = 0,
     variants: Sequence[Sequence[EditRequest]] = (),
     anchors: Anchors | None = None,
+    text_anchors: Anchors | None = None,
 ) -> tuple[list[float], list[float]]:
     """Algorithm 1's loop, each epoch over ``requests`` plus one random pick from each pool of ``variants``.
 
-    With ``anchors``, each step adds β · KL(base ‖ edited) on a random draw of them (``crispedit.anchor``).
+    With ``anchors`` (``text_anchors``), each step adds β · KL(base ‖ edited) on a random draw of them
+    (``crispedit.anchor``), β = ``config.anchor_weight`` (``config.text_anchor_weight``).
 
     Returns (epoch mean losses, seconds per optimizer step).
     """
@@ -207,9 +212,11 @@ def run_epochs(
             losses.append(value)
             if value < config.early_stop:
                 continue
-            if anchors is not None and config.anchor_weight > 0:
-                rows = torch.randperm(len(anchors), generator=draw)[: config.anchor_batch].to(device)
-                loss = loss + config.anchor_weight * anchor_kl(model, anchors, rows)
+            for kept, weight, size in ((anchors, config.anchor_weight, config.anchor_batch),
+                                       (text_anchors, config.text_anchor_weight, config.text_anchor_batch)):
+                if kept is not None and weight > 0:
+                    rows = torch.randperm(len(kept), generator=draw)[:size].to(device)
+                    loss = loss + weight * anchor_kl(model, kept, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -233,18 +240,22 @@ def edit(
     on_progress: ProgressFn | None = None,
     recompute_cache: Callable[[], CurvatureCache] | None = None,
     anchors: Anchors | None = None,
+    text_anchors: Anchors | None = None,
 ) -> EditResult:
     """Apply ``requests`` to ``model`` in place (Alg. 1, or Alg. 2 with ``config.sequential_chunk``).
 
     ``recompute_cache`` (optional) rebuilds the capability curvature at the current weights; it is
     called when an edited weight drifts past ``config.recompute_drift`` relative to the last build.
     ``anchors`` (from :func:`crispedit.anchor.base_anchors` on the unedited model) are used when
-    ``config.anchor_weight`` > 0.
+    ``config.anchor_weight`` > 0, ``text_anchors`` (:func:`crispedit.anchor.text_anchors`) when
+    ``config.text_anchor_weight`` > 0.
     """
     config = config or EditConfig()
     check_requests(requests, tokenizer)
     if config.anchor_weight > 0 and not anchors:
         raise EditError("anchor_weight > 0 needs anchors: pass crispedit.anchor.base_anchors(model, tok, pairs)")
+    if config.text_anchor_weight > 0 and not text_anchors:
+        raise EditError("text_anchor_weight > 0 needs text anchors: pass crispedit.anchor.text_anchors(model, windows)")
     if config.chat_form and not getattr(tokenizer, "chat_template", None):
         raise EditError("chat_form needs a tokenizer with a chat template; this model has none")
 
@@ -304,7 +315,7 @@ def edit(
             pools = variants[start : start + chunk_size]
             with trainable(params):
                 losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k, pools,
-                                             anchors)
+                                             anchors, text_anchors)
             epoch_losses += losses
             step_seconds += seconds
             if config.sequential_chunk and capability is not None:

@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny
 from test_edit import FACTS
 
-from crispedit.anchor import anchor_kl, base_anchors, with_question_forms
+from crispedit.anchor import anchor_kl, base_anchors, text_anchors, with_question_forms
 from crispedit.augment import QA_FORMS
 from crispedit.edit import EditConfig, EditError, edit
 
@@ -29,19 +29,74 @@ def dense_kl(base, edited, tok, pairs) -> float:
 
 def test_anchor_kl_equals_the_dense_kl_with_the_whole_vocabulary():
     base, tok = make_tiny("llama")
-    edited, _ = make_tiny("llama")
     anchors = base_anchors(base, tok, PAIRS, top_k=len(tok), batch_size=3)
     rows = torch.arange(len(PAIRS))
     assert float(anchor_kl(base, anchors, rows)) == pytest.approx(0.0, abs=1e-6)
-    with torch.no_grad():
-        for p in edited.model.layers[1].mlp.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    edited = perturbed()
     expected = dense_kl(base, edited, tok, PAIRS)
     assert expected > 1e-3
     assert float(anchor_kl(edited, anchors, rows)) == pytest.approx(expected, rel=1e-4)
     # a subset of rows only needs its own length: padding columns are cut, the value is the subset's
     assert float(anchor_kl(edited, anchors, torch.tensor([2]))) == pytest.approx(
         dense_kl(base, edited, tok, PAIRS[2:3]), rel=1e-4)
+
+
+def perturbed(model_type: str = "llama"):
+    edited, _ = make_tiny(model_type)
+    with torch.no_grad():
+        for p in edited.model.layers[1].mlp.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return edited
+
+
+def test_truncated_anchor_kl_is_the_kl_of_top_k_plus_tail_outcomes():
+    base, tok = make_tiny("llama")
+    edited, k = perturbed(), 5
+    anchors = base_anchors(base, tok, PAIRS[:1], top_k=k)
+    ids = anchors.input_ids[:, : int(anchors.attention_mask.sum())]
+    with torch.no_grad():
+        p = torch.softmax(base(input_ids=ids).logits[0, :-1], -1)
+        q = torch.softmax(edited(input_ids=ids).logits[0, :-1], -1)
+    top = p.topk(k, dim=-1).indices
+    p_k, q_k = p.gather(-1, top), q.gather(-1, top)
+    p_bins = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)
+    q_bins = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    kl = (p_bins * (p_bins.log() - q_bins.log())).sum(-1)
+    anchored = anchors.anchored[0, : ids.shape[1] - 1]
+    expected = float(kl[anchored].mean())
+    assert expected > 0
+    assert float(anchor_kl(edited, anchors, torch.tensor([0]))) == pytest.approx(expected, rel=1e-4)
+
+
+def test_text_anchors_keep_every_position_of_the_windows():
+    base, tok = make_tiny("llama")
+    edited = perturbed()
+    windows = [tok(text)["input_ids"][:6] for _, text in PAIRS[:2]] + [tok(PAIRS[2][0])["input_ids"]]
+    anchors = text_anchors(base, windows, top_k=len(tok), batch_size=2)
+    values = []
+    for w in windows:
+        ids = torch.tensor([w])
+        with torch.no_grad():
+            p = torch.log_softmax(base(input_ids=ids).logits[0, :-1], -1)
+            q = torch.log_softmax(edited(input_ids=ids).logits[0, :-1], -1)
+        values += (p.exp() * (p - q)).sum(-1).tolist()
+    rows = torch.arange(len(windows))
+    assert int(anchors.anchored.sum()) == sum(len(w) - 1 for w in windows)
+    assert float(anchor_kl(base, anchors, rows)) == pytest.approx(0.0, abs=1e-6)
+    assert float(anchor_kl(edited, anchors, rows)) == pytest.approx(sum(values) / len(values), rel=1e-4)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        text_anchors(base, [[1]])
+
+
+def test_editing_with_text_anchors_keeps_the_text_predictions():
+    drift = {}
+    for weight in (0.0, 3.0):
+        model, tok = make_tiny("llama")
+        anchors = text_anchors(model, [tok(p + " " + a)["input_ids"] for p, a in PAIRS])
+        config = EditConfig(method="ft", lr=3e-2, max_epochs=20, layers=(1, 2), text_anchor_weight=weight)
+        edit(model, tok, FACTS, None, config, text_anchors=anchors)
+        drift[weight] = float(anchor_kl(model, anchors, torch.arange(len(PAIRS))))
+    assert drift[3.0] < 0.5 * drift[0.0], drift
 
 
 def test_editing_with_the_penalty_keeps_anchor_predictions():
@@ -59,8 +114,12 @@ def test_a_weight_without_anchors_is_refused():
     model, tok = make_tiny("llama")
     with pytest.raises(EditError, match="needs anchors"):
         edit(model, tok, FACTS, None, EditConfig(method="ft", anchor_weight=1.0))
+    with pytest.raises(EditError, match="needs text anchors"):
+        edit(model, tok, FACTS, None, EditConfig(method="ft", text_anchor_weight=1.0))
     with pytest.raises(ValueError, match="anchor_weight must be non-negative"):
         EditConfig(anchor_weight=-1.0)
+    with pytest.raises(ValueError, match="text_anchor_weight must be non-negative"):
+        EditConfig(text_anchor_weight=-1.0)
 
 
 def test_question_forms_add_each_pair_framed_as_a_question_in_turn():

@@ -81,6 +81,7 @@ def test_clear_errors(tiny_dir, tmp_path):
 
 
 def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
+    from crispedit.anchor import TEXT_TUNED_WEIGHT
     from crispedit.cache import CurvatureCache
 
     prompts = tmp_path / "prompts.txt"
@@ -106,11 +107,12 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
     bad.write_text('{"prompt": "Who wrote Hamlet?"}\n')
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--auto-layers", "1",
-                    "--anchors", str(anchors), "--out", str(out))
+                    "--anchors", str(anchors), "--text-anchors", corpus, "--out", str(out))
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "crispedit_edit.json").read_text())
     assert report["config"]["augment"] == ["prefix"] and report["config"]["auto_layers"] == 1
     assert report["config"]["anchor_weight"] == 1.0  # the tuned β, since --anchors was given
+    assert report["config"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT  # likewise for --text-anchors
     assert len(report["layers"]) == 1 and report["layers"][0] in (1, 2)
     assert [int(n.split(".")[2]) for n in report["changed"]] == report["layers"]
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
@@ -119,3 +121,6 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--anchors", str(bad), "--anchor-weight", "1", "--out", str(tmp_path / "w"))
     assert run.returncode != 0 and "bad.jsonl:1: expected" in run.stderr
+    run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
+                    "--text-anchor-weight", "1", "--out", str(tmp_path / "v"))
+    assert run.returncode != 0 and "--text-anchor-weight needs --text-anchors" in run.stderr
