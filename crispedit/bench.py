@@ -298,6 +298,8 @@ def suite_combined(b: Bench) -> None:
     variants = [("paper recipe", cache, b.config())]
     variants += [("+ augmentation + anchors", cache, b.config(augment=augment, anchor_weight=TUNED_WEIGHT,
                                                               text_anchor_weight=w)) for w in text_weights]
+    variants += [("text anchors (paper recipe + text KL)", cache, b.config(text_anchor_weight=w))
+                 for w in text_weights if w > 0]
     variants += [("fine-tuning", None, b.config(method="ft"))]
     chosen = [v.strip() for v in b.args.variants.split(",")]
     test = b.args.split == "test"
@@ -495,6 +497,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--text-anchor-weights", default="0",
                    help="combined: β values of the text-window KL penalty of the '+' rows, comma-separated (0: off)")
     p.add_argument("--variants", default="paper,+,fine-tuning",
-                   help="combined: rows to run, by first word: 'paper', '+' (augmentation + anchors), 'fine-tuning'")
+                   help="combined: rows to run, by first word: 'paper', '+' (augmentation + anchors), "
+                        "'text' (the paper recipe + text anchors), 'fine-tuning'")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
