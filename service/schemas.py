@@ -38,6 +38,9 @@ class Hyperparameters(Strict):
     chat_form: bool | None = None  # also train through the chat template; default: when the model has one
     anchor_weight: float | None = Field(None, ge=0.0, le=100.0, description="β of the KL penalty on the server's "
                                         "anchor questions (CRISPEDIT_ANCHORS); default CRISPEDIT_ANCHOR_WEIGHT")
+    text_anchor_weight: float | None = Field(None, ge=0.0, le=1000.0, description="β of the KL penalty on the "
+                                             "server's capability text windows (CRISPEDIT_TEXT_ANCHORS); default "
+                                             "CRISPEDIT_TEXT_ANCHOR_WEIGHT")
     augment: list[Literal["paraphrase", "prefix", "qa"]] | None = Field(
         None, description="also train on other wordings: paraphrases the base model writes, the prompt after "
                           "unrelated context it writes (prefix), and the prompt and paraphrases framed as a "

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from crispedit.anchor import TUNED_WEIGHT
+from crispedit.anchor import TEXT_TUNED_WEIGHT, TUNED_WEIGHT
 from crispedit.models import crispedit_home
 
 
@@ -37,6 +37,11 @@ class Settings(BaseSettings):
                                          "base-model predictions every edit keeps, by a KL penalty; '' = none")
     anchor_weight: float = Field(TUNED_WEIGHT, ge=0, description="β of that penalty when anchors are configured "
                                  "(a request's hyperparameters.anchor_weight overrides it; 0 = off)")
+    text_anchors: str = Field("", description="capability text ('self' or a .txt/.jsonl file) whose base-model "
+                                              "next-token predictions every edit keeps, by a KL penalty at each "
+                                              "position of 256 windows of 128 tokens; '' = none")
+    text_anchor_weight: float = Field(TEXT_TUNED_WEIGHT, ge=0, description="β of that penalty when text anchors are "
+                                      "configured (a request's hyperparameters.text_anchor_weight overrides it)")
     cache_samples: int = Field(32, description="curvature cache: number of sequences (the paper uses more; this "
                                                  "default builds in about a minute on a laptop CPU)")
     cache_seq_len: int = Field(256, description="curvature cache: tokens per sequence")

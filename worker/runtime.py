@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from crispedit.anchor import Anchors, load_anchors
+from crispedit.anchor import Anchors, load_anchors, load_text_anchors
 from crispedit.arch import default_layers
 from crispedit.cache import CurvatureCache, build_cache
 from crispedit.corpus import sample_from_model
@@ -29,6 +29,7 @@ class ModelRuntime:
     guard_texts: list[str]
     settings: Settings
     anchors: Anchors | None = None  # the base model's predictions on CRISPEDIT_ANCHORS, recorded once
+    text_anchors: Anchors | None = None  # ... and on windows of CRISPEDIT_TEXT_ANCHORS
 
     @property
     def edit_batch_size(self) -> int:
@@ -61,10 +62,11 @@ def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
     guard = [tok.decode(ids, skip_special_tokens=True) for ids in sample_from_model(model, tok, 8, 64, seed=12345,
                                                                             progress=False)]
     anchors = load_anchors(model, tok, settings.anchors) if settings.anchors else None
-    log.info("%s: loaded %s with its curvature cache (%d tokens)%s", name, base, capability.num_tokens,
-             f" and {len(anchors)} anchors" if anchors else "")
+    text = load_text_anchors(model, tok, settings.text_anchors) if settings.text_anchors else None
+    log.info("%s: loaded %s with its curvature cache (%d tokens)%s%s", name, base, capability.num_tokens,
+             f", {len(anchors)} anchors" if anchors else "", f", {len(text)} text anchor windows" if text else "")
     return ModelRuntime(name, model, tok, registry, HotSwapModel(model, registry, name), capability, guard, settings,
-                        anchors)
+                        anchors, text)
 
 
 @cache

@@ -81,6 +81,8 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         hyper.setdefault("chat_form", bool(getattr(rt.tokenizer, "chat_template", None)))
         hyper.setdefault("batch_size", rt.edit_batch_size)
         hyper.setdefault("anchor_weight", rt.settings.anchor_weight if rt.anchors is not None else 0.0)
+        hyper.setdefault("text_anchor_weight",
+                         rt.settings.text_anchor_weight if rt.text_anchors is not None else 0.0)
         hyper.setdefault("augment", [a for a in rt.settings.augment.split(",") if a])
         config = EditConfig(**{"sequential_chunk": len(requests), **hyper})
         for attempt in range(2):  # once more if the head moved under us (e.g. a rollback)
@@ -130,7 +132,8 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
                 store.update(job_id, progress={"epoch": event["epoch"], "loss": event["loss"],
                                                "max_epochs": config.max_epochs})
 
-    result = edit(rt.model, rt.tokenizer, requests, state, config, on_progress=progress, anchors=rt.anchors)
+    result = edit(rt.model, rt.tokenizer, requests, state, config, on_progress=progress, anchors=rt.anchors,
+                  text_anchors=rt.text_anchors)
     try:
         reliability = edit_quality(rt.model, rt.tokenizer, requests, generated=False)["rel_tf"]
         kl = mean_kl(rt.model, rt.tokenizer, rt.guard_texts, result.original, result.changed)
