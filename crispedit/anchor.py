@@ -13,8 +13,8 @@ is the exact KL between the two distributions coarsened to k + 1 outcomes (never
 they agree on those outcomes).
 
 Text anchors (``text_anchors``) apply the same penalty at every position of capability text windows:
-the divergence the curvature cache approximates to second order (Eq. 3), kept exactly on a sample of
-the corpus, because the quadratic model stops describing it once an edit moves far.
+the divergence that the curvature cache approximates to second order (paper §3.2, Definition 1), kept
+exactly on a sample of the corpus, because the quadratic model stops describing it once an edit moves far.
 """
 
 from __future__ import annotations
