@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import save_tiny_checkpoint, wait_ready
 from test_service import free_port
@@ -70,3 +71,21 @@ def test_schemathesis_finds_no_server_error_and_every_4xx_explains_itself(api_ur
                 unexplained.append((e["request"]["method"], e["request"]["url"], e["response"]["status"], body[:200]))
     assert unexplained == [], unexplained[:10]
     assert "fuzz-admin-key" not in "".join(e["response"]["content"].get("text") or "" for e in entries)
+
+
+def test_a_penalty_weight_without_its_anchors_is_refused_at_post_time(api_url):
+    url, _ = api_url
+    client = httpx.Client(base_url=url, headers={"Authorization": "Bearer fuzz-admin-key"}, timeout=60)
+    edit = {"prompt": "The capital of Zubrowka is", "target": "Lutz"}
+
+    def pending() -> str:
+        lines = client.get("/metrics").text.splitlines()
+        return next(line for line in lines if line.startswith("crispedit_pending_edits{"))
+
+    before = pending()
+    for weight, setting in (("anchor_weight", "CRISPEDIT_ANCHORS"), ("text_anchor_weight", "CRISPEDIT_TEXT_ANCHORS")):
+        r = client.post("/v1/edits", json={"model": "smollm2", "edits": [edit], "hyperparameters": {weight: 1.0}})
+        assert r.status_code == 400 and weight in r.json()["detail"] and setting in r.json()["detail"], r.text
+    assert pending() == before  # nothing was queued
+    r = client.post("/v1/edits", json={"model": "smollm2", "edits": [edit], "hyperparameters": {"anchor_weight": 0}})
+    assert r.status_code == 202

@@ -14,6 +14,7 @@ from service.jobs import TERMINAL
 from service.ratelimit import EditorWithinLimit
 from service.schemas import EditAccepted, EditJob, EditPost
 from service.serving import UnknownModel
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
 
@@ -31,6 +32,7 @@ def post_edit(body: EditPost, request: Request, state: StateDep, who: EditorWith
             server.resolve(body.base_version)
         except UnknownModel as err:
             raise HTTPException(404, f"base_version: {err}") from err
+    refuse_weights_without_anchors(body, state.settings)
     payload = {**body.model_dump(exclude_none=True), "author": f"{who['role']}:{who['key_id']}"}
     record, created = state.jobs.create(server.name, payload, idempotency_key)
     if created:
@@ -39,6 +41,15 @@ def post_edit(body: EditPost, request: Request, state: StateDep, who: EditorWith
                                          result_ttl=86400)
     return EditAccepted(id=record["id"], status=record["status"],
                         status_url=str(request.url_for("get_edit", job_id=record["id"])))
+
+
+def refuse_weights_without_anchors(body: EditPost, settings: Settings) -> None:
+    """A KL-penalty weight needs the anchors it weighs; the API and the workers share these settings."""
+    hyper = body.hyperparameters
+    for weight, anchors in (("anchor_weight", "anchors"), ("text_anchor_weight", "text_anchors")):
+        if hyper is not None and (getattr(hyper, weight) or 0.0) > 0 and not getattr(settings, anchors):
+            raise HTTPException(400, f"hyperparameters.{weight} > 0 needs the server's {anchors}, and "
+                                     f"CRISPEDIT_{anchors.upper()} is not set here: send 0 or leave it out")
 
 
 def fetch(state, job_id: str) -> dict:
