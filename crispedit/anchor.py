@@ -122,6 +122,17 @@ def load_text_anchors(model: nn.Module, tokenizer, source: str, n_windows: int =
     return text_anchors(model, windows)
 
 
+def text_anchor_source(spec: str | None, corpus: str | None) -> str | None:
+    """Where text anchors come from: ``spec`` itself, nothing for ``none`` or '', or for ``cache`` the
+    curvature cache's capability corpus when that is a text file (what BENCHMARKS.md §12 measured; not
+    ``self``, whose text protects less, §6, and costs minutes of sampling, nor a mixture)."""
+    if not spec or spec == "none":
+        return None
+    if spec != "cache":
+        return spec
+    return corpus if corpus and Path(corpus).is_file() else None
+
+
 def load_anchors(model: nn.Module, tokenizer, path: str | Path) -> Anchors:
     """The base model's predictions on an ANCHORS.jsonl file, each pair raw and framed as a question."""
     return base_anchors(model, tokenizer, with_question_forms(read_anchor_pairs(path)))

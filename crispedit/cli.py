@@ -11,7 +11,8 @@ from pathlib import Path
 
 log = logging.getLogger("crispedit")
 
-DEFAULT_AUGMENT = ""  # off: it trades capability for generality on CounterFact (BENCHMARKS.md section 8)
+DEFAULT_AUGMENT = "auto"  # all augmentations with --anchors, none without (BENCHMARKS.md sections 8 and 12)
+DEFAULT_TEXT_ANCHORS = "cache"  # the cache's own corpus: less drift on every row measured (BENCHMARKS.md §12)
 DEFAULT_SAMPLES = 40  # capability windows of --seq-len tokens; the paper finds n ≥ 100 docs enough (Table 7)
 
 
@@ -43,31 +44,37 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchor-weight", type=float, default=None,
                    help="β of the KL(base‖edited) penalty on the anchors (default with --anchors: 1, tuned in "
                         "BENCHMARKS.md §9; 0: off, the paper's recipe)")
-    p.add_argument("--text-anchors", default=None, metavar="CORPUS",
+    p.add_argument("--text-anchors", default=DEFAULT_TEXT_ANCHORS, metavar="CORPUS",
                    help="capability text (.txt/.jsonl or 'self') whose base-model predictions the edit keeps: "
-                        "KL(base‖edited) at every position of 256 windows of 128 tokens (with --text-anchor-weight)")
+                        "KL(base‖edited) at every position of 256 windows of 128 tokens (with --text-anchor-weight);"
+                        " 'cache' (default): the curvature cache's corpus when it is a text file; 'none': off")
     p.add_argument("--text-anchor-weight", type=float, default=None,
                    help=f"β of that penalty (default with --text-anchors: {TEXT_TUNED_WEIGHT:g}, BENCHMARKS.md §12)")
     p.add_argument("--auto-layers", type=int, default=None, metavar="K",
                    help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
                    help="comma-separated: 'paraphrase', 'prefix' (model-written variants of each prompt) and/or 'qa' "
-                        "(the prompt and its paraphrases framed as a question); "
-                        "'' for none (the paper's recipe, the default; see BENCHMARKS.md section 8)")
+                        "(the prompt and its paraphrases framed as a question); '' for none (the paper's recipe); "
+                        "'auto' (default): all three with --anchors, none without (BENCHMARKS.md sections 8, 12)")
 
 
-def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None):
+def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None, text_source: str | None = None):
+    """The EditConfig of the edit options; ``text_source`` is where the text anchors come from (None: none)."""
     from crispedit.anchor import TEXT_TUNED_WEIGHT, TUNED_WEIGHT
+    from crispedit.augment import resolve_augment
     from crispedit.edit import EditConfig
 
     anchor_weight = args.anchor_weight if args.anchor_weight is not None else (TUNED_WEIGHT if args.anchors else 0.0)
     text_weight = args.text_anchor_weight
     if text_weight is None:
-        text_weight = TEXT_TUNED_WEIGHT if args.text_anchors else 0.0
+        text_weight = TEXT_TUNED_WEIGHT if text_source else 0.0
+    try:
+        augment = resolve_augment(args.augment, with_anchors=bool(args.anchors))
+    except ValueError as err:
+        raise SystemExit(f"--augment: {err}") from err
     return EditConfig(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
                       max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
-                      recompute_drift=args.recompute_drift, chat_form=args.chat_form,
-                      augment=tuple(a for a in args.augment.split(",") if a), layers=layers,
+                      recompute_drift=args.recompute_drift, chat_form=args.chat_form, augment=augment, layers=layers,
                       auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight)
 
 
@@ -94,7 +101,7 @@ def cmd_mix_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from crispedit.anchor import load_anchors, load_text_anchors
+    from crispedit.anchor import load_anchors, load_text_anchors, text_anchor_source
     from crispedit.cache import CurvatureCache
     from crispedit.edit import edit, epoch_bar
     from crispedit.models import load_model
@@ -105,13 +112,17 @@ def cmd_edit(args: argparse.Namespace) -> None:
     cache = CurvatureCache.load(args.cache, model=model) if args.cache else None
     if cache is None and args.method != "ft":
         raise SystemExit(f"--method {args.method} needs --cache CACHE (build one with `crispedit build-cache`)")
-    config = edit_config(args, parse_layers(args.layers))
+    text_source = text_anchor_source(args.text_anchors, cache.meta.get("corpus") if cache else None)
+    if args.text_anchors == "cache" and text_source is None:
+        log.info("no text anchors: %s", f"the cache's corpus {cache.meta.get('corpus')!r} is not a text file"
+                 if cache else "no --cache")
+    config = edit_config(args, parse_layers(args.layers), text_source)
     if config.anchor_weight > 0 and not args.anchors:
         raise SystemExit("--anchor-weight needs --anchors ANCHORS.jsonl")
-    if config.text_anchor_weight > 0 and not args.text_anchors:
-        raise SystemExit("--text-anchor-weight needs --text-anchors CORPUS")
+    if config.text_anchor_weight > 0 and not text_source:
+        raise SystemExit("--text-anchor-weight needs --text-anchors CORPUS (or a cache built from one text corpus)")
     anchors = load_anchors(model, tok, args.anchors) if args.anchors else None
-    text_anchors = load_text_anchors(model, tok, args.text_anchors) if args.text_anchors else None
+    text_anchors = load_text_anchors(model, tok, text_source) if config.text_anchor_weight > 0 else None
 
     with epoch_bar(config, len(requests), desc=f"{config.method} edit") as report:
         result = edit(model, tok, requests, cache, config, on_progress=report, anchors=anchors,

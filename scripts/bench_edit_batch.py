@@ -2,9 +2,11 @@
 
 Edits ZsRE records as the worker does (chat form on, one sequential chunk so the batch's curvature is
 folded), once per batch size, then a few of them alone; each row: seconds, epochs, steps, teacher-forced
-reliability and KL(base‖edited) on held-out WikiText-2.
+reliability and KL(base‖edited) on held-out WikiText-2. With ``--text-anchors FILE`` every row runs twice,
+without and with the worker's text anchors (β 10, one window per 8 edits of a step), side by side.
 
 Usage: .venv/bin/python scripts/bench_edit_batch.py CACHE.safetensors [--batch-sizes 32,8,4] [--n 30] [--singles 2]
+       [--text-anchors FILE]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 import torch
 
+from crispedit.anchor import TEXT_TUNED_WEIGHT, load_text_anchors
 from crispedit.cache import CurvatureCache
 from crispedit.capability import heldout_texts, mean_kl
 from crispedit.datasets import load_edit_dataset, shared_data_dir
@@ -30,19 +33,23 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=30)
     parser.add_argument("--offset", type=int, default=204, help="ZsRE eval records (the service benchmark's)")
     parser.add_argument("--singles", type=int, default=2)
+    parser.add_argument("--text-anchors", default=None, help="also run each row with text anchors from this file")
     args = parser.parse_args()
     model, tok = load_model("smollm2")
     cache = CurvatureCache.load(args.cache, model=model)
     data = shared_data_dir()
     requests = load_edit_dataset("zsre", data / "editing/zsre/zsre_mend_eval_3k.json", n=args.n, offset=args.offset)
     texts = heldout_texts(data / "capability/wikitext2/wiki.test.raw", 20)
+    text = load_text_anchors(model, tok, args.text_anchors) if args.text_anchors else None
 
-    def run(batch: list, batch_size: int) -> dict:
-        config = EditConfig(batch_size=batch_size, chat_form=True, sequential_chunk=len(batch))
+    def run(batch: list, batch_size: int, with_text: bool = False) -> dict:
+        config = EditConfig(batch_size=batch_size, chat_form=True, sequential_chunk=len(batch),
+                            text_anchor_weight=TEXT_TUNED_WEIGHT if with_text else 0.0,
+                            text_anchor_batch=max(1, batch_size // 8))
         started = time.perf_counter()
-        result = edit(model, tok, batch, cache, config)
+        result = edit(model, tok, batch, cache, config, text_anchors=text if with_text else None)
         seconds = time.perf_counter() - started
-        row = {"edits": len(batch), "batch_size": batch_size, "seconds": round(seconds, 1),
+        row = {"edits": len(batch), "batch_size": batch_size, "text_anchors": with_text, "seconds": round(seconds, 1),
                "epochs": len(result.epoch_losses), "steps": result.steps,
                "rel_tf": edit_quality(model, tok, batch, generated=False)["rel_tf"],
                "kl": mean_kl(model, tok, texts, result.original, result.changed)}
@@ -53,10 +60,13 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
+    arms = (False, True) if text else (False,)
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        run(requests, batch_size)
+        for with_text in arms:
+            run(requests, batch_size, with_text)
     for i in range(args.singles):
-        run(requests[i : i + 1], 32)
+        for with_text in arms:
+            run(requests[i : i + 1], 4, with_text)  # one edit: any batch size, but the service's text windows
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from crispedit.anchor import TEXT_TUNED_WEIGHT, TUNED_WEIGHT
+from crispedit.anchor import TEXT_TUNED_WEIGHT, TUNED_WEIGHT, text_anchor_source
+from crispedit.augment import resolve_augment
 from crispedit.models import crispedit_home
 
 
@@ -29,17 +30,19 @@ class Settings(BaseSettings):
                                             "'self' (text sampled from the model), 'self-raw:PROMPTS' / "
                                             "'self-chat:PROMPTS' (the model's answers to a file of prompts), "
                                             "or a weighted mixture 'SOURCE=W,SOURCE=W'")
-    augment: str = Field("", description="edits also train on other wordings: 'paraphrase', 'prefix' "
-                                         "(both written by the base model), 'qa' (framed as a question), "
-                                         "comma-separated, or '' (none; a request's "
-                                         "hyperparameters.augment overrides it; see BENCHMARKS.md section 8)")
+    augment: str = Field("auto", description="edits also train on other wordings: 'paraphrase', 'prefix' "
+                                             "(both written by the base model), 'qa' (framed as a question), "
+                                             "comma-separated, '' (none) or 'auto' (all three when anchors are "
+                                             "configured, none without; BENCHMARKS.md sections 8 and 12); a "
+                                             "request's hyperparameters.augment overrides it")
     anchors: str = Field("", description="ANCHORS.jsonl of {\"prompt\", \"answer\"} pairs (unrelated questions) whose "
                                          "base-model predictions every edit keeps, by a KL penalty; '' = none")
     anchor_weight: float = Field(TUNED_WEIGHT, ge=0, description="β of that penalty when anchors are configured "
                                  "(a request's hyperparameters.anchor_weight overrides it; 0 = off)")
-    text_anchors: str = Field("", description="capability text ('self' or a .txt/.jsonl file) whose base-model "
-                                              "next-token predictions every edit keeps, by a KL penalty at each "
-                                              "position of 256 windows of 128 tokens; '' = none")
+    text_anchors: str = Field("cache", description="capability text ('self' or a .txt/.jsonl file) whose base-"
+                                                   "model next-token predictions every edit keeps, by a KL penalty "
+                                                   "at each position of 256 windows of 128 tokens; 'cache': "
+                                                   "CRISPEDIT_CORPUS when that is a text file; '' = none")
     text_anchor_weight: float = Field(TEXT_TUNED_WEIGHT, ge=0, description="β of that penalty when text anchors are "
                                       "configured (a request's hyperparameters.text_anchor_weight overrides it)")
     cache_samples: int = Field(32, description="curvature cache: number of sequences (the paper uses more; this "
@@ -66,10 +69,20 @@ class Settings(BaseSettings):
     edit_posts_per_minute: int = Field(60, description="per API key; more edit posts in a minute get 429 (0: no limit)")
     max_body_bytes: int = Field(1_000_000, description="larger request bodies get 413")
 
+    @field_validator("augment")
+    @classmethod
+    def known_augmentations(cls, v: str) -> str:
+        resolve_augment(v, with_anchors=True)  # raises on an unknown name, at start-up rather than per job
+        return v
+
     @property
     def data_dir(self) -> Path:
         """Beside the registry: the hashed keys file, the audit log and the embedded Redis."""
         return self.registry_root.parent
+
+    def text_anchor_source(self) -> str | None:
+        """Where the workers' text anchors come from (None: no text anchors)."""
+        return text_anchor_source(self.text_anchors, self.corpus)
 
     def model_bases(self) -> dict[str, str]:
         out = {}

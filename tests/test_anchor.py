@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny
 from test_edit import FACTS
 
-from crispedit.anchor import anchor_kl, base_anchors, text_anchors, with_question_forms
+from crispedit.anchor import anchor_kl, base_anchors, text_anchor_source, text_anchors, with_question_forms
 from crispedit.augment import QA_FORMS
 from crispedit.edit import EditConfig, EditError, edit
 
@@ -127,3 +127,14 @@ def test_question_forms_add_each_pair_framed_as_a_question_in_turn():
     out = with_question_forms(pairs)
     assert out[:4] == pairs
     assert out[4:] == [(QA_FORMS[i % len(QA_FORMS)].format(q=p), a) for i, (p, a) in enumerate(pairs)]
+
+
+def test_text_anchor_source_takes_the_cache_corpus_only_when_it_is_a_text_file(tmp_path):
+    corpus = tmp_path / "wiki.txt"
+    corpus.write_text("Some capability text.\n")
+    assert text_anchor_source("cache", str(corpus)) == str(corpus)
+    assert text_anchor_source("cache", "self") is None  # sampling costs minutes and protects less (§6)
+    assert text_anchor_source("cache", f"{corpus}=3,self=1") is None  # a mixture is no single text
+    assert text_anchor_source("cache", None) is None
+    assert text_anchor_source("none", str(corpus)) is None and text_anchor_source("", str(corpus)) is None
+    assert text_anchor_source("self", str(corpus)) == "self"  # asked for explicitly

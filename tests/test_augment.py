@@ -5,7 +5,15 @@ import torch
 from conftest import CORPUS
 from test_edit import FACTS, target_logprob
 
-from crispedit.augment import QA_FORMS, augmented_prompts, context_prefixes, keep_paraphrase, paraphrases
+from crispedit.augment import (
+    AUGMENTATIONS,
+    QA_FORMS,
+    augmented_prompts,
+    context_prefixes,
+    keep_paraphrase,
+    paraphrases,
+    resolve_augment,
+)
 from crispedit.cache import build_cache
 from crispedit.edit import EditConfig, edit
 from crispedit.evaluate import QA_TEMPLATE
@@ -72,3 +80,12 @@ def test_edit_with_prefix_augmentation_trains_the_prefixed_prompts(tiny_llama, t
          on_progress=events.append)
     assert events[0]["event"] == "augment" and events[0]["variants"] > 0
     assert target_logprob(model, tok, variants) > before + 1.0
+
+
+def test_auto_augments_only_with_anchors():
+    assert resolve_augment("auto", with_anchors=True) == AUGMENTATIONS  # the recipe of BENCHMARKS.md §12
+    assert resolve_augment("auto", with_anchors=False) == ()  # alone it costs capability (§8)
+    assert resolve_augment(" qa, prefix", with_anchors=False) == ("qa", "prefix")
+    assert resolve_augment("", with_anchors=True) == ()
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        resolve_augment("paraphrase,backtranslate", with_anchors=True)

@@ -28,6 +28,8 @@ def tiny_dir(tmp_path_factory):
 def test_build_cache_edit_eval(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from crispedit.anchor import TEXT_TUNED_WEIGHT
+
     cache = tmp_path / "cache.safetensors"
     run = crispedit("build-cache", "--model", str(tiny_dir), "--corpus", str(FIXTURES / "corpus.txt"),
                     "--samples", "4", "--seq-len", "32", "--layers", "1,2", "--out", str(cache))
@@ -45,6 +47,12 @@ def test_build_cache_edit_eval(tiny_dir, tmp_path):
     assert changed == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
     report = json.loads((out / "crispedit_edit.json").read_text())
     assert report["edits"] == 3 and report["config"]["method"] == "crispedit"
+    # the defaults: text anchors from the cache's own text file (β 10); no augmentation without --anchors
+    assert report["config"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT and report["config"]["augment"] == []
+    run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(cache), "--edits", str(FIXTURES / "facts.jsonl"),
+                    "--epochs", "1", "--text-anchors", "none", "--augment", "", "--out", str(tmp_path / "paper"))
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "paper" / "crispedit_edit.json").read_text())["config"]["text_anchor_weight"] == 0
 
     run = crispedit("eval", "--model", str(out), "--base", str(tiny_dir), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--no-generate")

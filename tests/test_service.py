@@ -35,7 +35,7 @@ def service(tmp_path_factory, redis_db):
     env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp / "registry"), "CRISPEDIT_MODELS": f"tiny={tmp / 'tiny'}",
            "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{db}", "CRISPEDIT_KEY_PREFIX": f"t{uuid.uuid4().hex[:8]}",
            "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
-           "CRISPEDIT_ANCHORS": str(FIXTURES / "anchors.jsonl"), "CRISPEDIT_TEXT_ANCHORS": str(FIXTURES / "corpus.txt"),
+           "CRISPEDIT_ANCHORS": str(FIXTURES / "anchors.jsonl"),  # text anchors: by default, the corpus file
            "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0.5", "CRISPEDIT_KL_BUDGET": "10",
            "CRISPEDIT_LEASE_SECONDS": "2",
            "CRISPEDIT_API_KEYS": "admin-key:admin,editor-key:editor,reader-key:reader,limited-key:editor",
@@ -126,6 +126,7 @@ def test_edit_query_rollback_through_the_service(service):
     assert [v["id"] for v in versions["data"]] == ["v0", "v1"]  # history kept
     assert versions["data"][1]["hyperparameters"]["anchor_weight"] == 1.0  # the server's anchors were used
     assert versions["data"][1]["hyperparameters"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT  # and its text anchors
+    assert versions["data"][1]["hyperparameters"]["augment"] == ["paraphrase", "prefix", "qa"]  # 'auto' with anchors
     assert reader.get("/v1/registry/tiny/diff", params={"from": "v0", "to": "v1"}).json()["tensors"]
 
     # the guard rejects an edit over budget: nothing committed, production untouched

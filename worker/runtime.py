@@ -62,7 +62,7 @@ def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
     guard = [tok.decode(ids, skip_special_tokens=True) for ids in sample_from_model(model, tok, 8, 64, seed=12345,
                                                                             progress=False)]
     anchors = load_anchors(model, tok, settings.anchors) if settings.anchors else None
-    text = load_text_anchors(model, tok, settings.text_anchors) if settings.text_anchors else None
+    text = load_text_anchors(model, tok, source) if (source := settings.text_anchor_source()) else None
     log.info("%s: loaded %s with its curvature cache (%d tokens)%s%s", name, base, capability.num_tokens,
              f", {len(anchors)} anchors" if anchors else "", f", {len(text)} text anchor windows" if text else "")
     return ModelRuntime(name, model, tok, registry, HotSwapModel(model, registry, name), capability, guard, settings,

@@ -46,10 +46,11 @@ def post_edit(body: EditPost, request: Request, state: StateDep, who: EditorWith
 def refuse_weights_without_anchors(body: EditPost, settings: Settings) -> None:
     """A KL-penalty weight needs the anchors it weighs; the API and the workers share these settings."""
     hyper = body.hyperparameters
+    configured = {"anchors": bool(settings.anchors), "text_anchors": settings.text_anchor_source() is not None}
     for weight, anchors in (("anchor_weight", "anchors"), ("text_anchor_weight", "text_anchors")):
-        if hyper is not None and (getattr(hyper, weight) or 0.0) > 0 and not getattr(settings, anchors):
+        if hyper is not None and (getattr(hyper, weight) or 0.0) > 0 and not configured[anchors]:
             raise HTTPException(400, f"hyperparameters.{weight} > 0 needs the server's {anchors}, and "
-                                     f"CRISPEDIT_{anchors.upper()} is not set here: send 0 or leave it out")
+                                     f"CRISPEDIT_{anchors.upper()} gives none here: send 0 or leave it out")
 
 
 def fetch(state, job_id: str) -> dict:
