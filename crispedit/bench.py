@@ -58,11 +58,13 @@ class Bench:
               layers: tuple[int, ...] | None = None) -> CurvatureCache:
         samples, layers = samples or self.args.samples, layers or self.layers
         tag = "" if layers == self.layers else f"-layers{layers[0]}-{layers[-1]}"
+        tag += "-ekfac" if self.args.ekfac else ""
         path = self.out / f"cache-{corpus}-{fisher}-{samples}x{self.args.seq_len}{tag}.safetensors"
         if path.exists():
             return CurvatureCache.load(path, model=self.model, layers=layers)
         source = "self" if corpus == "self" else str(self.data / TRAIN_CORPUS)
-        cache = build_cache(self.model, self.tok, layers, source, samples, self.args.seq_len, fisher)
+        cache = build_cache(self.model, self.tok, layers, source, samples, self.args.seq_len, fisher,
+                            ekfac=self.args.ekfac)
         cache.save(path)
         return cache
 
@@ -481,6 +483,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=d.max_epochs)
     p.add_argument("--samples", type=int, default=40)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--ekfac", action="store_true", help="project with EK-FAC corrected eigenvalues (George 2018)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--chunk", type=int, default=10)
     p.add_argument("--seq-samples", type=int, default=40)
