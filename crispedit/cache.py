@@ -179,7 +179,9 @@ def build_cache(
         from crispedit.eigen import eigh_psd
 
         bases = {name: (eigh_psd(f.S)[1], eigh_psd(f.A)[1]) for name, f in factors.items()}
-        corrected = ekfac_eigenvalues(model, modules, batches_of(windows, batch_size), bases, fisher, seed)
+        batches = tqdm(batches_of(windows, batch_size), total=-(-len(windows) // batch_size), unit="batch",
+                       desc="EK-FAC eigenvalues", disable=not progress)  # a second pass over the corpus
+        corrected = ekfac_eigenvalues(model, modules, batches, bases, fisher, seed)
     return CurvatureCache(
         factors={name: KFACFactors(f.A.cpu(), f.S.cpu(), f.num_tokens) for name, f in factors.items()},
         layers=tuple(layers),
