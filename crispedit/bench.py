@@ -302,8 +302,11 @@ def suite_combined(b: Bench) -> None:
                                                               text_anchor_weight=w)) for w in text_weights]
     variants += [("text anchors (paper recipe + text KL)", cache, b.config(text_anchor_weight=w))
                  for w in text_weights if w > 0]
-    variants += [("fine-tuning", None, b.config(method="ft"))]
     chosen = [v.strip() for v in b.args.variants.split(",")]
+    if "mixed" in chosen:  # section 8's mixed capability set (--mix), with the text penalty at each β
+        variants += [("mixed capability set (+ text KL)", b.mixed_cache(), b.config(text_anchor_weight=w))
+                     for w in text_weights]
+    variants += [("fine-tuning", None, b.config(method="ft"))]
     test = b.args.split == "test"
     base = b.base_capability(mc=test)
     rows = []
@@ -501,6 +504,7 @@ def add_bench_parser(sub) -> None:
                    help="combined: β values of the text-window KL penalty of the '+' rows, comma-separated (0: off)")
     p.add_argument("--variants", default="paper,+,fine-tuning",
                    help="combined: rows to run, by first word: 'paper', '+' (augmentation + anchors), "
-                        "'text' (the paper recipe + text anchors), 'fine-tuning'")
+                        "'text' (the paper recipe + text anchors), 'mixed' (section 8's mixed capability set, "
+                        "+ text anchors at each β), 'fine-tuning'")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
