@@ -110,15 +110,19 @@ def context_prefixes(model: nn.Module, tokenizer, n: int = 12, length: int = 10)
     return [t for t in texts if len(t.split()) >= 3]
 
 
+def check_augmentations(kinds: Sequence[str]) -> None:
+    unknown = set(kinds) - set(AUGMENTATIONS)
+    if unknown:
+        raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {list(AUGMENTATIONS)} or 'auto'")
+
+
 def resolve_augment(spec: str, with_anchors: bool) -> tuple[str, ...]:
     """A comma list of AUGMENTATIONS, or ``auto``: all of them when question anchors keep locality (the recipe
     that met issue 8's targets, BENCHMARKS.md §12), none without anchors (alone it costs capability, §8)."""
     if spec.strip() == "auto":
         return AUGMENTATIONS if with_anchors else ()
     kinds = tuple(a.strip() for a in spec.split(",") if a.strip())
-    unknown = set(kinds) - set(AUGMENTATIONS)
-    if unknown:
-        raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {AUGMENTATIONS} or 'auto'")
+    check_augmentations(kinds)
     return kinds
 
 
@@ -126,9 +130,7 @@ def augmented_prompts(
     model: nn.Module, tokenizer, requests: Sequence[EditRequest], kinds: Sequence[str], seed: int = 0
 ) -> list[list[EditRequest]]:
     """For each request, its augmented variants (same target, other prompt wordings), in ``kinds`` order."""
-    unknown = set(kinds) - set(AUGMENTATIONS)
-    if unknown:
-        raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {AUGMENTATIONS}")
+    check_augmentations(kinds)
     variants: list[list[str]] = [[] for _ in requests]
     wordings: list[list[str]] = [[r.prompt] for r in requests]  # what the QA framings wrap
     with torch.random.fork_rng(devices=[]):  # seeded sampling, without touching the caller's random state

@@ -25,7 +25,7 @@ from torch import nn
 
 from crispedit.anchor import Anchors, anchor_kl
 from crispedit.arch import arch_spec, default_layers, editable_modules, module_name, weight_name
-from crispedit.augment import AUGMENTATIONS, augmented_prompts
+from crispedit.augment import augmented_prompts, check_augmentations
 from crispedit.cache import CurvatureCache
 from crispedit.kfac import factors_from_features, token_features
 from crispedit.layer_choice import rank_layers
@@ -95,9 +95,7 @@ class EditConfig:
         if self.sequential_chunk is not None and self.sequential_chunk <= 0:
             raise ValueError("sequential_chunk must be a positive number of edits")
         object.__setattr__(self, "augment", tuple(self.augment))
-        unknown = set(self.augment) - set(AUGMENTATIONS)
-        if unknown:
-            raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {list(AUGMENTATIONS)}")
+        check_augmentations(self.augment)
 
 
 @dataclass
