@@ -138,3 +138,21 @@ def test_staircase_blocks_are_exact_for_any_mask(ekfac):
     if not ekfac:  # a K-FAC mask is a staircase: the later row blocks need fewer columns
         widths = [c for _, _, c in proj.blocks]
         assert widths == sorted(widths, reverse=True) and widths[-1] < widths[0]
+
+
+def test_a_massive_input_direction_leaves_the_layer_unconstrained_and_is_logged(caplog):
+    """One input direction with nearly all of A's energy meets γ alone, so the projector removes only its
+    own column of products (BENCHMARKS.md §13): the edit warns about such a layer, not about a normal one."""
+    from crispedit.edit import warn_unconstrained
+
+    spread = torch.linspace(1.0, 0.01, 200)
+    massive = spread.clone()
+    massive[0] = 1e5
+    normal = build_projector(KFACFactors(A=torch.diag(spread), S=torch.eye(8), num_tokens=10), 0.8)
+    flat = build_projector(KFACFactors(A=torch.diag(massive), S=torch.eye(8), num_tokens=10), 0.8)
+    assert flat.kept_fraction == pytest.approx(1 - 1 / 200)
+    assert normal.kept_fraction < 0.9
+    with caplog.at_level("WARNING", logger="crispedit.edit"):
+        warn_unconstrained(["normal", "flat"], [normal, flat], 0.8)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("flat: at γ=0.8 the projector keeps 99.50%")
