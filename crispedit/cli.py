@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the chat template); or a weighted mixture 'SOURCE=W,SOURCE=W'")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: 5 middle layers)")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layer indices (default: SmolLM2 4-8, as measured; else 5 middle layers)")
     p.add_argument("--fisher", choices=["empirical", "sampled"], default="empirical")
     p.add_argument("--ekfac", action="store_true", help="also store EK-FAC corrected eigenvalues")
     p.add_argument("--batch-size", type=int, default=4)

@@ -8,11 +8,15 @@ reverts), so editing after a rollback continues from the rolled-back state, not 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from crispedit.cache import CurvatureCache
 from crispedit.kfac import factors_from_features
 from registry.store import Registry
+
+log = logging.getLogger(__name__)
 
 
 def contribution(features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, dict]:
@@ -24,6 +28,10 @@ def version_cache(registry: Registry, model: str, ref: str, capability: Curvatur
     """The curvature state to edit on top of ``ref``: ``capability`` folded with ``ref``'s chain, oldest first."""
     cache = capability
     for layers in registry.curvature_chain(model, ref):
+        if set(layers) != set(capability.factors):  # recorded before an upgrade changed the editable layers
+            log.warning("%s@%s: skipping an earlier edit's curvature on %s; the cache covers %s", model, ref,
+                        sorted(layers), sorted(capability.factors))
+            continue
         cache = cache.folded({
             name: factors_from_features(registry.blobs.get(parts["a"]), registry.blobs.get(parts["g"]))
             for name, parts in layers.items()

@@ -150,3 +150,7 @@ def test_rollback_then_edit_continues_from_the_rolled_back_state(tmp_path):
     v3, _ = edit_on("v1", batches["v3"])
     assert (v3.id, v3.parent) == ("v3", "v1")
     assert len(reg.curvature_chain("tiny", "v3")) == 2  # v1's and v3's contributions, not v2's
+
+    # an upgrade that edits other layers: the rebuilt cache cannot fold v1's and v3's contributions
+    other = build_cache(model, tok, (0,), str(corpus), n_samples=6, seq_len=16, progress=False)
+    assert version_cache(reg, "tiny", "v3", other).num_tokens == other.num_tokens

@@ -51,9 +51,12 @@ def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
     registry.create_model(name, base, model_fingerprint(model))
     path = curvature_path(settings, name)
     layers = default_layers(model)
-    if path.exists():
-        capability = CurvatureCache.load(path, model=model, layers=layers)
-    else:
+    capability = CurvatureCache.load(path, model=model) if path.exists() else None
+    if capability is not None and capability.layers != layers:  # the editable layers changed with an upgrade
+        log.info("%s: the curvature cache covers layers %s, but layers %s are edited now; rebuilding it", name,
+                 list(capability.layers), list(layers))
+        capability = None
+    if capability is None:
         log.info("%s: no curvature cache yet; building it from %s (%d × %d tokens)", name, settings.corpus,
                  settings.cache_samples, settings.cache_seq_len)
         capability = build_cache(model, tok, layers, settings.corpus, settings.cache_samples, settings.cache_seq_len)
