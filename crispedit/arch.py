@@ -48,8 +48,8 @@ def num_layers(model: nn.Module) -> int:
 
 
 # Measured per checkpoint, keyed by (model_type, layers, hidden size). SmolLM2-135M: layers 4-8 beat the
-# middle block 12-16 on generality, locality and drift for ZsRE and CounterFact alike; layers 2, 9 and 11
-# carry a massive activation that leaves their projector unconstrained (BENCHMARKS.md §13).
+# middle block 12-16 on generality and locality for ZsRE and CounterFact alike, at similar drift; layers 2,
+# 9 and 11 carry a massive activation that leaves their projector unconstrained (BENCHMARKS.md §13).
 MEASURED_LAYERS: dict[tuple[str, int, int], tuple[int, ...]] = {
     ("llama", 30, 576): (4, 5, 6, 7, 8),  # SmolLM2-135M(-Instruct)
 }
