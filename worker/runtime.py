@@ -57,7 +57,7 @@ def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
                  list(capability.layers), list(layers))
         capability = None
     if capability is None:
-        log.info("%s: no curvature cache yet; building it from %s (%d × %d tokens)", name, settings.corpus,
+        log.info("%s: building its curvature cache from %s (%d × %d tokens)", name, settings.corpus,
                  settings.cache_samples, settings.cache_seq_len)
         capability = build_cache(model, tok, layers, settings.corpus, settings.cache_samples, settings.cache_seq_len)
         capability.save(path)
