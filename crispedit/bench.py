@@ -31,7 +31,7 @@ from crispedit.arch import default_layers, editable_modules, num_layers
 from crispedit.cache import CurvatureCache, build_cache
 from crispedit.capability import capability_report, heldout_texts, mean_kl, perplexity, swapped_weights
 from crispedit.datasets import load_edit_dataset, shared_data_dir
-from crispedit.edit import EditConfig, edit, epoch_bar
+from crispedit.edit import LR_SCHEDULES, EditConfig, edit, epoch_bar
 from crispedit.evaluate import edit_quality, locality_reference
 from crispedit.models import load_model
 
@@ -145,7 +145,8 @@ class Bench:
 
     def config(self, **overrides) -> EditConfig:
         a = self.args
-        return EditConfig(energy=a.energy, lr=a.lr, batch_size=a.batch_size, max_epochs=a.epochs, **overrides)
+        return EditConfig(energy=a.energy, lr=a.lr, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
+                          max_epochs=a.epochs, **overrides)
 
     def write(self, suite: str, payload: dict, table: str) -> None:
         payload = {"suite": suite, "date": time.strftime("%Y-%m-%d"), "command": a_command(self.args),
@@ -482,6 +483,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--energy", type=float, default=d.energy)
     p.add_argument("--gammas", default="0.5,0.7,0.8,0.9,0.95,0.99")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--epochs", type=int, default=d.max_epochs)
     p.add_argument("--samples", type=int, default=40)

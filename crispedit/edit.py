@@ -35,6 +35,8 @@ from crispedit.projector import METHODS, LayerProjector, build_projector
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 
 log = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "cosine")
 ProgressFn = Callable[[dict], None]
 UNCONSTRAINED = 0.99  # a projector keeping more of the directions than this barely constrains its layer
 
@@ -66,6 +68,7 @@ class EditConfig:
     method: str = "crispedit"  # crispedit | nullspace | ft
     energy: float = 0.8  # γ: fraction of curvature energy protected; higher is more conservative
     lr: float = 2e-3  # the paper's 5e-4 does not converge within 25 epochs on SmolLM2 (BENCHMARKS.md)
+    lr_schedule: str = "constant"  # constant (the paper's) | cosine: lr · ½(1 + cos(π · epoch / max_epochs))
     batch_size: int = 32
     max_epochs: int = 25
     early_stop: float = 1e-2  # skip a batch / stop an epoch below this mean target NLL (paper Table 2)
@@ -85,6 +88,8 @@ class EditConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.energy <= 1.0:
             raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
         for name in ("anchor_weight", "text_anchor_weight"):
@@ -181,6 +186,13 @@ def check_requests(requests: Sequence[EditRequest], tokenizer) -> None:
     tokenize_edit_batch(tokenizer, list(requests)[:1])
 
 
+def epoch_lr(config: EditConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (0-based): constant, or cosine-decayed towards 0 over ``max_epochs``."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.max_epochs))
+
+
 def run_epochs(
     model: nn.Module,
     tokenizer,
@@ -208,6 +220,8 @@ def run_epochs(
     step_seconds: list[float] = []
     first_loss: float | None = None
     for epoch in range(config.max_epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(config, epoch)
         order = list(requests) + [rng.choice(pool) for pool in variants if pool]
         rng.shuffle(order)
         losses = []

@@ -5,7 +5,7 @@ import torch
 from conftest import CORPUS
 
 from crispedit.cache import build_cache
-from crispedit.edit import EditConfig, EditError, edit, epoch_bar
+from crispedit.edit import EditConfig, EditError, edit, epoch_bar, epoch_lr
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 
 FACTS = [
@@ -94,6 +94,24 @@ def test_epoch_bar_counts_the_epochs(tiny_llama, corpus_file, capsys):
         result = edit(model, tok, FACTS, small_cache(model, tok, corpus_file), config, on_progress=report)
     shown = capsys.readouterr().err
     assert f"tiny edit: {100 * len(result.epoch_losses) // 3}%" in shown and "loss=" in shown
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero():
+    constant, cosine = EditConfig(lr=1e-2, max_epochs=4), EditConfig(lr=1e-2, max_epochs=4, lr_schedule="cosine")
+    assert [epoch_lr(constant, e) for e in range(4)] == [1e-2] * 4
+    rates = [epoch_lr(cosine, e) for e in range(5)]
+    assert rates[0] == 1e-2 and rates[2] == pytest.approx(5e-3) and rates[4] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        EditConfig(lr_schedule="linear")
+
+
+def test_cosine_schedule_still_edits(tiny_llama, corpus_file):
+    model, tok = tiny_llama
+    before = target_logprob(model, tok, FACTS)
+    config = EditConfig(lr=3e-2, max_epochs=30, energy=0.5, lr_schedule="cosine")
+    edit(model, tok, FACTS, small_cache(model, tok, corpus_file), config)
+    assert target_logprob(model, tok, FACTS) > before + 1.0
 
 
 def test_gpt2_conv1d_edit(tiny_gpt2, corpus_file):
