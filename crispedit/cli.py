@@ -75,8 +75,7 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
     except ValueError as err:
         raise SystemExit(f"--augment: {err}") from err
     return EditConfig(method=args.method, energy=args.energy, lr=args.lr, lr_schedule=args.lr_schedule,
-                      batch_size=args.batch_size,
-                      max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
+                      batch_size=args.batch_size, max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
                       recompute_drift=args.recompute_drift, chat_form=args.chat_form, augment=augment, layers=layers,
                       auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight)
 

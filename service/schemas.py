@@ -32,6 +32,8 @@ class Hyperparameters(Strict):
     method: Literal["crispedit", "nullspace", "ft"] = "crispedit"
     energy: float = Field(0.8, ge=0.0, le=1.0)
     lr: float = Field(2e-3, gt=0.0, le=1.0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay lr towards 0 over "
+                                                       "max_epochs (less drift, less generality; BENCHMARKS.md §14)")
     batch_size: int | None = Field(None, ge=1, le=512, description="edits per optimizer step; default: the server's "
                                    "CRISPEDIT_EDIT_BATCH_SIZE")
     max_epochs: int = Field(25, ge=1, le=200)
