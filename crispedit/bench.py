@@ -29,7 +29,7 @@ import torch
 
 from crispedit.arch import default_layers, editable_modules, num_layers
 from crispedit.cache import CurvatureCache, build_cache
-from crispedit.capability import capability_report, heldout_texts, mean_kl, perplexity, swapped_weights
+from crispedit.capability import capability_report, heldout_texts, mc_drop, mean_kl, perplexity, swapped_weights
 from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import LR_SCHEDULES, EditConfig, edit, epoch_bar
 from crispedit.evaluate import edit_quality, locality_reference
@@ -53,6 +53,7 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self._base_capability: dict | None = None
+        self._base_mc_correct: dict[str, list[bool]] | None = None
 
     def cache(self, corpus: str = "wikitext", fisher: str = "empirical", samples: int | None = None,
               layers: tuple[int, ...] | None = None) -> CurvatureCache:
@@ -102,12 +103,22 @@ class Bench:
         else:
             metrics["kl"] = 0.0
         if mc and self.args.mc_limit > 0:
-            metrics.update(capability_report(self.model, self.tok, self.data, limit=self.args.mc_limit))
+            metrics.update(capability_report(self.model, self.tok, self.data, limit=self.args.mc_limit, items=True))
         return metrics
 
     def base_capability(self, mc: bool = True) -> dict:
+        """The base model's figures, computed once per out folder and MC/perplexity setting (saved there as
+        ``base-….json``; per-item MC results kept aside for ``mc_drop``)."""
         if self._base_capability is None or (mc and "mc_mean" not in self._base_capability):
-            self._base_capability = self.capability(mc=mc)
+            a = self.args
+            path = self.out / f"base-{Path(a.model).name}-mc{a.mc_limit if mc else 0}-ppl{a.ppl_texts}.json"
+            if path.exists():
+                found = json.loads(path.read_text())
+            else:
+                found = self.capability(mc=mc)
+                path.write_text(json.dumps(found))
+            self._base_mc_correct = found.pop("mc_correct", None)
+            self._base_capability = found
         return self._base_capability
 
     def text_anchors(self):
@@ -133,8 +144,8 @@ class Bench:
             base = self.base_capability(mc=mc)
             row.update(cap)
             row["ppl_change_pct"] = 100 * (cap["perplexity"] / base["perplexity"] - 1)
-            if "mc_mean" in cap:
-                row["mc_drop_points"] = 100 * (base["mc_mean"] - cap["mc_mean"])
+            if "mc_mean" in cap:  # the same as 100 × (base − edited MC mean), with a paired standard error
+                row["mc_drop_points"], row["mc_drop_se"] = mc_drop(self._base_mc_correct, row.pop("mc_correct"))
         finally:
             with torch.no_grad():
                 params = dict(self.model.named_parameters())
@@ -184,6 +195,7 @@ COLUMNS = [
     ("loc_gen_acc", "Loc gen acc"), ("loc_qa_agree", "Loc QA agree"), ("loc_qa_acc", "Loc QA acc"),
     ("ppl_change_pct", "ΔPPL %"), ("kl", "KL"), ("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C"),
     ("hellaswag", "HS"), ("piqa", "PIQA"), ("boolq", "BoolQ"), ("mmlu", "MMLU"), ("mc_mean", "MC mean"),
+    ("mc_drop_points", "MC drop (points)"), ("mc_drop_se", "± SE"),
     ("edit_seconds", "edit s"),
 ]
 
@@ -306,6 +318,10 @@ def suite_combined(b: Bench) -> None:
     chosen = [v.strip() for v in b.args.variants.split(",")]
     if "mixed" in chosen:  # section 8's mixed capability set (--mix), with the text penalty at each β
         variants += [("mixed capability set (+ text KL)", b.mixed_cache(), b.config(text_anchor_weight=w))
+                     for w in text_weights]
+    if "mixed+" in chosen:  # the mixed capability set under the "+" recipe (augmentation + anchors + text KL)
+        variants += [("mixed+ (mixed capability set, augmentation, anchors)", b.mixed_cache(),
+                      b.config(augment=augment, anchor_weight=TUNED_WEIGHT, text_anchor_weight=w))
                      for w in text_weights]
     variants += [("fine-tuning", None, b.config(method="ft"))]
     test = b.args.split == "test"
@@ -507,6 +523,6 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--variants", default="paper,+,fine-tuning",
                    help="combined: rows to run, by first word: 'paper', '+' (augmentation + anchors), "
                         "'text' (the paper recipe + text anchors), 'mixed' (section 8's mixed capability set, "
-                        "+ text anchors at each β), 'fine-tuning'")
+                        "+ text anchors at each β), 'mixed+' (the mixed set under the '+' recipe), 'fine-tuning'")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)

@@ -298,7 +298,8 @@ def multiple_choice_accuracy(
     context. ``acc``: the highest sum is the gold choice; ``acc_norm``: the same with each sum divided by
     the choice's length in characters. Records come from the task's file in ``data_dir`` (default: the
     shared data folder) or from ``records``; :func:`select_records` picks ``limit`` of them (the first
-    ones; for mmlu a round robin over the 57 subjects). Returns ``{"acc", "acc_norm", "n"}``.
+    ones; for mmlu a round robin over the 57 subjects). Returns ``{"acc", "acc_norm", "n", "correct"}``,
+    ``correct`` being one bool per example (``acc``'s rule), for paired comparisons (:func:`mc_drop`).
     """
     if task not in MC_TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {sorted(MC_TASKS)}")
@@ -310,14 +311,14 @@ def multiple_choice_accuracy(
         raise ValueError(f"{task}: no records to score")
     pairs = [(ctx, " " + choice) for ctx, choices, _ in examples for choice in choices]
     scores = iter(score_continuations(model, tokenizer, pairs, batch_size, progress))
-    acc = acc_norm = 0
+    correct, acc_norm = [], 0
     for _, choices, gold in examples:
         s = [next(scores) for _ in choices]
         norm = [x / max(len(c), 1) for x, c in zip(s, choices, strict=True)]
-        acc += max(range(len(s)), key=s.__getitem__) == gold
+        correct.append(max(range(len(s)), key=s.__getitem__) == gold)
         acc_norm += max(range(len(norm)), key=norm.__getitem__) == gold
     n = len(examples)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    return {"acc": sum(correct) / n, "acc_norm": acc_norm / n, "n": n, "correct": correct}
 
 
 def capability_report(
@@ -328,12 +329,39 @@ def capability_report(
     tasks: Sequence[str] = tuple(MC_TASKS),
     batch_size: int = 16,
     progress: bool = False,
+    items: bool = False,
 ) -> dict:
-    """``{task: acc}`` for each multiple-choice task, plus ``"mc_mean"``, the mean of those accuracies."""
-    report = {
+    """``{task: acc}`` for each multiple-choice task, plus ``"mc_mean"``, the mean of those accuracies.
+
+    With ``items``, also ``"mc_correct"``: ``{task: [bool per example]}``, the input of :func:`mc_drop`.
+    """
+    results = {
         t: multiple_choice_accuracy(model, tokenizer, t, data_dir, limit, batch_size, progress=progress)
         for t in tasks
     }
-    report = {t: r["acc"] for t, r in report.items()}
+    report: dict = {t: r["acc"] for t, r in results.items()}
     report["mc_mean"] = sum(report.values()) / len(report)
+    if items:
+        report["mc_correct"] = {t: r["correct"] for t, r in results.items()}
     return report
+
+
+def mc_drop(base: dict[str, list[bool]], edited: dict[str, list[bool]]) -> tuple[float, float]:
+    """Drop of the MC mean from ``base`` to ``edited`` in points, and its standard error, paired by item.
+
+    The MC mean averages T task accuracies, so its drop is (1/T) Σ_t mean_i(b_ti − e_ti) over the same
+    items; with per-item differences d_ti ∈ {−1, 0, 1}, its variance is (1/T²) Σ_t var(d_t)/n_t. Pairing
+    cancels the items both models get right or wrong, which is most of the spread of either accuracy.
+    """
+    if set(base) != set(edited):
+        raise ValueError(f"tasks differ: {sorted(base)} against {sorted(edited)}")
+    drop = var = 0.0
+    for task in base:
+        if len(base[task]) != len(edited[task]) or len(base[task]) < 2:
+            raise ValueError(f"{task}: need the same items, at least 2, in both ({len(base[task])} against "
+                             f"{len(edited[task])})")
+        d = torch.tensor(base[task], dtype=torch.float64) - torch.tensor(edited[task], dtype=torch.float64)
+        drop += d.mean().item()
+        var += d.var(unbiased=True).item() / len(d)
+    t = len(base)
+    return 100 * drop / t, 100 * var**0.5 / t

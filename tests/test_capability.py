@@ -13,6 +13,7 @@ from crispedit.capability import (
     MC_TASKS,
     capability_report,
     heldout_texts,
+    mc_drop,
     mean_kl,
     multiple_choice_accuracy,
     perplexity,
@@ -116,7 +117,7 @@ def test_multiple_choice_picks_highest_loglikelihood(tiny_llama):
         for r in ARC:
             lls = [sequence_logprob(model, tok, r["query"] + "\nAnswer:", " " + c) for c in r["choices"]]
             hits += max(range(len(lls)), key=lls.__getitem__) == r["gold"]
-    assert res["n"] == 3 and res["acc"] == hits / 3
+    assert res["n"] == 3 and res["acc"] == hits / 3 and sum(res["correct"]) == hits
     assert 0 <= res["acc"] <= 1 and 0 <= res["acc_norm"] <= 1
     assert multiple_choice_accuracy(model, tok, "arc_easy", records=ARC, limit=2)["n"] == 2
 
@@ -163,6 +164,24 @@ def test_capability_report_reads_task_files(tiny_gpt2, tmp_path):
     assert set(report) == {"arc_easy", "boolq", "mc_mean"}
     assert report["boolq"] in (0.0, 1.0)
     assert report["mc_mean"] == pytest.approx((report["arc_easy"] + report["boolq"]) / 2)
+    items = capability_report(model, tok, data_dir=tmp_path, tasks=("arc_easy", "boolq"), items=True)
+    assert [len(items["mc_correct"][t]) for t in ("arc_easy", "boolq")] == [3, 2]
+    assert sum(items["mc_correct"]["arc_easy"]) / 3 == report["arc_easy"]
+
+
+def test_mc_drop_is_the_mean_drop_with_a_paired_standard_error():
+    base = {"a": [True, True, False, True], "b": [True, False]}
+    edited = {"a": [True, False, False, False], "b": [True, True]}
+    drop, se = mc_drop(base, edited)
+    # task a: differences 0,1,0,1 (accuracy 0.75 -> 0.25); task b: 0,-1 (0.5 -> 1.0)
+    assert drop == pytest.approx(100 * ((0.75 - 0.25) + (0.5 - 1.0)) / 2)
+    var_a, var_b = (4 * 0.5 * 0.5) / 3 / 4, (2 * 0.25) / 1 / 2  # unbiased variance of d over n, per task
+    assert se == pytest.approx(100 * math.sqrt(var_a + var_b) / 2)
+    assert mc_drop(base, base) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same items"):
+        mc_drop(base, {"a": [True], "b": [True, False]})
+    with pytest.raises(ValueError, match="tasks differ"):
+        mc_drop(base, {"a": base["a"]})
 
 
 def test_heldout_texts(tmp_path):
