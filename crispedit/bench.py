@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,7 +30,15 @@ import torch
 
 from crispedit.arch import default_layers, editable_modules, num_layers
 from crispedit.cache import CurvatureCache, build_cache
-from crispedit.capability import capability_report, heldout_texts, mc_drop, mean_kl, perplexity, swapped_weights
+from crispedit.capability import (
+    capability_report,
+    heldout_texts,
+    mc_drop,
+    mean_kl,
+    perplexity_change,
+    swapped_weights,
+    text_nlls,
+)
 from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import LR_SCHEDULES, EditConfig, edit, epoch_bar
 from crispedit.evaluate import edit_quality, locality_reference
@@ -54,6 +63,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self._base_capability: dict | None = None
         self._base_mc_correct: dict[str, list[bool]] | None = None
+        self._base_ppl_terms: list[tuple[float, int]] = []
 
     def cache(self, corpus: str = "wikitext", fisher: str = "empirical", samples: int | None = None,
               layers: tuple[int, ...] | None = None) -> CurvatureCache:
@@ -97,7 +107,8 @@ class Bench:
         return load_edit_dataset(dataset, self.data / DATASET_FILES[dataset], n=self.args.n)
 
     def capability(self, result=None, mc: bool = True) -> dict:
-        metrics = {"perplexity": perplexity(self.model, self.tok, self.texts)}
+        terms = text_nlls(self.model, self.tok, self.texts)
+        metrics = {"perplexity": math.exp(sum(n for n, _ in terms) / sum(c for _, c in terms)), "ppl_terms": terms}
         if result is not None and result.changed:
             metrics["kl"] = mean_kl(self.model, self.tok, self.texts, result.original, result.changed)
         else:
@@ -108,15 +119,15 @@ class Bench:
 
     def base_capability(self, mc: bool = True) -> dict:
         """The base model's figures, computed once per out folder and MC/perplexity setting (saved there as
-        ``base-….json``; per-item MC results kept aside for ``mc_drop``)."""
+        ``base-….json``; per-text NLLs and per-item MC results kept aside for the paired changes)."""
         if self._base_capability is None or (mc and "mc_mean" not in self._base_capability):
             a = self.args
             path = self.out / f"base-{Path(a.model).name}-mc{a.mc_limit if mc else 0}-ppl{a.ppl_texts}.json"
-            if path.exists():
-                found = json.loads(path.read_text())
-            else:
-                found = self.capability(mc=mc)
-                path.write_text(json.dumps(found))
+            found = json.loads(path.read_text()) if path.exists() else self.capability(mc=mc)
+            if "ppl_terms" not in found:  # saved before per-text NLLs were kept
+                found["ppl_terms"] = text_nlls(self.model, self.tok, self.texts)
+            path.write_text(json.dumps(found))
+            self._base_ppl_terms = found.pop("ppl_terms")
             self._base_mc_correct = found.pop("mc_correct", None)
             self._base_capability = found
         return self._base_capability
@@ -131,6 +142,7 @@ class Bench:
     def run(self, requests, cache, config: EditConfig, reference=None, generated=True, mc=True, anchors=None,
             text_anchors=None) -> dict:
         """Edit, measure, and put the base weights back."""
+        self.base_capability(mc=mc)  # before the edit: the paired changes below need the base model's terms
         with epoch_bar(config, len(requests), desc=f"{config.method} γ={config.energy}") as report:
             result = edit(self.model, self.tok, requests, cache, config, on_progress=report, anchors=anchors,
                           text_anchors=text_anchors)
@@ -141,9 +153,8 @@ class Bench:
                    "edited_layers": list(result.layers)}
             row.update(edit_quality(self.model, self.tok, requests, reference, generated=generated))
             cap = self.capability(result, mc=mc)
-            base = self.base_capability(mc=mc)
             row.update(cap)
-            row["ppl_change_pct"] = 100 * (cap["perplexity"] / base["perplexity"] - 1)
+            row["ppl_change_pct"], row["ppl_change_se"] = perplexity_change(self._base_ppl_terms, row.pop("ppl_terms"))
             if "mc_mean" in cap:  # the same as 100 × (base − edited MC mean), with a paired standard error
                 row["mc_drop_points"], row["mc_drop_se"] = mc_drop(self._base_mc_correct, row.pop("mc_correct"))
         finally:
@@ -193,7 +204,8 @@ COLUMNS = [
     ("rel_nc_contains", "Rel gen NC"), ("gen_nc_contains", "Gen gen NC"),
     ("rel_qa_contains", "Rel gen QA"), ("gen_qa_contains", "Gen gen QA"), ("loc_gen_agree", "Loc gen agree"),
     ("loc_gen_acc", "Loc gen acc"), ("loc_qa_agree", "Loc QA agree"), ("loc_qa_acc", "Loc QA acc"),
-    ("ppl_change_pct", "ΔPPL %"), ("kl", "KL"), ("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C"),
+    ("ppl_change_pct", "ΔPPL %"), ("ppl_change_se", "± SE"), ("kl", "KL"), ("arc_easy", "ARC-E"),
+    ("arc_challenge", "ARC-C"),
     ("hellaswag", "HS"), ("piqa", "PIQA"), ("boolq", "BoolQ"), ("mmlu", "MMLU"), ("mc_mean", "MC mean"),
     ("mc_drop_points", "MC drop (points)"), ("mc_drop_se", "± SE"),
     ("edit_seconds", "edit s"),

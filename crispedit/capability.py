@@ -90,6 +90,32 @@ def heldout_texts(path: str | Path, n_texts: int, min_chars: int = 200, seed: in
 
 
 @torch.no_grad()
+def text_nlls(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[tuple[float, int]]:
+    """Per text: (summed next-token NLL, number of predicted tokens), the terms of :func:`perplexity`.
+
+    Each text is tokenised as the tokenizer does by default (special tokens included), truncated to
+    ``max_length`` tokens; every token after the first is predicted.
+    """
+    seqs = _encode(tokenizer, texts, max_length)
+    pad, dev = _pad_id(tokenizer), _device(model)
+    terms = []
+    for batch in _batches(seqs, batch_size, progress, "perplexity"):
+        ids, mask = _pad_right(batch, pad)
+        ids, mask = ids.to(dev), mask.to(dev)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none").sum(1)
+        terms += [(float(n), int(c)) for n, c in zip(nll.tolist(), mask[:, 1:].sum(1).tolist(), strict=True)]
+    return terms
+
+
 def perplexity(
     model: nn.Module,
     tokenizer,
@@ -98,24 +124,27 @@ def perplexity(
     batch_size: int = 8,
     progress: bool = False,
 ) -> float:
-    """Token-level perplexity ``exp(total NLL / total predicted tokens)`` over ``texts``.
-
-    Each text is tokenised as the tokenizer does by default (special tokens included), truncated to
-    ``max_length`` tokens; every token after the first is predicted.
-    """
-    seqs = _encode(tokenizer, texts, max_length)
-    pad, dev = _pad_id(tokenizer), _device(model)
-    nll, count = 0.0, 0
-    for batch in _batches(seqs, batch_size, progress, "perplexity"):
-        ids, mask = _pad_right(batch, pad)
-        ids, mask = ids.to(dev), mask.to(dev)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        nll += F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum").item()
-        count += int(mask[:, 1:].sum())
+    """Token-level perplexity ``exp(total NLL / total predicted tokens)`` over ``texts`` (see :func:`text_nlls`)."""
+    terms = text_nlls(model, tokenizer, texts, max_length, batch_size, progress)
+    count = sum(c for _, c in terms)
     if count == 0:
         raise ValueError("no token to predict: every text is at most one token long")
-    return math.exp(nll / count)
+    return math.exp(sum(n for n, _ in terms) / count)
+
+
+def perplexity_change(base: Sequence[tuple[float, int]], edited: Sequence[tuple[float, int]]) -> tuple[float, float]:
+    """100 × (PPL_edited / PPL_base − 1) over the same texts, and its standard error, paired by text.
+
+    With D = Σ_i (NLL_edited,i − NLL_base,i) / Σ_i N_i the change is exp(D) − 1; texts are the sampled
+    unit, so Var(D) ≈ n · var_i(d_i) / (Σ N)², and the delta method gives SE = 100 · exp(D) · SE(D).
+    """
+    if len(base) != len(edited) or len(base) < 2 or [c for _, c in base] != [c for _, c in edited]:
+        raise ValueError("need the same texts, at least 2, scored for both models")
+    d = torch.tensor([e - b for (b, _), (e, _) in zip(base, edited, strict=True)], dtype=torch.float64)
+    count = sum(c for _, c in base)
+    change = d.sum().item() / count
+    se = (len(d) * d.var(unbiased=True).item()) ** 0.5 / count
+    return 100 * math.expm1(change), 100 * math.exp(change) * se
 
 
 # ------------------------------------------------------------------------------------------ KL to base

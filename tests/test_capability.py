@@ -17,9 +17,11 @@ from crispedit.capability import (
     mean_kl,
     multiple_choice_accuracy,
     perplexity,
+    perplexity_change,
     score_continuations,
     select_records,
     swapped_weights,
+    text_nlls,
 )
 
 TEXTS = [
@@ -52,6 +54,35 @@ def test_perplexity_matches_hf_loss(tiny):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert perplexity(model, tok, TEXTS[1:2]) == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_text_nlls_are_each_texts_summed_loss(tiny_llama):
+    model, tok = tiny_llama
+    terms = text_nlls(model, tok, TEXTS, batch_size=2)
+    with torch.no_grad():
+        for text, (nll, count) in zip(TEXTS, terms, strict=True):
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            assert count == ids.shape[1] - 1
+            assert nll == pytest.approx(model(input_ids=ids, labels=ids).loss.item() * count, rel=1e-5)
+
+
+def test_perplexity_change_is_the_ratio_with_a_paired_standard_error(tiny_llama):
+    model, tok = tiny_llama
+    base = text_nlls(model, tok, TEXTS)
+    edited_weight = dict(model.named_parameters())[WEIGHT].detach() * 1.5
+    with swapped_weights(model, {WEIGHT: edited_weight}):
+        edited = text_nlls(model, tok, TEXTS)
+        ppl_edited = perplexity(model, tok, TEXTS)
+    change, se = perplexity_change(base, edited)
+    assert change == pytest.approx(100 * (ppl_edited / perplexity(model, tok, TEXTS) - 1), rel=1e-6)
+    # by hand: D = Σd / ΣN, SE(D) = sqrt(n var(d)) / ΣN, SE = 100 exp(D) SE(D)
+    d = [e - b for (b, _), (e, _) in zip(base, edited, strict=True)]
+    count, mean = sum(c for _, c in base), sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    assert se == pytest.approx(100 * math.exp(sum(d) / count) * math.sqrt(len(d) * var) / count, rel=1e-6)
+    assert perplexity_change(base, base) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same texts"):
+        perplexity_change(base, edited[:2])
 
 
 def test_perplexity_does_not_depend_on_padding(tiny_llama):

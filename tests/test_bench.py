@@ -1,0 +1,66 @@
+"""`crispedit bench`'s row on a tiny checkpoint and a data folder of its own: paired capability changes."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_checkpoint
+
+from crispedit.bench import HELDOUT_TEXT, Bench, add_bench_parser
+from crispedit.cache import build_cache
+from crispedit.capability import MC_TASKS
+from crispedit.requests import EditRequest
+
+FACTS = [EditRequest("The capital of France is", "Rome"), EditRequest("Hamlet was written by", "Madrid")]
+MC_RECORDS = {
+    "arc_easy": {"query": "Which is a planet?", "choices": ["Mars", "Moon"], "gold": 0},
+    "arc_challenge": {"query": "Which is hot?", "choices": ["ice", "fire", "snow"], "gold": 1},
+    "hellaswag": {"ctx": "A man opens the door. He", "endings": ["walks in.", "is a door."], "label": 0},
+    "piqa": {"query": "Question: How to dry hands?\n", "choices": ["towel", "water"], "gold": 0},
+    "boolq": {"query": "Passage: Water is wet.\nQuestion: is water wet?", "choices": ["no", "yes"], "gold": 1},
+    "mmlu": {"subject": "astronomy", "question": "Closest star?", "choices": ["Sun", "Vega", "Sirius", "Rigel"],
+             "answer": 0},
+}
+
+
+@pytest.fixture
+def bench_args(tmp_path):
+    data = tmp_path / "data"
+    text = data / HELDOUT_TEXT
+    text.parent.mkdir(parents=True)
+    words = ["rivers", "towns", "people", "hills", "roads", "boats", "bridges", "fields", "markets", "songs"]
+    text.write_text("\n".join(" ".join(words[(i * k) % 10] for k in range(60)) for i in range(1, 7)),
+                    encoding="utf-8")
+    for task, record in MC_RECORDS.items():
+        path = data / MC_TASKS[task][0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    model = save_tiny_checkpoint(tmp_path / "tiny")
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    return parser.parse_args(["bench", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"),
+                              "--layers", "1", "--ppl-texts", "4", "--mc-limit", "2", "--epochs", "5",
+                              "--lr", "0.05", "--device", "cpu"])
+
+
+def test_row_reports_paired_changes_and_restores_the_model(bench_args, tmp_path):
+    b = Bench(bench_args)
+    before = {n: p.clone() for n, p in b.model.named_parameters()}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The river runs through the town and the people cross it every day. " * 40)
+    cache = build_cache(b.model, b.tok, b.layers, str(corpus), n_samples=4, seq_len=16, progress=False)
+    row = b.run(FACTS, cache, b.config(), generated=False)
+    assert "ppl_terms" not in row and "mc_correct" not in row
+    base = b.base_capability()
+    assert row["ppl_change_pct"] == pytest.approx(100 * (row["perplexity"] / base["perplexity"] - 1), rel=1e-6)
+    assert row["ppl_change_se"] > 0 and row["kl"] > 0
+    assert row["mc_drop_points"] == pytest.approx(100 * (base["mc_mean"] - row["mc_mean"]))
+    assert row["mc_drop_se"] >= 0
+    assert all(torch.equal(p, before[n]) for n, p in b.model.named_parameters())
+    # a later run in the same folder reads the base model's figures instead of scoring them again
+    saved = list((tmp_path / "out").glob("base-*.json"))
+    assert len(saved) == 1
+    again = Bench(bench_args)
+    again.capability = lambda *a, **k: pytest.fail("base figures scored again")
+    assert again.base_capability() == base
