@@ -123,9 +123,9 @@ class Bench:
         if self._base_capability is None or (mc and "mc_mean" not in self._base_capability):
             a = self.args
             path = self.out / f"base-{Path(a.model).name}-mc{a.mc_limit if mc else 0}-ppl{a.ppl_texts}.json"
-            found = json.loads(path.read_text()) if path.exists() else self.capability(mc=mc)
-            if "ppl_terms" not in found:  # saved before per-text NLLs were kept
-                found["ppl_terms"] = text_nlls(self.model, self.tok, self.texts)
+            found = json.loads(path.read_text()) if path.exists() else {}
+            if "ppl_terms" not in found or (mc and a.mc_limit > 0 and "mc_correct" not in found):
+                found = self.capability(mc=mc)  # new, or saved before per-text and per-item results were kept
             path.write_text(json.dumps(found))
             self._base_ppl_terms = found.pop("ppl_terms")
             self._base_mc_correct = found.pop("mc_correct", None)
