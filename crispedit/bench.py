@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from crispedit.capability import (
     mc_drop,
     mean_kl,
     perplexity_change,
+    perplexity_of,
     swapped_weights,
     text_nlls,
 )
@@ -108,7 +108,7 @@ class Bench:
 
     def capability(self, result=None, mc: bool = True) -> dict:
         terms = text_nlls(self.model, self.tok, self.texts)
-        metrics = {"perplexity": math.exp(sum(n for n, _ in terms) / sum(c for _, c in terms)), "ppl_terms": terms}
+        metrics = {"perplexity": perplexity_of(terms), "ppl_terms": terms}
         if result is not None and result.changed:
             metrics["kl"] = mean_kl(self.model, self.tok, self.texts, result.original, result.changed)
         else:

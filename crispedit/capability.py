@@ -116,16 +116,13 @@ def text_nlls(
     return terms
 
 
-def perplexity(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    max_length: int = 256,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> float:
-    """Token-level perplexity ``exp(total NLL / total predicted tokens)`` over ``texts`` (see :func:`text_nlls`)."""
-    terms = text_nlls(model, tokenizer, texts, max_length, batch_size, progress)
+def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], **options) -> float:
+    """Token-level perplexity over ``texts``; ``options`` (max_length, batch_size, progress) as :func:`text_nlls`."""
+    return perplexity_of(text_nlls(model, tokenizer, texts, **options))
+
+
+def perplexity_of(terms: Sequence[tuple[float, int]]) -> float:
+    """``exp(total NLL / total predicted tokens)`` from :func:`text_nlls`' per-text terms."""
     count = sum(c for _, c in terms)
     if count == 0:
         raise ValueError("no token to predict: every text is at most one token long")
