@@ -190,6 +190,14 @@ def factors_from_features(a: torch.Tensor, g: torch.Tensor) -> KFACFactors:
     return KFACFactors(A=a.T @ a / n, S=g.T @ g / n, num_tokens=n)
 
 
+def kfac_quadratic(factors: KFACFactors, delta: torch.Tensor) -> float:
+    """½ vec(ΔW)ᵀ (A ⊗ S) vec(ΔW) = ½ tr(ΔWᵀ S ΔW A), for ΔW (d_out, d_in): K-FAC's second-order model
+    of the per-token capability loss change of one layer's edit (Eq. 4 with Eq. 5's factors; the KL
+    itself when the factors are the sampled, true Fisher)."""
+    delta = delta.to(factors.A.dtype)
+    return 0.5 * float(((factors.S @ delta @ factors.A) * delta).sum())
+
+
 def ekfac_eigenvalues(
     model: nn.Module,
     modules: dict[str, nn.Module],

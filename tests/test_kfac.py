@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from crispedit.arch import arch_spec, editable_modules
-from crispedit.kfac import KFACFactors, kfac_factors, merge_factors, next_token_labels
+from crispedit.kfac import (
+    KFACFactors,
+    factors_from_features,
+    kfac_factors,
+    kfac_quadratic,
+    merge_factors,
+    next_token_labels,
+)
 
 TEXTS = ["The capital of France is Paris.", "Water boils at one hundred degrees.", "Gold is Au."]
 
@@ -133,3 +140,14 @@ def test_ekfac_eigenvalues_match_hand_computation(tiny_llama):
         total += float(((g**2).sum(1) * (a**2).sum(1)).sum())
         n += a.shape[0]
     assert abs(float(corrected.sum()) - total / n) < 1e-4 * max(1.0, total / n)
+
+
+def test_kfac_quadratic_equals_the_dense_kronecker_form():
+    torch.manual_seed(0)
+    a, g = torch.randn(50, 6, dtype=torch.float64), torch.randn(50, 4, dtype=torch.float64)
+    f = factors_from_features(a, g)
+    delta = torch.randn(4, 6, dtype=torch.float64)
+    vec = delta.T.reshape(-1)  # column-stacked vec(ΔW), the convention of kron(A, S)
+    dense = 0.5 * vec @ torch.kron(f.A, f.S) @ vec
+    assert kfac_quadratic(f, delta) == pytest.approx(float(dense), rel=1e-12)
+    assert kfac_quadratic(f, 2 * delta) == pytest.approx(4 * float(dense), rel=1e-12)

@@ -1,0 +1,216 @@
+"""Where does CounterFact's perplexity drift go? (issue 2)
+
+On the 100 CounterFact test edits every CrispEdit recipe raises held-out WikiText-2 perplexity by about
+1.8 %, the paper recipe and the augmented one alike (BENCHMARKS.md §13, §15). This script edits the
+tuning records (CounterFact 2000 on, never tested), scores every token of held-out texts before and
+after, and splits the rise in summed NLL by the token predicted:
+
+- ``new target``: the first token of some edit's new object (" Madrid" for "Alois Hudal was employed in");
+- ``true object``: the first token of some edit's true object (" Rome"), which the edit argues against;
+- ``other``: every other token.
+
+It also reports how concentrated the rise is (the share carried by the 1 % and 10 % of tokens whose NLL
+rose most) and, per class, the mean change of log p at every position (a shift of the token's prior,
+whether or not the text then says it).
+
+Usage: .venv/bin/python scripts/cf_drift.py CACHE.safetensors [--n 100] [--energy 0.8] [--texts 200]
+       [--augment paraphrase,prefix,qa --text-anchor-weight 10] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from crispedit.anchor import load_text_anchors
+from crispedit.bench import DATASET_FILES, HELDOUT_TEXT, TRAIN_CORPUS
+from crispedit.cache import CurvatureCache
+from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
+from crispedit.datasets import load_edit_dataset, shared_data_dir
+from crispedit.edit import EditConfig, edit
+from crispedit.evaluate import mean, teacher_forced_predictions, token_accuracy
+from crispedit.kfac import kfac_quadratic
+from crispedit.models import load_model
+from crispedit.projector import build_projector
+
+CLASSES = ("new target", "true object", "other")
+
+
+@torch.no_grad()
+def token_logprobs(model, seqs: list[list[int]], watched: torch.Tensor, batch_size: int = 8):
+    """Per text: log p of each next token (len − 1) and log p of the ``watched`` tokens at each position
+    (len − 1, len(watched)); the full distributions would take gigabytes."""
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = _pad_right(seqs[i : i + batch_size], 0)
+        logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+        nxt = logp.gather(2, ids[:, 1:, None]).squeeze(2)
+        for j in range(len(ids)):
+            n = int(mask[j].sum()) - 1
+            out.append((nxt[j, :n], logp[j, :n][:, watched]))
+    return out
+
+
+def first_tokens(tok, words: list[str]) -> set[int]:
+    return {tok(" " + w.strip(), add_special_tokens=False)["input_ids"][0] for w in words if w.strip()}
+
+
+def drift_report(tok, seqs, base, edited, classes: dict[str, set[int]], watched: list[int]) -> dict:
+    """The rise in summed NLL split by class of the predicted token, its concentration and prior shifts."""
+    column = {t: k for k, t in enumerate(watched)}
+    prior_shift = {}
+    for name, ids in classes.items():
+        cols = torch.tensor([column[t] for t in sorted(ids)])
+        shift = torch.cat([(e[1][:, cols] - b[1][:, cols]).flatten() for b, e in zip(base, edited, strict=True)])
+        prior_shift[name] = shift.mean().item()
+    d = torch.cat([b[0] - e[0] for b, e in zip(base, edited, strict=True)])  # NLL_edited − NLL_base
+    words = [t for seq in seqs for t in seq[1:]]
+    labels = [next((c for c, ids in classes.items() if t in ids), "other") for t in words]
+    total = d.sum().item()
+    by_class = defaultdict(lambda: [0.0, 0])
+    for x, c in zip(d.tolist(), labels, strict=True):
+        by_class[c][0] += x
+        by_class[c][1] += 1
+    top = d.argsort(descending=True)
+    by_token = defaultdict(float)
+    for x, t in zip(d.tolist(), words, strict=True):
+        by_token[t] += x
+    worst = sorted(by_token.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "tokens": len(d), "ppl_change_pct": 100 * (torch.exp(d.mean()).item() - 1), "summed_nll_rise": total,
+        "by_class": {c: {"tokens": n, "nll_rise": s, "share": s / total if total else 0.0}
+                     for c, (s, n) in by_class.items()},
+        "share_top_1pct": d[top[: max(1, len(d) // 100)]].sum().item() / total,
+        "share_top_10pct": d[top[: max(1, len(d) // 10)]].sum().item() / total,
+        "share_rising_tokens": (d > 0).float().mean().item(),
+        "prior_shift_logp": prior_shift,
+        "worst_tokens": [(tok.decode([t]), round(x, 3)) for t, x in worst],
+    }
+
+
+def heldout_gradient(model, seqs: list[list[int]], names: list[str], batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """∇ of the held-out texts' summed NLL with respect to the named weights, at the model's current weights."""
+    params = dict(model.named_parameters())
+    grads = {n: torch.zeros_like(params[n]) for n in names}
+    for n in names:
+        params[n].requires_grad_(True)
+    try:
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = _pad_right(seqs[i : i + batch_size], 0)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+            for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names]), strict=True):
+                grads[n] += g
+    finally:
+        for n in names:
+            params[n].requires_grad_(False)
+    return grads
+
+
+def order_terms(cache: CurvatureCache, result, grads: dict[str, torch.Tensor], energy: float, tokens: int,
+                others: dict[str, CurvatureCache]) -> dict:
+    """Per layer, what a Taylor expansion around the base predicts for the edit ΔW:
+
+    - ``linear_nll``: ⟨ΔW, ∇NLL⟩ / tokens, the first-order change of the held-out NLL per token;
+    - ``kfac_kl``: ½ tr(ΔWᵀ S ΔW A), K-FAC's quadratic model of the per-token KL (Eq. 4, one block);
+    - ``grad_kept``: ‖P∇‖² / ‖∇‖², the share of the held-out gradient that the projector lets through;
+    - ``kfac_kl <name>``: the same quadratic model with the factors of another cache (``others``).
+    """
+    out = {}
+    for name, new in result.changed.items():
+        f = cache.factors[name.removesuffix(".weight")]
+        dw = (new - result.original[name]).float()
+        g = grads[name].float()
+        kept = build_projector(f, energy)(g)
+        out[name] = {"linear_nll": (dw * g).sum().item() / tokens,
+                     "kfac_kl": kfac_quadratic(f, dw),
+                     "grad_kept": (kept.norm() ** 2 / g.norm() ** 2).item()}
+        for label, other in others.items():
+            o = other.factors[name.removesuffix(".weight")]
+            out[name][f"kfac_kl {label}"] = kfac_quadratic(o, dw)
+    keys = [k for k in next(iter(out.values())) if k != "grad_kept"]
+    out["sum"] = {k: sum(v[k] for v in out.values()) for k in keys}
+    return out
+
+
+def rel_gen(model, tok, requests) -> dict[str, float]:
+    """Teacher-forced target accuracy on the edit prompts (Rel) and their rephrases (Gen)."""
+    pairs = {"rel_tf": [(r.prompt, r.target) for r in requests],
+             "gen_tf": [(p, r.target) for r in requests for p in r.rephrases]}
+    return {k: mean(token_accuracy(teacher_forced_predictions(model, tok, [p for p, _ in v], [t for _, t in v])))
+            for k, v in pairs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cache")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--offset", type=int, default=2000)
+    parser.add_argument("--energy", type=float, default=0.8)
+    parser.add_argument("--method", default="crispedit")
+    parser.add_argument("--texts", type=int, default=200)
+    parser.add_argument("--early-stop", type=float, default=EditConfig.early_stop)
+    parser.add_argument("--epochs", type=int, default=EditConfig.max_epochs)
+    parser.add_argument("--augment", default="")
+    parser.add_argument("--text-anchor-weight", type=float, default=0.0)
+    parser.add_argument("--compare-cache", action="append", default=[], metavar="LABEL=CACHE",
+                        help="also K-FAC's quadratic model of the KL under this cache's factors")
+    parser.add_argument("--layer-kl", action="store_true", help="also the KL of each layer's change alone")
+    parser.add_argument("--scales", default="", help="also the KL of s·ΔW for these s (is the KL quadratic in ΔW?)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    data = shared_data_dir()
+    model, tok = load_model("smollm2")
+    cache = CurvatureCache.load(args.cache, model=model)
+    records = json.loads((data / DATASET_FILES["counterfact"]).read_text())[args.offset : args.offset + args.n]
+    requests = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], n=args.n, offset=args.offset)
+    classes = {"new target": first_tokens(tok, [r["target_new"] for r in records]),
+               "true object": first_tokens(tok, [r["ground_truth"] for r in records])}
+    classes["true object"] -= classes["new target"]
+    watched = sorted(set().union(*classes.values()))
+    seqs = _encode(tok, heldout_texts(data / HELDOUT_TEXT, args.texts), 256)
+    base = token_logprobs(model, seqs, torch.tensor(watched))
+
+    text = load_text_anchors(model, tok, str(data / TRAIN_CORPUS)) if args.text_anchor_weight else None
+    config = EditConfig(method=args.method, energy=args.energy, early_stop=args.early_stop, max_epochs=args.epochs,
+                        augment=tuple(a for a in args.augment.split(",") if a),
+                        text_anchor_weight=args.text_anchor_weight)
+    result = edit(model, tok, requests, cache, config, text_anchors=text)
+    edited = token_logprobs(model, seqs, torch.tensor(watched))
+    quality = rel_gen(model, tok, requests)
+    texts = heldout_texts(data / HELDOUT_TEXT, args.texts)
+    kl = mean_kl(model, tok, texts, result.original, result.changed)
+    with swapped_weights(model, result.original):
+        grads = heldout_gradient(model, seqs, list(result.changed))
+    tokens = sum(len(s) - 1 for s in seqs)
+    others = {label: CurvatureCache.load(path, model=model)
+              for label, path in (spec.split("=", 1) for spec in args.compare_cache)}
+    layer_kl = {}
+    if args.layer_kl:  # each layer's change alone, the other layers at their base weights
+        with swapped_weights(model, result.original):
+            layer_kl = {n: mean_kl(model, tok, texts, {n: result.original[n]}, {n: result.changed[n]})
+                        for n in result.changed}
+    scaled = {}
+    for scale in (float(x) for x in args.scales.split(",") if x):
+        partial = {n: result.original[n] + scale * (result.changed[n] - result.original[n]) for n in result.changed}
+        scaled[scale] = mean_kl(model, tok, texts, result.original, partial)
+    report = {"cache": args.cache, "layers": list(result.layers), "method": args.method, "energy": args.energy,
+              "augment": args.augment, "text_anchor_weight": args.text_anchor_weight, "edits": len(requests),
+              "early_stop": args.early_stop,
+              "epoch_losses": result.epoch_losses, "final_loss": result.epoch_losses[-1], "kl": kl, **quality,
+              "layer_kl": layer_kl, "layer_kl_sum": sum(layer_kl.values()), "scaled_kl": scaled,
+              "order_terms": order_terms(cache, result, grads, args.energy, tokens, others),
+              **drift_report(tok, seqs, base, edited, classes, watched)}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
