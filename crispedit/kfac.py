@@ -198,6 +198,16 @@ def kfac_quadratic(factors: KFACFactors, delta: torch.Tensor) -> float:
     return 0.5 * float(((factors.S @ delta @ factors.A) * delta).sum())
 
 
+def ekfac_quadratic(factors: KFACFactors, eigenvalues: torch.Tensor, delta: torch.Tensor) -> float:
+    """½ Σ_ij λ̃_ij (U_Sᵀ ΔW U_A)²_ij: :func:`kfac_quadratic` with EK-FAC's corrected eigenvalues λ̃
+    (d_out, d_in) in K-FAC's eigenbasis (U_S of S, U_A of A) in place of the products λ^S_i λ^A_j."""
+    from crispedit.eigen import eigh_psd
+
+    (_, u_out), (_, u_in) = eigh_psd(factors.S), eigh_psd(factors.A)
+    coords = u_out.T @ delta.to(u_out.dtype) @ u_in
+    return 0.5 * float((eigenvalues.to(coords.dtype) * coords**2).sum())
+
+
 def ekfac_eigenvalues(
     model: nn.Module,
     modules: dict[str, nn.Module],

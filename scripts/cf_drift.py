@@ -26,14 +26,14 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from crispedit.anchor import load_text_anchors
-from crispedit.bench import DATASET_FILES, HELDOUT_TEXT, TRAIN_CORPUS
+from crispedit.anchor import TUNED_WEIGHT, base_anchors, load_text_anchors, with_question_forms
+from crispedit.bench import DATASET_FILES, HELDOUT_TEXT, TRAIN_CORPUS, anchor_pairs
 from crispedit.cache import CurvatureCache
 from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
 from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import EditConfig, edit
 from crispedit.evaluate import mean, teacher_forced_predictions, token_accuracy
-from crispedit.kfac import kfac_quadratic
+from crispedit.kfac import ekfac_quadratic, kfac_quadratic
 from crispedit.models import load_model
 from crispedit.projector import build_projector
 
@@ -133,6 +133,8 @@ def order_terms(cache: CurvatureCache, result, grads: dict[str, torch.Tensor], e
         for label, other in others.items():
             o = other.factors[name.removesuffix(".weight")]
             out[name][f"kfac_kl {label}"] = kfac_quadratic(o, dw)
+            if other.ekfac:
+                out[name][f"ekfac_kl {label}"] = ekfac_quadratic(o, other.ekfac[name.removesuffix(".weight")], dw)
     keys = [k for k in next(iter(out.values())) if k != "grad_kept"]
     out["sum"] = {k: sum(v[k] for v in out.values()) for k in keys}
     return out
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=EditConfig.max_epochs)
     parser.add_argument("--augment", default="")
     parser.add_argument("--text-anchor-weight", type=float, default=0.0)
+    parser.add_argument("--anchors", type=int, default=0, help="question anchors at β 1, as the bench's '+' recipe")
     parser.add_argument("--compare-cache", action="append", default=[], metavar="LABEL=CACHE",
                         help="also K-FAC's quadratic model of the KL under this cache's factors")
     parser.add_argument("--layer-kl", action="store_true", help="also the KL of each layer's change alone")
@@ -178,9 +181,12 @@ def main() -> None:
 
     text = load_text_anchors(model, tok, str(data / TRAIN_CORPUS)) if args.text_anchor_weight else None
     config = EditConfig(method=args.method, energy=args.energy, early_stop=args.early_stop, max_epochs=args.epochs,
+                        anchor_weight=TUNED_WEIGHT if args.anchors else 0.0,
                         augment=tuple(a for a in args.augment.split(",") if a),
                         text_anchor_weight=args.text_anchor_weight)
-    result = edit(model, tok, requests, cache, config, text_anchors=text)
+    pairs = with_question_forms(anchor_pairs(data, args.anchors)) if args.anchors else []
+    questions = base_anchors(model, tok, pairs) if pairs else None
+    result = edit(model, tok, requests, cache, config, anchors=questions, text_anchors=text)
     edited = token_logprobs(model, seqs, torch.tensor(watched))
     quality = rel_gen(model, tok, requests)
     texts = heldout_texts(data / HELDOUT_TEXT, args.texts)
@@ -200,8 +206,8 @@ def main() -> None:
         partial = {n: result.original[n] + scale * (result.changed[n] - result.original[n]) for n in result.changed}
         scaled[scale] = mean_kl(model, tok, texts, result.original, partial)
     report = {"cache": args.cache, "layers": list(result.layers), "method": args.method, "energy": args.energy,
-              "augment": args.augment, "text_anchor_weight": args.text_anchor_weight, "edits": len(requests),
-              "early_stop": args.early_stop,
+              "augment": args.augment, "anchors": args.anchors, "text_anchor_weight": args.text_anchor_weight,
+              "edits": len(requests), "early_stop": args.early_stop,
               "epoch_losses": result.epoch_losses, "final_loss": result.epoch_losses[-1], "kl": kl, **quality,
               "layer_kl": layer_kl, "layer_kl_sum": sum(layer_kl.values()), "scaled_kl": scaled,
               "order_terms": order_terms(cache, result, grads, args.energy, tokens, others),

@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from crispedit.arch import arch_spec, editable_modules
+from crispedit.eigen import eigh_psd
 from crispedit.kfac import (
     KFACFactors,
+    ekfac_quadratic,
     factors_from_features,
     kfac_factors,
     kfac_quadratic,
@@ -151,3 +153,13 @@ def test_kfac_quadratic_equals_the_dense_kronecker_form():
     dense = 0.5 * vec @ torch.kron(f.A, f.S) @ vec
     assert kfac_quadratic(f, delta) == pytest.approx(float(dense), rel=1e-12)
     assert kfac_quadratic(f, 2 * delta) == pytest.approx(4 * float(dense), rel=1e-12)
+
+
+def test_ekfac_quadratic_with_kfac_eigenvalues_is_the_kfac_quadratic():
+    torch.manual_seed(1)
+    f = factors_from_features(torch.randn(40, 5), torch.randn(40, 3))
+    (lam_out, _), (lam_in, _) = eigh_psd(f.S), eigh_psd(f.A)
+    delta = torch.randn(3, 5)
+    products = lam_out[:, None] * lam_in[None, :]
+    assert ekfac_quadratic(f, products, delta) == pytest.approx(kfac_quadratic(f, delta), rel=1e-4)
+    assert ekfac_quadratic(f, 2 * products, delta) == pytest.approx(2 * kfac_quadratic(f, delta), rel=1e-4)
