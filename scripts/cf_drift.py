@@ -10,11 +10,15 @@ after, and splits the rise in summed NLL by the token predicted:
 - ``other``: every other token.
 
 It also reports how concentrated the rise is (the share carried by the 1 % and 10 % of tokens whose NLL
-rose most) and, per class, the mean change of log p at every position (a shift of the token's prior,
-whether or not the text then says it).
+rose most), per class the mean change of log p at every position (a shift of the token's prior, whether
+or not the text then says it), and what a Taylor expansion around the base predicts (``order_terms``):
+the first-order term, and K-FAC's (or EK-FAC's) quadratic model of the KL, to set against the measured
+KL of the whole edit, of each layer's change alone (``--layer-kl``) and of the edit scaled (``--scales``).
+BENCHMARKS.md §16 has the figures.
 
 Usage: .venv/bin/python scripts/cf_drift.py CACHE.safetensors [--n 100] [--energy 0.8] [--texts 200]
-       [--augment paraphrase,prefix,qa --text-anchor-weight 10] [--out FILE.json]
+       [--early-stop 0.1] [--augment paraphrase,prefix,qa --anchors 256 --text-anchor-weight 10]
+       [--layer-kl] [--scales 0.5] [--compare-cache sampled=OTHER.safetensors] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -36,8 +40,6 @@ from crispedit.evaluate import mean, teacher_forced_predictions, token_accuracy
 from crispedit.kfac import ekfac_quadratic, kfac_quadratic
 from crispedit.models import load_model
 from crispedit.projector import build_projector
-
-CLASSES = ("new target", "true object", "other")
 
 
 @torch.no_grad()
@@ -96,6 +98,7 @@ def heldout_gradient(model, seqs: list[list[int]], names: list[str], batch_size:
     """∇ of the held-out texts' summed NLL with respect to the named weights, at the model's current weights."""
     params = dict(model.named_parameters())
     grads = {n: torch.zeros_like(params[n]) for n in names}
+    were = {n: params[n].requires_grad for n in names}
     for n in names:
         params[n].requires_grad_(True)
     try:
@@ -108,7 +111,7 @@ def heldout_gradient(model, seqs: list[list[int]], names: list[str], batch_size:
                 grads[n] += g
     finally:
         for n in names:
-            params[n].requires_grad_(False)
+            params[n].requires_grad_(were[n])
     return grads
 
 
@@ -176,7 +179,8 @@ def main() -> None:
                "true object": first_tokens(tok, [r["ground_truth"] for r in records])}
     classes["true object"] -= classes["new target"]
     watched = sorted(set().union(*classes.values()))
-    seqs = _encode(tok, heldout_texts(data / HELDOUT_TEXT, args.texts), 256)
+    texts = heldout_texts(data / HELDOUT_TEXT, args.texts)
+    seqs = _encode(tok, texts, 256)
     base = token_logprobs(model, seqs, torch.tensor(watched))
 
     text = load_text_anchors(model, tok, str(data / TRAIN_CORPUS)) if args.text_anchor_weight else None
@@ -189,7 +193,6 @@ def main() -> None:
     result = edit(model, tok, requests, cache, config, anchors=questions, text_anchors=text)
     edited = token_logprobs(model, seqs, torch.tensor(watched))
     quality = rel_gen(model, tok, requests)
-    texts = heldout_texts(data / HELDOUT_TEXT, args.texts)
     kl = mean_kl(model, tok, texts, result.original, result.changed)
     with swapped_weights(model, result.original):
         grads = heldout_gradient(model, seqs, list(result.changed))
