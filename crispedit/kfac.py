@@ -192,8 +192,8 @@ def factors_from_features(a: torch.Tensor, g: torch.Tensor) -> KFACFactors:
 
 def kfac_quadratic(factors: KFACFactors, delta: torch.Tensor) -> float:
     """½ vec(ΔW)ᵀ (A ⊗ S) vec(ΔW) = ½ tr(ΔWᵀ S ΔW A), for ΔW (d_out, d_in): K-FAC's second-order model
-    of the per-token capability loss change of one layer's edit (Eq. 4 with Eq. 5's factors; the KL
-    itself when the factors are the sampled, true Fisher)."""
+    of the per-token capability loss change of one layer's edit (Eq. 4 with Eq. 5's factors; with the
+    sampled, true-Fisher factors, the KL's own second-order term)."""
     delta = delta.to(factors.A.dtype)
     return 0.5 * float(((factors.S @ delta @ factors.A) * delta).sum())
 

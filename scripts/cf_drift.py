@@ -36,7 +36,7 @@ from crispedit.cache import CurvatureCache
 from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
 from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import EditConfig, edit
-from crispedit.evaluate import mean, teacher_forced_predictions, token_accuracy
+from crispedit.evaluate import edit_quality
 from crispedit.kfac import ekfac_quadratic, kfac_quadratic
 from crispedit.models import load_model
 from crispedit.projector import build_projector
@@ -143,14 +143,6 @@ def order_terms(cache: CurvatureCache, result, grads: dict[str, torch.Tensor], e
     return out
 
 
-def rel_gen(model, tok, requests) -> dict[str, float]:
-    """Teacher-forced target accuracy on the edit prompts (Rel) and their rephrases (Gen)."""
-    pairs = {"rel_tf": [(r.prompt, r.target) for r in requests],
-             "gen_tf": [(p, r.target) for r in requests for p in r.rephrases]}
-    return {k: mean(token_accuracy(teacher_forced_predictions(model, tok, [p for p, _ in v], [t for _, t in v])))
-            for k, v in pairs.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("cache")
@@ -192,7 +184,7 @@ def main() -> None:
     questions = base_anchors(model, tok, pairs) if pairs else None
     result = edit(model, tok, requests, cache, config, anchors=questions, text_anchors=text)
     edited = token_logprobs(model, seqs, torch.tensor(watched))
-    quality = rel_gen(model, tok, requests)
+    quality = edit_quality(model, tok, requests, generated=False)
     kl = mean_kl(model, tok, texts, result.original, result.changed)
     with swapped_weights(model, result.original):
         grads = heldout_gradient(model, seqs, list(result.changed))
