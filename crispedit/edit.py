@@ -83,6 +83,7 @@ class EditConfig:
     anchor_batch: int = 16  # anchors drawn per step
     text_anchor_weight: float = 0.0  # β of the same penalty on capability text windows (text_anchors); 0 = off
     text_anchor_batch: int = 4  # text windows drawn per step
+    project_update: bool = False  # also project Adam's step, so ΔW stays in the kept subspace (optim.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -311,7 +312,7 @@ def edit(
     try:
         projectors = make_projectors(cache, config, names, fan_in_fan_out, device)
         warn_unconstrained(names, projectors, config.energy)
-        optimizer = ProjectedAdam(params, projectors, lr=config.lr)
+        optimizer = ProjectedAdam(params, projectors, lr=config.lr, project_update=config.project_update)
         reference = [p.detach().clone() for p in params]
         capability, folded = cache, []  # Alg. 2: capability factors and each chunk's edit factors
         chunk_features: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []

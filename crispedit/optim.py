@@ -3,6 +3,10 @@
 Each step replaces a weight's gradient Q by its projection P_γ Q (Eq. 6), then takes a standard Adam
 step. When the projector changes (a new sequential chunk, or a curvature recompute), the first moment
 is projected onto the new subspace; the second moment and step count are kept, as in the paper's code.
+
+Adam divides each coordinate by its own sqrt(v), so its step P m / sqrt(v) leaves the subspace that P m lies
+in. With ``project_update`` the step itself is projected too, so the weights move only inside the
+low-curvature subspace, as the paper's PGD (Algorithm 1) does; the paper's code does not (BENCHMARKS.md §17).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ class ProjectedAdam(torch.optim.Adam):
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        project_update: bool = False,
     ) -> None:
         if len(params) != len(projectors):
             raise ValueError("one projector (or None) per parameter")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         self.projectors = list(projectors)
+        self.project_update = project_update
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -41,7 +47,11 @@ class ProjectedAdam(torch.optim.Adam):
         for p, projector in zip(params, self.projectors, strict=True):
             if projector is not None and p.grad is not None:
                 p.grad.copy_(projector(p.grad))
+        before = {i: p.detach().clone() for i, (p, projector) in enumerate(zip(params, self.projectors, strict=True))
+                  if self.project_update and projector is not None and p.grad is not None}
         super().step()
+        for i, old in before.items():
+            params[i].copy_(old + self.projectors[i](params[i] - old))
         return loss
 
     @torch.no_grad()

@@ -122,6 +122,8 @@ def order_terms(cache: CurvatureCache, result, grads: dict[str, torch.Tensor], e
     - ``linear_nll``: ⟨ΔW, ∇NLL⟩ / tokens, the first-order change of the held-out NLL per token;
     - ``kfac_kl``: ½ tr(ΔWᵀ S ΔW A), K-FAC's quadratic model of the per-token KL (Eq. 4, one block);
     - ``grad_kept``: ‖P∇‖² / ‖∇‖², the share of the held-out gradient that the projector lets through;
+    - ``dw_kept``: ‖PΔW‖² / ‖ΔW‖², the share of the edit itself inside the kept subspace (Adam's per-coordinate
+      step need not stay there), and ``kfac_kl_of_kept_part``: the quadratic model of PΔW alone;
     - ``kfac_kl <name>``: the same quadratic model with the factors of another cache (``others``).
     """
     out = {}
@@ -129,16 +131,19 @@ def order_terms(cache: CurvatureCache, result, grads: dict[str, torch.Tensor], e
         f = cache.factors[name.removesuffix(".weight")]
         dw = (new - result.original[name]).float()
         g = grads[name].float()
-        kept = build_projector(f, energy)(g)
+        project = build_projector(f, energy)
+        kept, dw_kept = project(g), project(dw)
         out[name] = {"linear_nll": (dw * g).sum().item() / tokens,
                      "kfac_kl": kfac_quadratic(f, dw),
+                     "kfac_kl_of_kept_part": kfac_quadratic(f, dw_kept),
+                     "dw_kept": (dw_kept.norm() ** 2 / dw.norm() ** 2).item(),
                      "grad_kept": (kept.norm() ** 2 / g.norm() ** 2).item()}
         for label, other in others.items():
             o = other.factors[name.removesuffix(".weight")]
             out[name][f"kfac_kl {label}"] = kfac_quadratic(o, dw)
             if other.ekfac:
                 out[name][f"ekfac_kl {label}"] = ekfac_quadratic(o, other.ekfac[name.removesuffix(".weight")], dw)
-    keys = [k for k in next(iter(out.values())) if k != "grad_kept"]
+    keys = [k for k in next(iter(out.values())) if k not in ("grad_kept", "dw_kept")]
     out["sum"] = {k: sum(v[k] for v in out.values()) for k in keys}
     return out
 
@@ -155,6 +160,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=EditConfig.max_epochs)
     parser.add_argument("--augment", default="")
     parser.add_argument("--text-anchor-weight", type=float, default=0.0)
+    parser.add_argument("--project-update", action="store_true", help="project Adam's step too (optim.py)")
+    parser.add_argument("--text-windows", type=int, default=256, help="text anchor windows (128 tokens each)")
+    parser.add_argument("--text-batch", type=int, default=EditConfig.text_anchor_batch, help="text windows per step")
     parser.add_argument("--anchors", type=int, default=0, help="question anchors at β 1, as the bench's '+' recipe")
     parser.add_argument("--compare-cache", action="append", default=[], metavar="LABEL=CACHE",
                         help="also K-FAC's quadratic model of the KL under this cache's factors")
@@ -175,17 +183,23 @@ def main() -> None:
     seqs = _encode(tok, texts, 256)
     base = token_logprobs(model, seqs, torch.tensor(watched))
 
-    text = load_text_anchors(model, tok, str(data / TRAIN_CORPUS)) if args.text_anchor_weight else None
+    text = load_text_anchors(model, tok, str(data / TRAIN_CORPUS), args.text_windows) if args.text_anchor_weight \
+        else None
     config = EditConfig(method=args.method, energy=args.energy, early_stop=args.early_stop, max_epochs=args.epochs,
                         anchor_weight=TUNED_WEIGHT if args.anchors else 0.0,
                         augment=tuple(a for a in args.augment.split(",") if a),
-                        text_anchor_weight=args.text_anchor_weight)
+                        text_anchor_weight=args.text_anchor_weight, text_anchor_batch=args.text_batch,
+                        project_update=args.project_update)
     pairs = with_question_forms(anchor_pairs(data, args.anchors)) if args.anchors else []
     questions = base_anchors(model, tok, pairs) if pairs else None
     result = edit(model, tok, requests, cache, config, anchors=questions, text_anchors=text)
     edited = token_logprobs(model, seqs, torch.tensor(watched))
     quality = edit_quality(model, tok, requests, generated=False)
     kl = mean_kl(model, tok, texts, result.original, result.changed)
+    # the same KL on the text anchors' own windows: does the penalty hold beyond the text it saw?
+    anchor_kl = mean_kl(model, tok, [tok.decode(w[m.bool()]) for w, m in zip(text.input_ids, text.attention_mask,
+                                                                            strict=True)],
+                        result.original, result.changed) if text else None
     with swapped_weights(model, result.original):
         grads = heldout_gradient(model, seqs, list(result.changed))
     tokens = sum(len(s) - 1 for s in seqs)
@@ -202,8 +216,10 @@ def main() -> None:
         scaled[scale] = mean_kl(model, tok, texts, result.original, partial)
     report = {"cache": args.cache, "layers": list(result.layers), "method": args.method, "energy": args.energy,
               "augment": args.augment, "anchors": args.anchors, "text_anchor_weight": args.text_anchor_weight,
+              "project_update": args.project_update, "text_windows": args.text_windows, "text_batch": args.text_batch,
               "edits": len(requests), "early_stop": args.early_stop,
-              "epoch_losses": result.epoch_losses, "final_loss": result.epoch_losses[-1], "kl": kl, **quality,
+              "epoch_losses": result.epoch_losses, "final_loss": result.epoch_losses[-1], "kl": kl,
+              "anchor_kl": anchor_kl, **quality,
               "layer_kl": layer_kl, "layer_kl_sum": sum(layer_kl.values()), "scaled_kl": scaled,
               "order_terms": order_terms(cache, result, grads, args.energy, tokens, others),
               **drift_report(tok, seqs, base, edited, classes, watched)}
