@@ -1,0 +1,142 @@
+"""Which part of a CounterFact edit carries its perplexity drift? (issue 2, BENCHMARKS.md §17)
+
+BENCHMARKS.md §16 found that K-FAC's quadratic model sees a third to a fifth of the KL that a CrispEdit
+edit costs on held-out text. This script edits the tuning records (CounterFact 2000 on, never tested) with
+the paper recipe, then measures the held-out KL(base ‖ edited) and the teacher-forced reliability and
+generality of the edit with one suspect part removed at a time:
+
+- ``minus mean direction``: ΔW's component along the mean layer input ā, the part of the change that is
+  the same shift at every position;
+- ``minus top-k A directions``: ΔW's components along the k leading eigenvectors of the cache's A, the
+  input directions that every token uses most (``bottom-k``: the k least used);
+- ``edit off at positions < p``: the edited layers use their base weights at the first p positions (the
+  first token is the attention sink, whose change reaches every later position);
+- ``scaled s``: s · ΔW, to see how generality depends on the edit's size.
+
+Usage: .venv/bin/python scripts/drift_suspects.py CACHE.safetensors [--n 50] [--texts 40] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from crispedit.bench import DATASET_FILES, HELDOUT_TEXT
+from crispedit.cache import CurvatureCache
+from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
+from crispedit.datasets import load_edit_dataset, shared_data_dir
+from crispedit.edit import EditConfig, edit
+from crispedit.eigen import eigh_psd
+from crispedit.evaluate import edit_quality
+from crispedit.models import load_model
+
+
+@torch.no_grad()
+def layer_inputs(model, tok, texts: list[str], names: list[str]) -> dict[str, torch.Tensor]:
+    """Every real token's input to each named weight's module, at the model's current weights."""
+    found: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    keep = torch.ones(0, dtype=torch.bool)
+    modules = {n: model.get_submodule(n.removesuffix(".weight")) for n in names}
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: found[n].append(i[0].flatten(0, 1)[keep]))
+             for n in names]
+    try:
+        seqs = _encode(tok, texts, 256)
+        for i in range(0, len(seqs), 8):
+            ids, mask = _pad_right(seqs[i : i + 8], 0)
+            keep = mask.flatten().bool()
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(found[n]).float() for n in names}
+
+
+def measure(model, tok, requests, texts, original, new, positions_base: Callable[[int], torch.Tensor] | None = None):
+    """Held-out KL and teacher-forced Rel/Gen of the model with ``new`` weights; with ``positions_base``, the
+    edited modules keep their base weights at the positions it marks."""
+    hooks = []
+    if positions_base is not None:
+        for n in new:
+            def base_at(m, i, o, n=n):
+                at = positions_base(o.shape[1]).to(o.device)[None, :, None]
+                return torch.where(at, F.linear(i[0], original[n]), o)
+            hooks.append(model.get_submodule(n.removesuffix(".weight")).register_forward_hook(base_at))
+    try:
+        kl = mean_kl(model, tok, texts, original, new)
+        with swapped_weights(model, new):
+            quality = edit_quality(model, tok, requests, generated=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"kl": kl, "rel_tf": quality["rel_tf"], "gen_tf": quality["gen_tf"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cache")
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--offset", type=int, default=2000)
+    parser.add_argument("--texts", type=int, default=40)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    data = shared_data_dir()
+    model, tok = load_model("smollm2")
+    cache = CurvatureCache.load(args.cache, model=model)
+    requests = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], n=args.n, offset=args.offset)
+    texts = heldout_texts(data / HELDOUT_TEXT, args.texts)
+    result = edit(model, tok, requests, cache, EditConfig())
+    original, names = result.original, list(result.changed)
+    dw = {n: (result.changed[n] - original[n]).float() for n in names}
+    with swapped_weights(model, original):
+        inputs = layer_inputs(model, tok, texts, names)
+    mean_in = {n: inputs[n].mean(0) for n in names}
+    # share of the edit's output change E‖ΔW a‖² that is the common shift ‖ΔW ā‖²
+    shift_share = {n: float((dw[n] @ mean_in[n]).norm() ** 2 / (inputs[n] @ dw[n].T).pow(2).sum(1).mean())
+                   for n in names}
+
+    def edited(part: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: original[n] + part(n) for n in names}
+
+    def without(n: str, U: torch.Tensor) -> torch.Tensor:
+        return dw[n] - (dw[n] @ U) @ U.T
+
+    rows = {"full edit": measure(model, tok, requests, texts, original, result.changed)}
+    rows["minus mean direction"] = measure(model, tok, requests, texts, original, edited(
+        lambda n: without(n, (mean_in[n] / mean_in[n].norm())[:, None])))
+    eigvecs = {n: eigh_psd(cache.factors[n.removesuffix(".weight")].A) for n in names}
+    for k in (1, 8, 64):
+        top = {n: U[:, lam.argsort(descending=True)[:k]] for n, (lam, U) in eigvecs.items()}
+        rows[f"minus top-{k} A directions"] = measure(model, tok, requests, texts, original,
+                                                      edited(lambda n, top=top: without(n, top[n])))
+    # per layer, the share of ‖ΔW‖² and of the output change tr(ΔW A ΔWᵀ) = E‖ΔW a‖² in A's 1024 least-used directions
+    tail_share = {}
+    for n, (lam, U) in eigvecs.items():
+        low = lam.argsort()[:1024]
+        proj = dw[n] @ U
+        tail_share[n] = {"weight": float(proj[:, low].pow(2).sum() / proj.pow(2).sum()),
+                         "output": float((proj[:, low].pow(2) * lam[low]).sum() / (proj.pow(2) * lam).sum())}
+    for k in (512, 1024):
+        low = {n: U[:, lam.argsort()[:k]] for n, (lam, U) in eigvecs.items()}
+        rows[f"minus bottom-{k} A directions"] = measure(model, tok, requests, texts, original,
+                                                         edited(lambda n, low=low: without(n, low[n])))
+    for p in (1, 4):
+        rows[f"edit off at positions < {p}"] = measure(model, tok, requests, texts, original, result.changed,
+                                                       positions_base=lambda L, p=p: torch.arange(L) < p)
+    rows["edit only at position 0"] = measure(model, tok, requests, texts, original, result.changed,
+                                              positions_base=lambda L: torch.arange(L) > 0)
+    for s in (0.5, 0.75):
+        rows[f"scaled {s}"] = measure(model, tok, requests, texts, original, edited(lambda n, s=s: s * dw[n]))
+    report = {"cache": args.cache, "edits": len(requests), "texts": len(texts), "final_loss": result.epoch_losses[-1],
+              "shift_share": shift_share, "tail_share": tail_share, "rows": rows}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
