@@ -29,16 +29,15 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from cf_tuning import emit, tuning_setup
 
 from crispedit.anchor import TUNED_WEIGHT, base_anchors, load_text_anchors, with_question_forms
 from crispedit.bench import DATASET_FILES, HELDOUT_TEXT, TRAIN_CORPUS, anchor_pairs
 from crispedit.cache import CurvatureCache
 from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
-from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import EditConfig, edit
 from crispedit.evaluate import edit_quality
 from crispedit.kfac import ekfac_quadratic, kfac_quadratic
-from crispedit.models import load_model
 from crispedit.projector import build_projector
 
 
@@ -170,11 +169,8 @@ def main() -> None:
     parser.add_argument("--scales", default="", help="also the KL of s·ΔW for these s (is the KL quadratic in ΔW?)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    data = shared_data_dir()
-    model, tok = load_model("smollm2")
-    cache = CurvatureCache.load(args.cache, model=model)
+    data, model, tok, cache, requests = tuning_setup(args.cache, args.n, args.offset)
     records = json.loads((data / DATASET_FILES["counterfact"]).read_text())[args.offset : args.offset + args.n]
-    requests = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], n=args.n, offset=args.offset)
     classes = {"new target": first_tokens(tok, [r["target_new"] for r in records]),
                "true object": first_tokens(tok, [r["ground_truth"] for r in records])}
     classes["true object"] -= classes["new target"]
@@ -223,10 +219,7 @@ def main() -> None:
               "layer_kl": layer_kl, "layer_kl_sum": sum(layer_kl.values()), "scaled_kl": scaled,
               "order_terms": order_terms(cache, result, grads, args.energy, tokens, others),
               **drift_report(tok, seqs, base, edited, classes, watched)}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,14 @@ Usage: .venv/bin/python scripts/cf_generality.py CACHE.safetensors [--n 50] [--e
 from __future__ import annotations
 
 import argparse
-import json
 import re
 
+from cf_tuning import emit, tuning_setup
+
 from crispedit.anchor import load_text_anchors
-from crispedit.bench import DATASET_FILES
-from crispedit.cache import CurvatureCache
 from crispedit.capability import swapped_weights
-from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import EditConfig, edit
 from crispedit.evaluate import mean, teacher_forced_predictions, token_accuracy
-from crispedit.models import load_model
 from crispedit.requests import EditRequest
 
 SENTENCE_BREAK = re.compile(r"[.!?\n]\s*")
@@ -77,10 +74,7 @@ def main() -> None:
     parser.add_argument("--text-anchor-weight", type=float, default=0.0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    data = shared_data_dir()
-    model, tok = load_model("smollm2")
-    cache = CurvatureCache.load(args.cache, model=model)
-    requests = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], n=args.n, offset=args.offset)
+    data, model, tok, cache, requests = tuning_setup(args.cache, args.n, args.offset)
     fams = families(requests)
     print(f"{len(fams['prompt'])} of {len(requests)} rephrases split into prefix + reworded question")
 
@@ -97,9 +91,7 @@ def main() -> None:
     print("| family | base | edited |\n|---|---|---|")
     for name in fams:
         print(f"| {name} | {base[name]:.3f} | {edited[name]:.3f} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

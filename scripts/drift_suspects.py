@@ -19,20 +19,17 @@ Usage: .venv/bin/python scripts/drift_suspects.py CACHE.safetensors [--n 50] [--
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from cf_tuning import emit, tuning_setup
 
-from crispedit.bench import DATASET_FILES, HELDOUT_TEXT
-from crispedit.cache import CurvatureCache
+from crispedit.bench import HELDOUT_TEXT
 from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
-from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import EditConfig, edit
 from crispedit.eigen import eigh_psd
 from crispedit.evaluate import edit_quality
-from crispedit.models import load_model
 
 
 @torch.no_grad()
@@ -83,10 +80,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=40)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    data = shared_data_dir()
-    model, tok = load_model("smollm2")
-    cache = CurvatureCache.load(args.cache, model=model)
-    requests = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], n=args.n, offset=args.offset)
+    data, model, tok, cache, requests = tuning_setup(args.cache, args.n, args.offset)
     texts = heldout_texts(data / HELDOUT_TEXT, args.texts)
     result = edit(model, tok, requests, cache, EditConfig())
     original, names = result.original, list(result.changed)
@@ -132,10 +126,7 @@ def main() -> None:
         rows[f"scaled {s}"] = measure(model, tok, requests, texts, original, edited(lambda n, s=s: s * dw[n]))
     report = {"cache": args.cache, "edits": len(requests), "texts": len(texts), "final_loss": result.epoch_losses[-1],
               "shift_share": shift_share, "tail_share": tail_share, "rows": rows}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""What the CounterFact tuning scripts share: the model, the cache and the tuning edits, and the report.
+
+The scripts beside this file (``cf_drift.py``, ``cf_generality.py``, ``drift_suspects.py``) edit CounterFact
+records from 2000 on, which no benchmark tests, and print and save one JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from crispedit.bench import DATASET_FILES
+from crispedit.cache import CurvatureCache
+from crispedit.datasets import load_edit_dataset, shared_data_dir
+from crispedit.models import load_model
+from crispedit.requests import EditRequest
+
+
+def tuning_setup(cache_path: str, n: int, offset: int) -> tuple[Path, nn.Module, object, CurvatureCache,
+                                                                list[EditRequest]]:
+    """(data folder, SmolLM2, its tokenizer, the curvature cache checked against it, ``n`` CounterFact edits)."""
+    data = shared_data_dir()
+    model, tok = load_model("smollm2")
+    cache = CurvatureCache.load(cache_path, model=model)
+    requests = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], n=n, offset=offset)
+    return data, model, tok, cache, requests
+
+
+def emit(report: dict, out: str | None) -> None:
+    """Print the report, and write it to ``out`` when given."""
+    print(json.dumps(report, indent=2))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2))
