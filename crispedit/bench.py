@@ -335,7 +335,11 @@ def suite_combined(b: Bench) -> None:
         variants += [("mixed+ (mixed capability set, augmentation, anchors)", b.mixed_cache(),
                       b.config(augment=augment, anchor_weight=TUNED_WEIGHT, text_anchor_weight=w))
                      for w in text_weights]
-    variants += [("fine-tuning", None, b.config(method="ft"))]
+    if "ft+" in chosen:  # fine-tuning under the "+" recipe: is the projector what keeps capability there?
+        variants += [("ft+ (fine-tuning, augmentation, anchors)", None,
+                      b.config(method="ft", layers=b.layers, augment=augment, anchor_weight=TUNED_WEIGHT,
+                               text_anchor_weight=w)) for w in text_weights]
+    variants += [("fine-tuning", None, b.config(method="ft", layers=b.layers))]
     test = b.args.split == "test"
     base = b.base_capability(mc=test)
     rows = []
@@ -535,6 +539,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--variants", default="paper,+,fine-tuning",
                    help="combined: rows to run, by first word: 'paper', '+' (augmentation + anchors), "
                         "'text' (the paper recipe + text anchors), 'mixed' (section 8's mixed capability set, "
-                        "+ text anchors at each β), 'mixed+' (the mixed set under the '+' recipe), 'fine-tuning'")
+                        "+ text anchors at each β), 'mixed+' (the mixed set under the '+' recipe), 'ft+' (fine-tuning "
+                        "under the '+' recipe), 'fine-tuning'")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
