@@ -11,6 +11,8 @@ generality of the edit with one suspect part removed at a time:
   input directions that every token uses most (``bottom-k``: the k least used);
 - ``edit off at positions < p``: the edited layers use their base weights at the first p positions (the
   first token is the attention sink, whose change reaches every later position);
+- ``re-solved on its own inputs``: ΔW C_e (C_e + λ' A)⁻¹, which keeps ΔW's action on the edits' own inputs
+  and shrinks it where capability inputs are large (MEMIT's trade, applied after the edit);
 - ``scaled s``: s · ΔW, to see how generality depends on the edit's size.
 
 Usage: .venv/bin/python scripts/drift_suspects.py CACHE.safetensors [--n 50] [--texts 40] [--out FILE.json]
@@ -27,7 +29,7 @@ from cf_tuning import emit, tuning_setup
 
 from crispedit.bench import HELDOUT_TEXT
 from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
-from crispedit.edit import EditConfig, edit
+from crispedit.edit import EditConfig, edit, edit_features
 from crispedit.eigen import eigh_psd
 from crispedit.evaluate import edit_quality
 
@@ -122,6 +124,21 @@ def main() -> None:
                                                        positions_base=lambda L, p=p: torch.arange(L) < p)
     rows["edit only at position 0"] = measure(model, tok, requests, texts, original, result.changed,
                                               positions_base=lambda L: torch.arange(L) > 0)
+    # MEMIT's trade on each layer: keep ΔW's action on the edits' own inputs (their covariance C_e, over
+    # prompt + target tokens), minimise it on capability inputs (A): ΔW' = ΔW C_e (C_e + λ' A)⁻¹,
+    # with λ' = λ tr C_e / tr A
+    modules = {n.removesuffix(".weight"): model.get_submodule(n.removesuffix(".weight")) for n in names}
+    with swapped_weights(model, original):
+        own = {m + ".weight": a.float() for m, (a, _) in edit_features(model, tok, requests, modules).items()}
+    own_cov = {n: own[n].T @ own[n] / len(own[n]) for n in names}
+    for lam in (0.1, 1.0):
+        def resolved(n: str, lam: float = lam) -> torch.Tensor:
+            A = cache.factors[n.removesuffix(".weight")].A
+            C = own_cov[n]
+            keep = torch.linalg.solve((C + lam * C.trace() / A.trace() * A).double(), C.double()).float()
+            return dw[n] @ keep.T
+        rows[f"re-solved on its own inputs, λ {lam}"] = measure(model, tok, requests, texts, original,
+                                                                edited(resolved))
     for s in (0.5, 0.75):
         rows[f"scaled {s}"] = measure(model, tok, requests, texts, original, edited(lambda n, s=s: s * dw[n]))
     report = {"cache": args.cache, "edits": len(requests), "texts": len(texts), "final_loss": result.epoch_losses[-1],
