@@ -17,7 +17,8 @@ KL of the whole edit, of each layer's change alone (``--layer-kl``) and of the e
 BENCHMARKS.md §16 has the figures.
 
 Usage: .venv/bin/python scripts/cf_drift.py CACHE.safetensors [--n 100] [--energy 0.8] [--texts 200]
-       [--early-stop 0.1] [--augment paraphrase,prefix,qa --anchors 256 --text-anchor-weight 10]
+       [--method crispedit|ft] [--early-stop 0.1] [--project-update]
+       [--augment paraphrase,prefix,qa --anchors 256 --text-anchor-weight 10]
        [--layer-kl] [--scales 0.5] [--compare-cache sampled=OTHER.safetensors] [--out FILE.json]
 """
 
@@ -160,8 +161,6 @@ def main() -> None:
     parser.add_argument("--augment", default="")
     parser.add_argument("--text-anchor-weight", type=float, default=0.0)
     parser.add_argument("--project-update", action="store_true", help="project Adam's step too (optim.py)")
-    parser.add_argument("--text-windows", type=int, default=256, help="text anchor windows (128 tokens each)")
-    parser.add_argument("--text-batch", type=int, default=EditConfig.text_anchor_batch, help="text windows per step")
     parser.add_argument("--anchors", type=int, default=0, help="question anchors at β 1, as the bench's '+' recipe")
     parser.add_argument("--compare-cache", action="append", default=[], metavar="LABEL=CACHE",
                         help="also K-FAC's quadratic model of the KL under this cache's factors")
@@ -179,23 +178,21 @@ def main() -> None:
     seqs = _encode(tok, texts, 256)
     base = token_logprobs(model, seqs, torch.tensor(watched))
 
-    text = load_text_anchors(model, tok, str(data / TRAIN_CORPUS), args.text_windows) if args.text_anchor_weight \
-        else None
+    text = load_text_anchors(model, tok, str(data / TRAIN_CORPUS)) if args.text_anchor_weight else None
     config = EditConfig(method=args.method, energy=args.energy, early_stop=args.early_stop, max_epochs=args.epochs,
                         anchor_weight=TUNED_WEIGHT if args.anchors else 0.0,
                         augment=tuple(a for a in args.augment.split(",") if a),
-                        text_anchor_weight=args.text_anchor_weight, text_anchor_batch=args.text_batch,
-                        project_update=args.project_update)
+                        text_anchor_weight=args.text_anchor_weight, project_update=args.project_update)
     pairs = with_question_forms(anchor_pairs(data, args.anchors)) if args.anchors else []
     questions = base_anchors(model, tok, pairs) if pairs else None
     result = edit(model, tok, requests, cache, config, anchors=questions, text_anchors=text)
     edited = token_logprobs(model, seqs, torch.tensor(watched))
     quality = edit_quality(model, tok, requests, generated=False)
     kl = mean_kl(model, tok, texts, result.original, result.changed)
-    # the same KL on the text anchors' own windows: does the penalty hold beyond the text it saw?
-    anchor_kl = mean_kl(model, tok, [tok.decode(w[m.bool()]) for w, m in zip(text.input_ids, text.attention_mask,
-                                                                            strict=True)],
-                        result.original, result.changed) if text else None
+    anchor_kl = None  # the same KL on the text anchors' own windows: does the penalty hold beyond them?
+    if text:
+        windows = [tok.decode(ids[mask.bool()]) for ids, mask in zip(text.input_ids, text.attention_mask, strict=True)]
+        anchor_kl = mean_kl(model, tok, windows, result.original, result.changed)
     with swapped_weights(model, result.original):
         grads = heldout_gradient(model, seqs, list(result.changed))
     tokens = sum(len(s) - 1 for s in seqs)
@@ -212,7 +209,7 @@ def main() -> None:
         scaled[scale] = mean_kl(model, tok, texts, result.original, partial)
     report = {"cache": args.cache, "layers": list(result.layers), "method": args.method, "energy": args.energy,
               "augment": args.augment, "anchors": args.anchors, "text_anchor_weight": args.text_anchor_weight,
-              "project_update": args.project_update, "text_windows": args.text_windows, "text_batch": args.text_batch,
+              "project_update": args.project_update,
               "edits": len(requests), "early_stop": args.early_stop,
               "epoch_losses": result.epoch_losses, "final_loss": result.epoch_losses[-1], "kl": kl,
               "anchor_kl": anchor_kl, **quality,
