@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from cf_tuning import emit, tuning_setup
+from torch import nn
 
 from crispedit.bench import HELDOUT_TEXT
 from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
@@ -35,13 +36,12 @@ from crispedit.evaluate import edit_quality
 
 
 @torch.no_grad()
-def layer_inputs(model, tok, texts: list[str], names: list[str]) -> dict[str, torch.Tensor]:
-    """Every real token's input to each named weight's module, at the model's current weights."""
-    found: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+def layer_inputs(model, tok, texts: list[str], modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Every real token's input to each named module, at the model's current weights."""
+    found: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     keep = torch.ones(0, dtype=torch.bool)
-    modules = {n: model.get_submodule(n.removesuffix(".weight")) for n in names}
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: found[n].append(i[0].flatten(0, 1)[keep]))
-             for n in names]
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: found[n].append(i[0].flatten(0, 1)[keep]))
+             for n, m in modules.items()]
     try:
         seqs = _encode(tok, texts, 256)
         for i in range(0, len(seqs), 8):
@@ -51,7 +51,7 @@ def layer_inputs(model, tok, texts: list[str], names: list[str]) -> dict[str, to
     finally:
         for h in hooks:
             h.remove()
-    return {n: torch.cat(found[n]).float() for n in names}
+    return {n: torch.cat(found[n]).float() for n in modules}
 
 
 def measure(model, tok, requests, texts, original, new, positions_base: Callable[[int], torch.Tensor] | None = None):
@@ -87,8 +87,10 @@ def main() -> None:
     result = edit(model, tok, requests, cache, EditConfig())
     original, names = result.original, list(result.changed)
     dw = {n: (result.changed[n] - original[n]).float() for n in names}
+    modules = {n.removesuffix(".weight"): model.get_submodule(n.removesuffix(".weight")) for n in names}
     with swapped_weights(model, original):
-        inputs = layer_inputs(model, tok, texts, names)
+        inputs = {m + ".weight": a for m, a in layer_inputs(model, tok, texts, modules).items()}
+        own = {m + ".weight": a.float() for m, (a, _) in edit_features(model, tok, requests, modules).items()}
     mean_in = {n: inputs[n].mean(0) for n in names}
     # share of the edit's output change E‖ΔW a‖² that is the common shift ‖ΔW ā‖²
     shift_share = {n: float((dw[n] @ mean_in[n]).norm() ** 2 / (inputs[n] @ dw[n].T).pow(2).sum(1).mean())
@@ -127,9 +129,6 @@ def main() -> None:
     # MEMIT's trade on each layer: keep ΔW's action on the edits' own inputs (their covariance C_e, over
     # prompt + target tokens), minimise it on capability inputs (A): ΔW' = ΔW C_e (C_e + λ' A)⁻¹,
     # with λ' = λ tr C_e / tr A
-    modules = {n.removesuffix(".weight"): model.get_submodule(n.removesuffix(".weight")) for n in names}
-    with swapped_weights(model, original):
-        own = {m + ".weight": a.float() for m, (a, _) in edit_features(model, tok, requests, modules).items()}
     own_cov = {n: own[n].T @ own[n] / len(own[n]) for n in names}
     for lam in (0.1, 1.0):
         def resolved(n: str, lam: float = lam) -> torch.Tensor:
