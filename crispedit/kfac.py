@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FISHER_MODES = ("empirical", "sampled")
+IGNORE = -100  # cross-entropy label of positions that carry no loss
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,10 @@ def next_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
 
 
-def next_token_labels(logits: torch.Tensor, input_ids: torch.Tensor, fisher: str, generator=None) -> torch.Tensor:
-    """Labels for ℓ: the true next tokens (empirical Fisher) or draws from the model (true Fisher)."""
+def next_token_labels(
+    logits: torch.Tensor | None, input_ids: torch.Tensor, fisher: str, generator=None
+) -> torch.Tensor:
+    """Labels for ℓ: the true next tokens (empirical Fisher) or draws from the model (true Fisher, needs ``logits``)."""
     if fisher == "empirical":
         return input_ids
     if fisher == "sampled":
@@ -128,9 +131,13 @@ def layer_io_per_token(
             n = int(valid.sum())
             if n == 0:
                 continue
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][valid]
-            labels = next_token_labels(logits, input_ids[:, 1:][valid], fisher, generator)
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            # Labels at every position, ignored where invalid, so the (batch, T, vocab) logits are never
+            # copied by indexing: for a 262k vocabulary that copy cost more than the statistics.
+            labels = torch.full(input_ids.shape, IGNORE, dtype=torch.long, device=device)
+            labels[:, :-1][valid] = next_token_labels(logits.detach()[:, :-1][valid] if fisher == "sampled" else None,
+                                                      input_ids[:, 1:][valid], fisher, generator)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
             grads = torch.autograd.grad(loss, [captured[name]["s"] for name in names])
             yield n, {
                 name: (captured[name]["a"][:, :-1][valid].float(), grad[:, :-1][valid].float())
