@@ -1,5 +1,6 @@
 """Where a CrispEdit step's projection time goes: the whole Eq. 6 projection of every cached layer, its two
-U_S rotations alone, one plain matmul of the same shape (the machine's matmul speed), and the projector build.
+U_S rotations alone, one plain matmul of the same shape (the machine's matmul speed), the projector build,
+and per layer how many eigenvectors take part in a removed direction.
 
 Usage: .venv/bin/python scripts/bench_projector.py CACHE.safetensors [--energy 0.8] [--reps 20]
 """
@@ -47,6 +48,9 @@ def main() -> None:
     print(f"{len(projectors)} layers at γ = {args.energy}: projection {whole * 1e3:.1f} ms, of which the two U_S "
           f"rotations {rotations * 1e3:.1f} ms; one {d_out}×{d_out}×{d_in} matmul {matmul * 1e3:.2f} ms "
           f"({2 * d_out * d_out * d_in / matmul / 1e9:.0f} GFLOP/s); building the projectors {build:.2f} s")
+    for name, p in zip(cache.factors, projectors, strict=True):  # what sets each layer's cost
+        print(f"  {name}: removed {1 - p.kept_fraction:.1%} of the products, over {p.U_out.shape[1]} of "
+              f"{p.U_out.shape[0]} S-eigenvectors and {p.U_in.shape[1]} of {p.U_in.shape[0]} A-eigenvectors")
 
 
 if __name__ == "__main__":

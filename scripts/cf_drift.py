@@ -16,7 +16,7 @@ the first-order term, and K-FAC's (or EK-FAC's) quadratic model of the KL, to se
 KL of the whole edit, of each layer's change alone (``--layer-kl``) and of the edit scaled (``--scales``).
 BENCHMARKS.md §16 has the figures.
 
-Usage: .venv/bin/python scripts/cf_drift.py CACHE.safetensors [--n 100] [--energy 0.8] [--texts 200]
+Usage: .venv/bin/python scripts/cf_drift.py CACHE.safetensors [--n 100] [--layers 4,5,6] [--energy 0.8] [--texts 200]
        [--method crispedit|ft] [--early-stop 0.1] [--project-update]
        [--augment paraphrase,prefix,qa --anchors 256 --text-anchor-weight 10]
        [--layer-kl] [--scales 0.5] [--compare-cache sampled=OTHER.safetensors] [--out FILE.json]
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("cache")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--offset", type=int, default=2000)
+    parser.add_argument("--layers", default="", help="edit only these of the cache's layers (default: all)")
     parser.add_argument("--energy", type=float, default=0.8)
     parser.add_argument("--method", default="crispedit")
     parser.add_argument("--texts", type=int, default=200)
@@ -168,7 +169,7 @@ def main() -> None:
     parser.add_argument("--scales", default="", help="also the KL of s·ΔW for these s (is the KL quadratic in ΔW?)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    data, model, tok, cache, requests = tuning_setup(args.cache, args.n, args.offset)
+    data, model, tok, cache, requests = tuning_setup(args.cache, args.n, args.offset, args.layers)
     records = json.loads((data / DATASET_FILES["counterfact"]).read_text())[args.offset : args.offset + args.n]
     classes = {"new target": first_tokens(tok, [r["target_new"] for r in records]),
                "true object": first_tokens(tok, [r["ground_truth"] for r in records])}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from crispedit.arch import module_name
 from crispedit.bench import DATASET_FILES
 from crispedit.cache import CurvatureCache
 from crispedit.datasets import load_edit_dataset, shared_data_dir
@@ -18,12 +19,18 @@ from crispedit.models import load_model
 from crispedit.requests import EditRequest
 
 
-def tuning_setup(cache_path: str, n: int, offset: int) -> tuple[Path, nn.Module, object, CurvatureCache,
-                                                                list[EditRequest]]:
-    """(data folder, SmolLM2, its tokenizer, the curvature cache checked against it, ``n`` CounterFact edits)."""
+def tuning_setup(cache_path: str, n: int, offset: int, layers: str = "") -> tuple[Path, nn.Module, object,
+                                                                                  CurvatureCache, list[EditRequest]]:
+    """(data folder, SmolLM2, its tokenizer, the curvature cache checked against it, ``n`` CounterFact edits).
+
+    ``layers`` ("2,3,4"): edit only these of the cache's layers.
+    """
     data = shared_data_dir()
     model, tok = load_model("smollm2")
     cache = CurvatureCache.load(cache_path, model=model)
+    if layers:
+        chosen = tuple(int(x) for x in layers.split(","))
+        cache = cache.subset(chosen, [module_name(model, i) for i in chosen])
     requests = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], n=n, offset=offset)
     return data, model, tok, cache, requests
 
