@@ -7,7 +7,15 @@ import pytest
 import torch
 from conftest import save_tiny_checkpoint
 
-from crispedit.bench import HELDOUT_TEXT, Bench, add_bench_parser
+from crispedit.bench import (
+    CACHE_REPS,
+    DATASET_FILES,
+    HELDOUT_TEXT,
+    TRAIN_CORPUS,
+    Bench,
+    add_bench_parser,
+    suite_speed,
+)
 from crispedit.cache import build_cache
 from crispedit.capability import MC_TASKS
 from crispedit.requests import EditRequest
@@ -64,3 +72,23 @@ def test_row_reports_paired_changes_and_restores_the_model(bench_args, tmp_path)
     again = Bench(bench_args)
     again.capability = lambda *a, **k: pytest.fail("base figures scored again")
     assert again.base_capability() == base
+
+
+def test_speed_suite_times_the_projection_inside_the_step(bench_args, tmp_path):
+    data = tmp_path / "data"
+    records = [{"src": f"Where does river {i} flow?", "alt": "north", "rephrase": "", "loc": "nq question: q",
+                "loc_ans": "a"} for i in range(4)]
+    (data / DATASET_FILES["zsre"]).parent.mkdir(parents=True)
+    (data / DATASET_FILES["zsre"]).write_text(json.dumps(records), encoding="utf-8")
+    (data / TRAIN_CORPUS).write_text("The river runs through the town and the people cross it. " * 200,
+                                     encoding="utf-8")
+    bench_args.samples, bench_args.seq_len, bench_args.reps, bench_args.batch_size = 4, 16, 3, 4
+    b = Bench(bench_args)
+    before = {n: p.clone() for n, p in b.model.named_parameters()}
+    suite_speed(b)
+    report = json.loads((tmp_path / "out" / "speed.json").read_text())
+    row, times = report["row"], report["times"]
+    assert len(times["crispedit_step_s"]) == len(times["projection_s"]) == 3
+    assert all(0 < p < c for p, c in zip(times["projection_s"], times["crispedit_step_s"], strict=True))
+    assert row["step_ratio_within"] > 1 and len(times["kfac_s_per_token"]) == CACHE_REPS
+    assert all(torch.equal(p, before[n]) for n, p in b.model.named_parameters())
