@@ -423,7 +423,7 @@ def suite_sequential(b: Bench) -> None:
             markdown_table(rows, [("method", "method"), ("energy", "γ"), ("samples", "cap. samples")]))
 
 
-CACHE_REPS = 3  # timed passes of the cache build and of the plain forward+backward, each
+CACHE_REPS = 5  # timed passes of the cache build and of the plain forward+backward, each
 
 
 def suite_speed(b: Bench) -> None:

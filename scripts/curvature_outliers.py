@@ -1,0 +1,72 @@
+"""Which layers does γ barely protect, and is one token's activation the reason? (BENCHMARKS.md §18)
+
+For each layer of a curvature cache: the share of A's trace in its top eigenvalue, the same for S, and the
+fraction of the products λ^S_i λ^A_j that γ removes. Then, on ``--windows`` capability windows, the share
+of the top eigenvalue of Σ a aᵀ with and without position 0 (the attention-sink token), and that token's
+input norm against the median token's.
+
+Usage: .venv/bin/python scripts/curvature_outliers.py CACHE.safetensors [--model smollm2] [--energy 0.8]
+       [--windows 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from crispedit.arch import editable_modules
+from crispedit.bench import TRAIN_CORPUS
+from crispedit.cache import CurvatureCache
+from crispedit.corpus import batches_of, capability_windows
+from crispedit.datasets import shared_data_dir
+from crispedit.models import load_model
+from crispedit.projector import build_projector
+
+
+def top_share(x: torch.Tensor) -> float:
+    """Top eigenvalue of Σ x xᵀ over the rows of ``x`` (tokens, d), as a share of its trace."""
+    ev = torch.linalg.eigvalsh(x.T.double() @ x.double())
+    return float(ev[-1] / ev.sum())
+
+
+@torch.no_grad()
+def layer_inputs(model, modules: dict, batches) -> dict[str, torch.Tensor]:
+    """Each module's input, (windows, T, d_in)."""
+    seen = {n: [] for n in modules}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0].detach()))
+             for n, m in modules.items()]
+    try:
+        for batch in batches:
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(xs) for n, xs in seen.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cache")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--energy", type=float, default=0.8)
+    parser.add_argument("--windows", type=int, default=8)
+    args = parser.parse_args()
+    model, tok = load_model(args.model)
+    cache = CurvatureCache.load(args.cache, model=model)
+    windows = capability_windows(model, tok, str(shared_data_dir() / TRAIN_CORPUS), args.windows, 512)
+    inputs = layer_inputs(model, editable_modules(model, cache.layers), batches_of(windows, 4))
+    for layer, (name, f) in zip(cache.layers, cache.factors.items(), strict=True):
+        la, ls = torch.linalg.eigvalsh(f.A.double()), torch.linalg.eigvalsh(f.S.double())
+        removed = 1 - build_projector(f, args.energy).kept_fraction
+        a = inputs[name]
+        norms = a.norm(dim=-1)
+        print(f"layer {layer:>2}: γ {args.energy} removes {removed:6.2%} of the products; top eigenvalue "
+              f"{float(la[-1] / la.sum()):6.1%} of A's trace, {float(ls[-1] / ls.sum()):5.1%} of S's | on "
+              f"{args.windows} windows: top share {top_share(a.flatten(0, 1)):6.1%}, without position 0 "
+              f"{top_share(a[:, 1:].flatten(0, 1)):6.1%}; |a| at position 0 {float(norms[:, 0].mean()):7.1f}, "
+              f"median {float(norms.median()):.1f}")
+
+
+if __name__ == "__main__":
+    main()
