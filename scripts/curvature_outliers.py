@@ -20,6 +20,7 @@ from crispedit.bench import TRAIN_CORPUS
 from crispedit.cache import CurvatureCache
 from crispedit.corpus import batches_of, capability_windows
 from crispedit.datasets import shared_data_dir
+from crispedit.kfac import capture_layer_io
 from crispedit.models import load_model
 from crispedit.projector import build_projector
 
@@ -34,14 +35,11 @@ def top_share(x: torch.Tensor) -> float:
 def layer_inputs(model, modules: dict, batches) -> dict[str, torch.Tensor]:
     """Each module's input, (windows, T, d_in)."""
     seen = {n: [] for n in modules}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0].detach()))
-             for n, m in modules.items()]
-    try:
+    with capture_layer_io(modules) as captured:
         for batch in batches:
             model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
+            for n in modules:
+                seen[n].append(captured[n]["a"])
     return {n: torch.cat(xs) for n, xs in seen.items()}
 
 
