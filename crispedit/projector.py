@@ -46,41 +46,81 @@ def project_kronecker_complement(
 
 def project_kronecker_staircase(
     Q: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor, removed: torch.Tensor,
-    blocks: list[tuple[int, int, int]],
+    blocks: list[tuple[int, int, int, bool]],
 ) -> torch.Tensor:
     """:func:`project_kronecker_complement`, one block of rows of the mask at a time.
 
     With eigenvalues sorted in decreasing order, the removed products λ^S_i λ^A_j ≥ τ form a staircase:
-    row i removes columns j < c_i, with c_i non-increasing. Block (r0, r1, c) covers rows r0..r1-1,
-    which remove nothing past column c, so only U_in[:, :c] enters. The cost falls from
-    O(d_out·d_in·(r_out + r_in)) to O(d_out·d_in·r_out + d_in·#removed). Exact for any mask.
+    row i removes columns j < c_i, with c_i non-increasing. Block (r0, r1, c, False) covers rows r0..r1-1,
+    which remove nothing past column c, so only U_in[:, :c] enters. Block (r0, r1, c, True) covers rows
+    that keep nothing before column c and is computed from the kept side, R − ((R U) ⊙ M) Uᵀ with
+    U = U_in[:, c:]: the narrower of the two serves rows that remove most of a row. Exact for any mask.
     """
     R = U_out.T @ Q
-    Y = torch.zeros_like(R)
-    for r0, r1, c in blocks:
-        U = U_in[:, :c]
-        Y[r0:r1] = ((R[r0:r1] @ U) * removed[r0:r1, :c].to(Q.dtype)) @ U.T
+    Y = torch.zeros_like(R)  # the removed part of each row, in S's eigenbasis
+    for r0, r1, c, from_kept in blocks:
+        rows = R[r0:r1]
+        if from_kept:
+            U = U_in[:, c:]
+            Y[r0:r1] = rows - ((rows @ U) * (~removed[r0:r1, c:]).to(Q.dtype)) @ U.T
+        else:
+            U = U_in[:, :c]
+            Y[r0:r1] = ((rows @ U) * removed[r0:r1, :c].to(Q.dtype)) @ U.T
     return Q - U_out @ Y
 
 
-def staircase_blocks(removed: torch.Tensor, n_blocks: int = 16) -> list[tuple[int, int, int]]:
-    """Split the rows of a (staircase-ordered) mask into ``n_blocks`` ranges, each with its last removed column."""
-    bounds = torch.linspace(0, removed.shape[0], min(n_blocks, removed.shape[0]) + 1).round().long().tolist()
-    blocks = []
-    for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
-        used = removed[r0:r1].any(dim=0).nonzero()
-        if r1 > r0 and used.numel():
-            blocks.append((r0, r1, int(used.max()) + 1))
-    return blocks
+def staircase_blocks(removed: torch.Tensor, n_blocks: int = 16, grid: int = 256) -> list[tuple[int, int, int, bool]]:
+    """Split the rows of a mask into at most ``n_blocks`` ranges of least total width, each from its narrower side.
+
+    A block's cost is its rows times the columns it needs: up to its last removed column (removed side) or
+    from its first kept column (kept side). The split is the dynamic programme over ≤ ``grid`` row bounds.
+    """
+    n, d = removed.shape
+    if n == 0:
+        return []
+    j = torch.arange(d)
+    last_removed = torch.where(removed, j + 1, 0).amax(dim=1)
+    first_kept = torch.where(removed, d, j).amin(dim=1)
+    bounds = torch.linspace(0, n, min(n, grid) + 1).round().long().unique()
+    m = len(bounds) - 1
+    seg_removed = torch.stack([last_removed[a:b].max() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    seg_kept = torch.stack([first_kept[a:b].min() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    width = torch.full((m, m), d, dtype=torch.long)  # width[s, e]: one block over segments s..e
+    side = torch.zeros((m, m), dtype=torch.bool)
+    for s in range(m):
+        rem, keep = seg_removed[s:].cummax(0).values, d - seg_kept[s:].cummin(0).values
+        width[s, s:], side[s, s:] = torch.minimum(rem, keep), keep < rem
+    rows = (bounds[1:].view(1, -1) - bounds[:-1].view(-1, 1)).double()
+    cost = torch.where(torch.ones(m, m, dtype=torch.bool).triu(), rows * width, torch.inf)
+    best = torch.full((m + 1,), torch.inf, dtype=torch.float64)
+    best[0] = 0
+    start = torch.zeros((n_blocks, m + 1), dtype=torch.long)
+    for k in range(n_blocks):  # best[e + 1]: least cost of segments 0..e in at most k + 1 blocks
+        value, arg = (best[:-1].view(-1, 1) + cost).min(dim=0)
+        improved = torch.cat([torch.tensor([False]), value < best[1:]])
+        start[k] = torch.where(improved, torch.cat([torch.zeros(1, dtype=torch.long), arg]), -1)
+        best = torch.where(improved, torch.cat([best[:1], value]), best)
+    blocks, e, k = [], m, n_blocks - 1
+    while e > 0:
+        while start[k, e] < 0:  # the least cost of segments 0..e-1 was already reached with fewer blocks
+            k -= 1
+        s = int(start[k, e])
+        from_kept = bool(side[s, e - 1])
+        c = int(seg_kept[s:e].min()) if from_kept else int(seg_removed[s:e].max())
+        if from_kept or c > 0:  # a removed-side block of width 0 removes nothing
+            blocks.append((int(bounds[s]), int(bounds[e]), c, from_kept))
+        e, k = s, k - 1
+    return blocks[::-1]
 
 
 @dataclass
 class LayerProjector:
     """Eq. 6 for one weight, in complement form: the eigenvectors of the removed directions and their mask.
 
-    ``U_out`` (d_out, r_out) and ``U_in`` (d_in, r_in) are the eigenvectors of S and A that take part in
-    at least one removed product, ordered so that the removed products ``removed`` (r_out, r_in) form a
-    staircase; ``blocks`` are its row blocks (see :func:`project_kronecker_staircase`).
+    ``U_out`` (d_out, r_out) holds the eigenvectors of S that take part in at least one removed product and
+    ``U_in`` (d_in, d_in) all of A's, ordered so that the removed products ``removed`` (r_out, d_in) form a
+    staircase; ``blocks`` are its row blocks (see :func:`project_kronecker_staircase`). The null-space
+    baseline keeps only its removed A-eigenvectors, in ``U_in`` (d_in, r_in) and ``removed`` (r_in,).
     """
 
     U_out: torch.Tensor | None
@@ -88,7 +128,7 @@ class LayerProjector:
     removed: torch.Tensor
     kept_fraction: float
     fan_in_fan_out: bool = False  # the weight is stored (d_in, d_out), as GPT-2's Conv1D
-    blocks: list[tuple[int, int, int]] | None = None
+    blocks: list[tuple[int, int, int, bool]] | None = None
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         """Project a weight-shaped tensor (gradient or Adam moment) in its own storage layout."""
@@ -110,18 +150,19 @@ class LayerProjector:
 def complement_form(
     U_out: torch.Tensor | None, U_in: torch.Tensor, mask: torch.Tensor, fan_in_fan_out: bool, device
 ) -> LayerProjector:
-    """Keep only the eigenvectors that take part in a removed product (mask == 0), most-removed first."""
+    """Keep the S-eigenvectors that take part in a removed product (mask == 0), most-removed first."""
     removed = ~mask
     if U_out is None:
         cols = removed
         return LayerProjector(None, U_in[:, cols].to(device), removed[cols].to(device),
                               float(mask.float().mean()), fan_in_fan_out)
-    rows, cols = removed.any(dim=1).nonzero().squeeze(1), removed.any(dim=0).nonzero().squeeze(1)
+    rows = removed.any(dim=1).nonzero().squeeze(1)
+    rows = rows[removed[rows].sum(dim=1).argsort(descending=True, stable=True)]  # K-FAC: by decreasing λ^S
+    # every column, those in most removed products first (K-FAC: by decreasing λ^A), so that a row block
+    # can use either the columns it removes (a prefix) or the columns it keeps (a suffix)
+    cols = removed[rows].sum(dim=0).argsort(descending=True, stable=True) if rows.numel() else rows
     sub = removed[rows][:, cols]
-    rows = rows[sub.sum(dim=1).argsort(descending=True, stable=True)]  # K-FAC: by decreasing λ^S
-    cols = cols[sub.sum(dim=0).argsort(descending=True, stable=True)]  # K-FAC: by decreasing λ^A
-    sub = removed[rows][:, cols]
-    U_in = U_in[:, cols].T.contiguous().T  # column-contiguous, so each block's U_in[:, :c] is a plain view
+    U_in = U_in[:, cols].T.contiguous().T  # column-contiguous, so each block's columns are a plain view
     return LayerProjector(U_out[:, rows].to(device), U_in.to(device), sub.to(device),
                           float(mask.float().mean()), fan_in_fan_out, staircase_blocks(sub))
 

@@ -50,7 +50,8 @@ def main() -> None:
           f"({2 * d_out * d_out * d_in / matmul / 1e9:.0f} GFLOP/s); building the projectors {build:.2f} s")
     for name, p in zip(cache.factors, projectors, strict=True):  # what sets each layer's cost
         print(f"  {name}: removed {1 - p.kept_fraction:.1%} of the products, over {p.U_out.shape[1]} of "
-              f"{p.U_out.shape[0]} S-eigenvectors and {p.U_in.shape[1]} of {p.U_in.shape[0]} A-eigenvectors")
+              f"{p.U_out.shape[0]} S-eigenvectors and {int(p.removed.any(dim=0).sum())} of {p.U_in.shape[0]} "
+              f"A-eigenvectors; {sum(b[3] for b in p.blocks)} of {len(p.blocks)} row blocks from the kept side")
 
 
 if __name__ == "__main__":

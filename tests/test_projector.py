@@ -5,7 +5,7 @@ import torch
 
 from crispedit.eigen import energy_mask, energy_rank
 from crispedit.kfac import KFACFactors
-from crispedit.projector import build_projector, project_kronecker
+from crispedit.projector import build_projector, project_kronecker, staircase_blocks
 
 
 def random_psd(n: int, seed: int) -> torch.Tensor:
@@ -93,9 +93,9 @@ def test_projector_memory_is_factor_sized():
     d_out, d_in = 8, 32
     factors = KFACFactors(A=random_psd(d_in, 1), S=random_psd(d_out, 2), num_tokens=1)
     assert build_projector(factors, 1.0).memory_bytes == 4 * (d_out**2 + d_in**2) + d_out * d_in  # all removed
-    small = build_projector(factors, 0.5)  # only the removed directions' eigenvectors are kept
+    small = build_projector(factors, 0.5)  # only the S-eigenvectors of removed directions are kept
     assert small.memory_bytes < 4 * (d_out**2 + d_in**2) + d_out * d_in
-    assert small.U_in.shape[1] < d_in
+    assert small.U_out.shape[1] < d_out
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9, 1.0])
@@ -133,11 +133,32 @@ def test_staircase_blocks_are_exact_for_any_mask(ekfac):
     mask = energy_mask(curvature, 0.8)
     proj = build_projector(KFACFactors(A=A, S=S, num_tokens=1), 0.8,
                            corrected_eigenvalues=curvature if ekfac else None)
-    assert proj.blocks and sum(r1 - r0 for r0, r1, _ in proj.blocks) <= proj.removed.shape[0]
+    assert proj.blocks and sum(r1 - r0 for r0, r1, _, _ in proj.blocks) <= proj.removed.shape[0]
     torch.testing.assert_close(proj(Q), project_kronecker(Q, U_out, U_in, mask.float()), atol=1e-5, rtol=1e-5)
-    if not ekfac:  # a K-FAC mask is a staircase: the later row blocks need fewer columns
-        widths = [c for _, _, c in proj.blocks]
-        assert widths == sorted(widths, reverse=True) and widths[-1] < widths[0]
+
+
+def test_staircase_blocks_take_each_block_from_its_narrower_side():
+    """Rows that remove most columns are served from their kept columns; the split costs no more than equal blocks."""
+    c = torch.tensor([95, 90, 90, 60, 30, 10, 5, 5, 2, 1])  # row i removes columns < c_i, of 100
+    removed = torch.arange(100).view(1, -1) < c.view(-1, 1)
+    blocks = staircase_blocks(removed, n_blocks=3)
+    assert [r for r0, r1, _, _ in blocks for r in range(r0, r1)] == list(range(10))
+    assert blocks[0] == (0, 3, 90, True)  # columns 90.. kept by rows 0-2: 10 wide against 95
+    for r0, r1, width, from_kept in blocks:
+        needed = removed[r0:r1]
+        assert needed[:, :width].all() if from_kept else not needed[:, width:].any()
+
+    def cost(bs):
+        return sum((r1 - r0) * (100 - w if k else w) for r0, r1, w, k in bs)
+
+    def best(r0, k):  # brute force: the least cost of rows r0.. in at most k blocks
+        if r0 == 10:
+            return 0
+        if k == 0:
+            return float("inf")
+        return min((r1 - r0) * min(int(c[r0]), 100 - int(c[r1 - 1])) + best(r1, k - 1) for r1 in range(r0 + 1, 11))
+
+    assert cost(blocks) == best(0, 3) == 3 * 10 + 2 * 60 + 5 * 10
 
 
 def test_a_massive_input_direction_leaves_the_layer_unconstrained_and_is_logged(caplog):
