@@ -168,7 +168,7 @@ class Bench:
     def config(self, **overrides) -> EditConfig:
         a = self.args
         return EditConfig(energy=a.energy, lr=a.lr, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
-                          max_epochs=a.epochs, **overrides)
+                          max_epochs=a.epochs, free_anchor_gradient=a.free_anchor_gradient, **overrides)
 
     def write(self, suite: str, payload: dict, table: str) -> None:
         payload = {"suite": suite, "date": time.strftime("%Y-%m-%d"), "command": a_command(self.args),
@@ -580,5 +580,7 @@ def add_bench_parser(sub) -> None:
                         "'text' (the paper recipe + text anchors), 'mixed' (section 8's mixed capability set, "
                         "+ text anchors at each β), 'mixed+' (the mixed set under the '+' recipe), 'ft+' (fine-tuning "
                         "under the '+' recipe), 'fine-tuning'")
+    p.add_argument("--free-anchor-gradient", action="store_true",
+                   help="combined: leave the anchors' KL gradient unprojected (BENCHMARKS.md §20)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)

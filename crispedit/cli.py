@@ -52,6 +52,8 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                         " 'cache' (default): the curvature cache's corpus when it is a text file; 'none': off")
     p.add_argument("--text-anchor-weight", type=float, default=None,
                    help=f"β of that penalty (default with --text-anchors: {TEXT_TUNED_WEIGHT:g}, BENCHMARKS.md §12)")
+    p.add_argument("--free-anchor-gradient", action="store_true",
+                   help="project only the edit loss's gradient, not the anchors' KL penalty's (BENCHMARKS.md §20)")
     p.add_argument("--auto-layers", type=int, default=None, metavar="K",
                    help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
@@ -77,7 +79,8 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
     return EditConfig(method=args.method, energy=args.energy, lr=args.lr, lr_schedule=args.lr_schedule,
                       batch_size=args.batch_size, max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
                       recompute_drift=args.recompute_drift, chat_form=args.chat_form, augment=augment, layers=layers,
-                      auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight)
+                      auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
+                      free_anchor_gradient=args.free_anchor_gradient)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:

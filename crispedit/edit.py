@@ -84,6 +84,9 @@ class EditConfig:
     text_anchor_weight: float = 0.0  # β of the same penalty on capability text windows (text_anchors); 0 = off
     text_anchor_batch: int = 4  # text windows drawn per step
     project_update: bool = False  # also project Adam's step, so ΔW stays in the kept subspace (optim.py)
+    # leave the anchors' KL gradient unprojected: it restores the capability the constraint protects, a step
+    # along the high-curvature directions that the projector would remove (BENCHMARKS.md §20)
+    free_anchor_gradient: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +106,9 @@ class EditConfig:
             raise ValueError("auto_layers must be a positive number of layers")
         if self.sequential_chunk is not None and self.sequential_chunk <= 0:
             raise ValueError("sequential_chunk must be a positive number of edits")
+        if self.free_anchor_gradient and self.project_update:
+            raise ValueError("free_anchor_gradient needs project_update off: projecting the step would remove "
+                             "the anchors' unprojected gradient again")
         object.__setattr__(self, "augment", tuple(self.augment))
         check_augmentations(self.augment)
 
@@ -239,14 +245,22 @@ def run_epochs(
             losses.append(value)
             if value < config.early_stop:
                 continue
+            penalty = None  # β · KL(base ‖ edited) over this step's anchors
             for kept, weight, size in ((anchors, config.anchor_weight, config.anchor_batch),
                                        (text_anchors, config.text_anchor_weight, config.text_anchor_batch)):
                 if kept is not None and weight > 0:
                     rows = torch.randperm(len(kept), generator=draw)[:size].to(device)
-                    loss = loss + weight * anchor_kl(model, kept, rows)
+                    term = weight * anchor_kl(model, kept, rows)
+                    penalty = term if penalty is None else penalty + term
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if penalty is not None and config.free_anchor_gradient:
+                loss.backward()
+                optimizer.project_gradients()  # P_γ ∇ edit loss
+                penalty.backward()  # + ∇ penalty, unprojected
+                optimizer.step(project=False)
+            else:
+                (loss if penalty is None else loss + penalty).backward()
+                optimizer.step()
             step_seconds.append(time.perf_counter() - started)
             if on_step is not None:
                 on_step()

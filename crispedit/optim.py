@@ -38,15 +38,22 @@ class ProjectedAdam(torch.optim.Adam):
         self.project_update = project_update
 
     @torch.no_grad()
-    def step(self, closure: Callable | None = None):
+    def project_gradients(self) -> None:
+        """Replace each gradient Q by P_γ Q (Eq. 6), in place."""
+        for p, projector in zip(self.param_groups[0]["params"], self.projectors, strict=True):
+            if projector is not None and p.grad is not None:
+                p.grad.copy_(projector(p.grad))
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, project: bool = True):
+        """Project the gradients (unless the caller already did, ``project=False``), then take Adam's step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         params = self.param_groups[0]["params"]
-        for p, projector in zip(params, self.projectors, strict=True):
-            if projector is not None and p.grad is not None:
-                p.grad.copy_(projector(p.grad))
+        if project:
+            self.project_gradients()
         before = {i: p.detach().clone() for i, (p, projector) in enumerate(zip(params, self.projectors, strict=True))
                   if self.project_update and projector is not None and p.grad is not None}
         super().step()

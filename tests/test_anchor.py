@@ -1,5 +1,7 @@
 """The anchor penalty is KL(base ‖ edited) on the anchored positions, and editing with it keeps those predictions."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import make_tiny
@@ -138,3 +140,54 @@ def test_text_anchor_source_takes_the_cache_corpus_only_when_it_is_a_text_file(t
     assert text_anchor_source("cache", None) is None
     assert text_anchor_source("none", str(corpus)) is None and text_anchor_source("", str(corpus)) is None
     assert text_anchor_source("self", str(corpus)) == "self"  # asked for explicitly
+
+
+def test_free_anchor_gradient_projects_only_the_edit_loss(corpus_file):
+    """With ``free_anchor_gradient`` Adam sees P ∇edit + ∇penalty, otherwise P(∇edit + ∇penalty)."""
+    from test_edit import small_cache
+
+    from crispedit.arch import editable_modules
+    from crispedit.edit import make_projectors, run_epochs
+    from crispedit.optim import ProjectedAdam
+    from crispedit.requests import target_nll, tokenize_edit_batch
+
+    class Spy(ProjectedAdam):
+        def step(self, closure=None, project=True):
+            if project:
+                self.project_gradients()
+            self.seen = [p.grad.clone() for p in self.param_groups[0]["params"]]
+            return super().step(closure, project=False)
+
+    model, tok = make_tiny("llama")
+    cache = small_cache(model, tok, corpus_file)
+    anchors = text_anchors(model, [tok(p + " " + a)["input_ids"] for p, a in PAIRS])
+    params = [m.weight for m in editable_modules(model, (1, 2)).values()]
+    with torch.no_grad():  # move off the base model, so the penalty has a gradient
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    config = EditConfig(energy=0.5, max_epochs=1, text_anchor_weight=3.0, text_anchor_batch=len(PAIRS))
+    projectors = make_projectors(cache, config, list(editable_modules(model, (1, 2))), False, "cpu")
+    for p in params:
+        p.requires_grad_(True)
+    grads = {}
+    for name, loss in (("edit", lambda: target_nll(model, tokenize_edit_batch(tok, FACTS))),
+                       ("penalty", lambda: 3.0 * anchor_kl(model, anchors, torch.arange(len(PAIRS))))):
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+        grads[name] = [p.grad.clone() for p in params]
+    seen = {}
+    for free in (False, True):
+        snapshot = [p.detach().clone() for p in params]
+        spy = Spy(params, projectors, lr=1e-3)
+        run_epochs(model, tok, FACTS, spy, replace(config, free_anchor_gradient=free),
+                   text_anchors=anchors)
+        seen[free] = spy.seen
+        with torch.no_grad():
+            for p, old in zip(params, snapshot, strict=True):
+                p.copy_(old)
+    for P, e, a, fixed, free in zip(projectors, grads["edit"], grads["penalty"], seen[False], seen[True], strict=True):
+        torch.testing.assert_close(fixed, P(e + a), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(free, P(e) + a, rtol=1e-4, atol=1e-6)
+        assert (free - fixed).norm() > 1e-3 * a.norm()  # the penalty's removed part is what differs
+    with pytest.raises(ValueError, match="project_update off"):
+        EditConfig(free_anchor_gradient=True, project_update=True)
