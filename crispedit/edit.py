@@ -84,8 +84,8 @@ class EditConfig:
     text_anchor_weight: float = 0.0  # β of the same penalty on capability text windows (text_anchors); 0 = off
     text_anchor_batch: int = 4  # text windows drawn per step
     project_update: bool = False  # also project Adam's step, so ΔW stays in the kept subspace (optim.py)
-    # leave the anchors' KL gradient unprojected: it restores the capability the constraint protects, a step
-    # along the high-curvature directions that the projector would remove (BENCHMARKS.md §20)
+    # leave the anchors' KL gradient unprojected, as a pull back along the high-curvature directions the
+    # projector removes; off by default: measured, it lets the weights move as far as fine-tuning (§20)
     free_anchor_gradient: bool = False
     seed: int = 0
 
