@@ -69,11 +69,13 @@ def project_kronecker_staircase(
     return Q - U_out @ Y
 
 
-def staircase_blocks(removed: torch.Tensor, n_blocks: int = 16, grid: int = 256) -> list[tuple[int, int, int, bool]]:
+def staircase_blocks(removed: torch.Tensor, n_blocks: int = 6, grid: int = 256) -> list[tuple[int, int, int, bool]]:
     """Split the rows of a mask into at most ``n_blocks`` ranges of least total width, each from its narrower side.
 
     A block's cost is its rows times the columns it needs: up to its last removed column (removed side) or
     from its first kept column (kept side). The split is the dynamic programme over ≤ ``grid`` row bounds.
+    More blocks cover fewer surplus products but make thinner matmuls; on a CPU 4–8 were fastest for
+    576 × 1536 weights (BENCHMARKS.md §2).
     """
     n, d = removed.shape
     if n == 0:
