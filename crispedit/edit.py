@@ -85,7 +85,7 @@ class EditConfig:
     text_anchor_batch: int = 4  # text windows drawn per step
     project_update: bool = False  # also project Adam's step, so ΔW stays in the kept subspace (optim.py)
     # leave the anchors' KL gradient unprojected, as a pull back along the high-curvature directions the
-    # projector removes; off by default: measured, it lets the weights move as far as fine-tuning (§20)
+    # projector removes; off by default: measured, its KL to the base is as large as fine-tuning's (§20)
     free_anchor_gradient: bool = False
     seed: int = 0
 
