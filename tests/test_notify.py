@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import save_tiny_checkpoint
 from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from registry import Registry
 from service.notify import AliasFollower, announce_aliases
@@ -62,7 +64,9 @@ def test_a_notification_preloads_the_new_version_before_any_query(served, redis_
 
 def test_without_redis_the_follower_polls_the_registry(served):
     reg, server = served
-    unreachable = Redis(port=1, socket_connect_timeout=0.2)
+    # no retries: redis-py 8 retries a refused connection 3 times with jittered backoff (about 4 s in all),
+    # which delayed each poll past the wait below now and then
+    unreachable = Redis(port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     follower = AliasFollower(unreachable, "t", {"tiny": server}, poll_seconds=0.2)
     follower.start()
     try:
