@@ -161,12 +161,13 @@ def test_free_anchor_gradient_projects_only_the_edit_loss(corpus_file):
     model, tok = make_tiny("llama")
     cache = small_cache(model, tok, corpus_file)
     anchors = text_anchors(model, [tok(p + " " + a)["input_ids"] for p, a in PAIRS])
-    params = [m.weight for m in editable_modules(model, (1, 2)).values()]
+    modules = editable_modules(model, (1, 2))
+    params = [m.weight for m in modules.values()]
     with torch.no_grad():  # move off the base model, so the penalty has a gradient
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
     config = EditConfig(energy=0.5, max_epochs=1, text_anchor_weight=3.0, text_anchor_batch=len(PAIRS))
-    projectors = make_projectors(cache, config, list(editable_modules(model, (1, 2))), False, "cpu")
+    projectors = make_projectors(cache, config, list(modules), False, "cpu")
     for p in params:
         p.requires_grad_(True)
     grads = {}
