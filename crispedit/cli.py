@@ -27,11 +27,14 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 def add_edit_options(p: argparse.ArgumentParser) -> None:
     from crispedit.anchor import TEXT_TUNED_WEIGHT
-    from crispedit.edit import LR_SCHEDULES, EditConfig
+    from crispedit.edit import ENERGY_SCOPES, LR_SCHEDULES, EditConfig
 
     d = EditConfig()
     p.add_argument("--method", choices=["crispedit", "nullspace", "ft"], default=d.method)
     p.add_argument("--energy", type=float, default=d.energy, help="γ, fraction of curvature energy protected")
+    p.add_argument("--energy-scope", choices=ENERGY_SCOPES, default=d.energy_scope,
+                   help="layer: γ of each layer's own energy (the paper's); global: one curvature threshold over "
+                        "all edited layers")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="cosine: decay the learning rate towards 0 over --epochs")
@@ -76,9 +79,10 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
         augment = resolve_augment(args.augment, with_anchors=bool(args.anchors))
     except ValueError as err:
         raise SystemExit(f"--augment: {err}") from err
-    return EditConfig(method=args.method, energy=args.energy, lr=args.lr, lr_schedule=args.lr_schedule,
-                      batch_size=args.batch_size, max_epochs=args.epochs, sequential_chunk=args.sequential_chunk,
-                      recompute_drift=args.recompute_drift, chat_form=args.chat_form, augment=augment, layers=layers,
+    return EditConfig(method=args.method, energy=args.energy, energy_scope=args.energy_scope, lr=args.lr,
+                      lr_schedule=args.lr_schedule, batch_size=args.batch_size, max_epochs=args.epochs,
+                      sequential_chunk=args.sequential_chunk, recompute_drift=args.recompute_drift,
+                      chat_form=args.chat_form, augment=augment, layers=layers,
                       auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
                       free_anchor_gradient=args.free_anchor_gradient)
 

@@ -31,12 +31,13 @@ from crispedit.cache import CurvatureCache
 from crispedit.kfac import factors_from_features, token_features
 from crispedit.layer_choice import rank_layers
 from crispedit.optim import ProjectedAdam
-from crispedit.projector import METHODS, LayerProjector, build_projector
+from crispedit.projector import METHODS, LayerProjector, build_projector, build_shared_projectors
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 
 log = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("constant", "cosine")
+ENERGY_SCOPES = ("layer", "global")
 ProgressFn = Callable[[dict], None]
 UNCONSTRAINED = 0.99  # a projector keeping more of the directions than this barely constrains its layer
 
@@ -67,6 +68,8 @@ class EditConfig:
 
     method: str = "crispedit"  # crispedit | nullspace | ft
     energy: float = 0.8  # γ: fraction of curvature energy protected; higher is more conservative
+    # layer: γ of each layer's own energy (the paper's); global: one curvature threshold over all edited layers
+    energy_scope: str = "layer"
     lr: float = 2e-3  # the paper's 5e-4 does not converge within 25 epochs on SmolLM2 (BENCHMARKS.md)
     lr_schedule: str = "constant"  # constant (the paper's) | cosine: lr · ½(1 + cos(π · epoch / max_epochs))
     batch_size: int = 32
@@ -96,6 +99,8 @@ class EditConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.energy <= 1.0:
             raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
+        if self.energy_scope not in ENERGY_SCOPES:
+            raise ValueError(f"energy_scope must be one of {ENERGY_SCOPES}, got {self.energy_scope!r}")
         for name in ("anchor_weight", "text_anchor_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -155,6 +160,9 @@ def make_projectors(
     if cache is None:
         raise EditError(f"method {config.method!r} needs a curvature cache; build one with `crispedit build-cache`")
     ekfac = cache.ekfac or {}
+    if config.energy_scope == "global":
+        return build_shared_projectors([cache.factors[n] for n in names], config.energy, config.method,
+                                       fan_in_fan_out, [ekfac.get(n) for n in names], device)
     return [
         build_projector(cache.factors[n], config.energy, config.method, fan_in_fan_out, ekfac.get(n), device)
         for n in names

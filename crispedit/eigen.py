@@ -29,6 +29,24 @@ def energy_rank(sorted_desc: torch.Tensor, gamma: float) -> int:
     return min(k, sorted_desc.numel())
 
 
+def energy_threshold(curvatures: list[torch.Tensor], gamma: float) -> float | None:
+    """τ = the k-th largest value over all the given curvature arrays together (Eq. 3 over their union).
+
+    One array gives the paper's per-layer split; several give one threshold shared by their layers, the
+    split of the block-diagonal curvature of all of them. None when k = 0 (γ = 0 or no curvature at all).
+    """
+    sorted_desc = torch.cat([c.double().flatten() for c in curvatures]).sort(descending=True).values
+    k = energy_rank(sorted_desc, gamma)
+    return None if k == 0 else float(sorted_desc[k - 1])
+
+
+def mask_below(curvature: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """M_ij = 1[curvature_ij < τ]: the directions an edit may move along; all of them when τ is None."""
+    if threshold is None:
+        return torch.ones_like(curvature, dtype=torch.bool)
+    return curvature.double() < threshold
+
+
 def energy_mask(curvature: torch.Tensor, gamma: float) -> torch.Tensor:
     """M_ij = 1[curvature_ij < k-th largest curvature value]: keep the low-curvature directions (Eq. 6).
 
@@ -36,12 +54,7 @@ def energy_mask(curvature: torch.Tensor, gamma: float) -> torch.Tensor:
     (d_out, d_in), the corrected values for EK-FAC, or λ^A alone (d_in,) for the null-space baseline.
     Directions of exactly zero curvature are always kept. γ = 0 keeps everything; γ = 1 keeps only zeros.
     """
-    values = curvature.double()
-    sorted_desc = values.flatten().sort(descending=True).values
-    k = energy_rank(sorted_desc, gamma)
-    if k == 0:
-        return torch.ones_like(curvature, dtype=torch.bool)
-    return values < sorted_desc[k - 1]
+    return mask_below(curvature, energy_threshold([curvature], gamma))
 
 
 def kronecker_eigenvalues(eig_out: torch.Tensor, eig_in: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crispedit.eigen import eigh_psd, energy_mask, kronecker_eigenvalues
+from crispedit.eigen import eigh_psd, energy_mask, energy_threshold, kronecker_eigenvalues, mask_below
 from crispedit.kfac import KFACFactors
 
 METHODS = ("crispedit", "nullspace", "ft")
@@ -169,6 +169,23 @@ def complement_form(
                           float(mask.float().mean()), fan_in_fan_out, staircase_blocks(sub))
 
 
+def layer_spectrum(
+    factors: KFACFactors, method: str = "crispedit", corrected_eigenvalues: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(curvature of each eigen-direction, U_S, U_A): the products λ^S_i λ^A_j (or EK-FAC's λ̃_ij).
+
+    ``method="nullspace"`` gives λ^A alone and no U_S: the null space of A (Prop. 1: a subset of CrispEdit's).
+    """
+    eig_in, U_in = eigh_psd(factors.A)
+    if method == "nullspace":
+        return eig_in, None, U_in
+    if method != "crispedit":
+        raise ValueError(f"no projector for method {method!r}; projected methods are crispedit and nullspace")
+    eig_out, U_out = eigh_psd(factors.S)
+    curvature = corrected_eigenvalues if corrected_eigenvalues is not None else kronecker_eigenvalues(eig_out, eig_in)
+    return curvature, U_out, U_in
+
+
 def build_projector(
     factors: KFACFactors,
     gamma: float,
@@ -177,20 +194,30 @@ def build_projector(
     corrected_eigenvalues: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> LayerProjector:
-    """Eigendecompose A and S and mask by energy γ over all products λ^S_i λ^A_j (or EK-FAC's λ̃_ij).
+    """Eigendecompose A and S and mask by energy γ over all products λ^S_i λ^A_j of this layer (Eq. 3, Eq. 6)."""
+    curvature, U_out, U_in = layer_spectrum(factors, method, corrected_eigenvalues)
+    return complement_form(U_out, U_in, energy_mask(curvature, gamma), fan_in_fan_out, device or factors.A.device)
 
-    ``method="nullspace"`` keeps only the low-energy directions of A (Prop. 1: a subset of CrispEdit's).
+
+def build_shared_projectors(
+    factors: list[KFACFactors],
+    gamma: float,
+    method: str = "crispedit",
+    fan_in_fan_out: bool = False,
+    corrected_eigenvalues: list[torch.Tensor | None] | None = None,
+    device: torch.device | str | None = None,
+) -> list[LayerProjector]:
+    """One curvature threshold τ for every layer: γ of the energy of all their products together.
+
+    Eq. 3 applied to the block-diagonal curvature of all edited layers instead of to each block: a
+    direction is protected when its own curvature is high, whichever layer it is in, so a layer of low
+    curvature keeps more of its directions and one of high curvature fewer. An outlier direction that
+    holds γ of the energy on its own now frees every layer, not only its own (BENCHMARKS.md §18).
     """
-    eig_in, U_in = eigh_psd(factors.A)
-    if method == "nullspace":
-        mask = energy_mask(eig_in, gamma)
-        U_out = None
-    elif method == "crispedit":
-        eig_out, U_out = eigh_psd(factors.S)
-        curvature = corrected_eigenvalues if corrected_eigenvalues is not None else kronecker_eigenvalues(
-            eig_out, eig_in
-        )
-        mask = energy_mask(curvature, gamma)
-    else:
-        raise ValueError(f"no projector for method {method!r}; projected methods are crispedit and nullspace")
-    return complement_form(U_out, U_in, mask, fan_in_fan_out, device or factors.A.device)
+    corrected = corrected_eigenvalues or [None] * len(factors)
+    spectra = [layer_spectrum(f, method, c) for f, c in zip(factors, corrected, strict=True)]
+    tau = energy_threshold([curvature for curvature, _, _ in spectra], gamma)
+    return [
+        complement_form(U_out, U_in, mask_below(curvature, tau), fan_in_fan_out, device or f.A.device)
+        for f, (curvature, U_out, U_in) in zip(factors, spectra, strict=True)
+    ]

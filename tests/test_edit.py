@@ -114,6 +114,25 @@ def test_cosine_schedule_still_edits(tiny_llama, corpus_file):
     assert target_logprob(model, tok, FACTS) > before + 1.0
 
 
+def test_shared_energy_threshold_edits_and_matches_the_layers_projectors(tiny_llama, corpus_file):
+    from crispedit.arch import editable_modules
+    from crispedit.edit import make_projectors
+    from crispedit.projector import build_shared_projectors
+
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    config = EditConfig(lr=3e-2, max_epochs=30, energy=0.5, energy_scope="global")
+    names = list(editable_modules(model, cache.layers))
+    made = make_projectors(cache, config, names, False, "cpu")
+    expected = build_shared_projectors([cache.factors[n] for n in names], 0.5)
+    assert [p.kept_fraction for p in made] == [p.kept_fraction for p in expected]
+    before = target_logprob(model, tok, FACTS)
+    edit(model, tok, FACTS, cache, config)
+    assert target_logprob(model, tok, FACTS) > before + 1.0
+    with pytest.raises(ValueError, match="energy_scope"):
+        EditConfig(energy_scope="model")
+
+
 def test_gpt2_conv1d_edit(tiny_gpt2, corpus_file):
     model, tok = tiny_gpt2
     cache = small_cache(model, tok, corpus_file)

@@ -177,3 +177,33 @@ def test_a_massive_input_direction_leaves_the_layer_unconstrained_and_is_logged(
         warn_unconstrained(["normal", "flat"], [normal, flat], 0.8)
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and warned[0].startswith("flat: at γ=0.8 the projector keeps 99.50%")
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.8, 0.95])
+def test_shared_threshold_equals_dense_block_diagonal(gamma):
+    """One γ over two layers is Eq. 3 on the dense block-diagonal curvature diag(A₁ ⊗ S₁, A₂ ⊗ S₂)."""
+    from crispedit.projector import build_shared_projectors
+
+    shapes = [(4, 3), (3, 5)]
+    factors = [KFACFactors(A=random_psd(d_in, 10 + i) * (1 + 3 * i), S=random_psd(d_out, 20 + i), num_tokens=1)
+               for i, (d_out, d_in) in enumerate(shapes)]
+    blocks = [torch.kron(f.A, f.S) for f in factors]
+    P, _ = dense_projector(torch.block_diag(*blocks), gamma)
+    g = torch.Generator().manual_seed(7)
+    Qs = [torch.randn(d_out, d_in, dtype=torch.float64, generator=g) for d_out, d_in in shapes]
+    expected = P @ torch.cat([vec(Q) for Q in Qs])
+    projectors = build_shared_projectors(factors, gamma)
+    got = torch.cat([vec(p(Q.float()).double()) for p, Q in zip(projectors, Qs, strict=True)])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # the layer of larger curvature (A scaled by 4) keeps fewer of its directions than under its own γ
+    alone = [build_projector(f, gamma).kept_fraction for f in factors]
+    assert projectors[1].kept_fraction <= alone[1] and projectors[0].kept_fraction >= alone[0]
+
+
+def test_shared_threshold_of_one_layer_is_the_per_layer_projector():
+    from crispedit.projector import build_shared_projectors
+
+    factors = KFACFactors(A=random_psd(6, 30), S=random_psd(4, 31), num_tokens=1)
+    Q = torch.randn(4, 6)
+    (shared,) = build_shared_projectors([factors], 0.8)
+    torch.testing.assert_close(shared(Q), build_projector(factors, 0.8)(Q))
