@@ -1,7 +1,8 @@
 """Which layers does γ barely protect, and is one token's activation the reason? (BENCHMARKS.md §18)
 
 For each layer of a curvature cache: the share of A's trace in its top eigenvalue, the same for S, and the
-fraction of the products λ^S_i λ^A_j that γ removes. Then, on ``--windows`` capability windows, the share
+fraction of the products λ^S_i λ^A_j that γ removes, under each layer's own split and under one threshold
+shared by all the cache's layers (``--energy-scope global``). Then, on ``--windows`` capability windows, the share
 of the top eigenvalue of Σ a aᵀ with and without position 0 (the attention-sink token), and that token's
 input norm against the median token's.
 
@@ -22,7 +23,7 @@ from crispedit.corpus import batches_of, capability_windows
 from crispedit.datasets import shared_data_dir
 from crispedit.kfac import capture_layer_io
 from crispedit.models import load_model
-from crispedit.projector import build_projector
+from crispedit.projector import build_projector, build_shared_projectors
 
 
 def top_share(x: torch.Tensor) -> float:
@@ -54,12 +55,14 @@ def main() -> None:
     cache = CurvatureCache.load(args.cache, model=model)
     windows = capability_windows(model, tok, str(shared_data_dir() / TRAIN_CORPUS), args.windows, 512)
     inputs = layer_inputs(model, editable_modules(model, cache.layers), batches_of(windows, 4))
-    for layer, (name, f) in zip(cache.layers, cache.factors.items(), strict=True):
+    shared = build_shared_projectors(list(cache.factors.values()), args.energy)
+    for layer, (name, f), s in zip(cache.layers, cache.factors.items(), shared, strict=True):
         la, ls = torch.linalg.eigvalsh(f.A.double()), torch.linalg.eigvalsh(f.S.double())
         removed = 1 - build_projector(f, args.energy).kept_fraction
         a = inputs[name]
         norms = a.norm(dim=-1)
-        print(f"layer {layer:>2}: γ {args.energy} removes {removed:6.2%} of the products; top eigenvalue "
+        print(f"layer {layer:>2}: γ {args.energy} removes {removed:6.2%} of the products ({1 - s.kept_fraction:6.2%} "
+              f"under a shared threshold; curvature trace {float(la.sum() * ls.sum()):.3g}); top eigenvalue "
               f"{float(la[-1] / la.sum()):6.1%} of A's trace, {float(ls[-1] / ls.sum()):5.1%} of S's | on "
               f"{args.windows} windows: top share {top_share(a.flatten(0, 1)):6.1%}, without position 0 "
               f"{top_share(a[:, 1:].flatten(0, 1)):6.1%}; |a| at position 0 {float(norms[:, 0].mean()):7.1f}, "
