@@ -147,7 +147,7 @@ class Bench:
             result = edit(self.model, self.tok, requests, cache, config, on_progress=report, anchors=anchors,
                           text_anchors=text_anchors)
         try:
-            row = {"method": config.method, "energy": config.energy, "edits": len(requests),
+            row = {"method": config.method, "energy": config.energy, "lr": result.lr, "edits": len(requests),
                    "epochs": len(result.epoch_losses), "final_loss": result.epoch_losses[-1],
                    "steps": result.steps, "edit_seconds": round(result.seconds, 1),
                    "edited_layers": list(result.layers)}

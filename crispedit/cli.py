@@ -35,7 +35,8 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy-scope", choices=ENERGY_SCOPES, default=d.energy_scope,
                    help="layer: γ of each layer's own energy (the paper's); global: one curvature threshold over "
                         "all edited layers")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="Adam learning rate (default: 2e-3 scaled to the edited weights' RMS against SmolLM2's)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="cosine: decay the learning rate towards 0 over --epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -140,7 +141,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "crispedit_edit.json").write_text(json.dumps({
-        "base_model": args.model, "config": asdict(config), "edits": len(requests), "layers": list(result.layers),
+        "base_model": args.model, "config": {**asdict(config), "lr": result.lr}, "edits": len(requests),
+        "layers": list(result.layers),
         "epoch_losses": result.epoch_losses, "steps": result.steps, "seconds": round(result.seconds, 2),
         "changed": result.relative_change(), "kept_fraction": result.kept_fraction,
     }, indent=2))

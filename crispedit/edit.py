@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class EditConfig:
     energy: float = 0.8  # γ: fraction of curvature energy protected; higher is more conservative
     # layer: γ of each layer's own energy (the paper's); global: one curvature threshold over all edited layers
     energy_scope: str = "layer"
-    lr: float = 2e-3  # the paper's 5e-4 does not converge within 25 epochs on SmolLM2 (BENCHMARKS.md)
+    lr: float | None = None  # None: default_lr of the edited weights (2e-3 on SmolLM2, 1.7e-4 on Gemma 3 270M)
     lr_schedule: str = "constant"  # constant (the paper's) | cosine: lr · ½(1 + cos(π · epoch / max_epochs))
     batch_size: int = 32
     max_epochs: int = 25
@@ -104,7 +104,9 @@ class EditConfig:
         for name in ("anchor_weight", "text_anchor_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        for name in ("lr", "batch_size", "max_epochs", "anchor_batch", "text_anchor_batch"):
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("batch_size", "max_epochs", "anchor_batch", "text_anchor_batch"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.auto_layers is not None and self.auto_layers <= 0:
@@ -132,6 +134,7 @@ class EditResult:
     kept_fraction: dict[str, float] = field(default_factory=dict)
     cache: CurvatureCache | None = None  # the cache with this edit's statistics folded in (sequential mode)
     features: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # this edit's own (a, g) per module
+    lr: float | None = None  # the learning rate used (config.lr, or default_lr when that was None)
 
     def relative_change(self) -> dict[str, float]:
         return {n: float((self.changed[n] - self.original[n]).norm() / self.original[n].norm()) for n in self.changed}
@@ -201,8 +204,26 @@ def check_requests(requests: Sequence[EditRequest], tokenizer) -> None:
     tokenize_edit_batch(tokenizer, list(requests)[:1])
 
 
+# SmolLM2-135M's tuned learning rate and the RMS of its edited down_proj weights (layers 4-8). The paper's
+# 5e-4 does not converge within 25 epochs there (BENCHMARKS.md §1).
+REFERENCE_LR, REFERENCE_RMS = 2e-3, 0.1863
+
+
+def default_lr(weights: Sequence[torch.Tensor]) -> float:
+    """REFERENCE_LR scaled by the weights' RMS against SmolLM2's, to two significant digits.
+
+    Adam moves every weight by about lr per step whatever its size, so the same lr is a 12× larger relative
+    step on Gemma 3 270M, whose down_proj weights are 12× smaller; there 2e-3 wrecks the model (BENCHMARKS.md
+    §22). Scaling keeps the step a fixed fraction (≈ 1.1 %) of the weights.
+    """
+    rms = float(torch.cat([w.detach().float().flatten() for w in weights]).pow(2).mean().sqrt())
+    return float(f"{REFERENCE_LR * rms / REFERENCE_RMS:.2g}")
+
+
 def epoch_lr(config: EditConfig, epoch: int) -> float:
     """The learning rate of ``epoch`` (0-based): constant, or cosine-decayed towards 0 over ``max_epochs``."""
+    if config.lr is None:
+        raise ValueError("config.lr is None: edit() sets it to default_lr of the edited weights first")
     if config.lr_schedule == "constant":
         return config.lr
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.max_epochs))
@@ -330,6 +351,9 @@ def edit(
     params = [modules[n].weight for n in names]
     original = {weight_name(n): p.detach().clone() for n, p in zip(names, params, strict=True)}
     device = params[0].device
+    if config.lr is None:
+        config = replace(config, lr=default_lr(params))
+        log.info("learning rate %.2g (default_lr: the edited weights' RMS against SmolLM2's)", config.lr)
     started = time.perf_counter()
     try:
         projectors = make_projectors(cache, config, names, fan_in_fan_out, device)
@@ -396,6 +420,7 @@ def edit(
         layers=tuple(layers),
         kept_fraction={n: p.kept_fraction for n, p in zip(names, projectors, strict=True) if p is not None},
         cache=current_cache() if config.sequential_chunk else None,
+        lr=config.lr,
         features={n: tuple(torch.cat([f[n][i] for f in chunk_features]) for i in (0, 1)) for n in names}
         if chunk_features else None,
     )

@@ -166,7 +166,7 @@ def test_free_anchor_gradient_projects_only_the_edit_loss(corpus_file):
     with torch.no_grad():  # move off the base model, so the penalty has a gradient
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
-    config = EditConfig(energy=0.5, max_epochs=1, text_anchor_weight=3.0, text_anchor_batch=len(PAIRS))
+    config = EditConfig(energy=0.5, lr=1e-3, max_epochs=1, text_anchor_weight=3.0, text_anchor_batch=len(PAIRS))
     projectors = make_projectors(cache, config, list(modules), False, "cpu")
     for p in params:
         p.requires_grad_(True)

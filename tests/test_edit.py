@@ -235,3 +235,24 @@ def test_ekfac_cache_edits(tiny_llama, corpus_file, tmp_path):
     before = target_logprob(model, tok, FACTS)
     edit(model, tok, FACTS, loaded, EditConfig(lr=3e-2, max_epochs=30, energy=0.5))
     assert target_logprob(model, tok, FACTS) > before + 1.0
+
+
+def test_default_lr_keeps_the_step_relative_to_the_weights(tiny_llama, corpus_file):
+    """2e-3 at SmolLM2's weight RMS (0.1863), 12× less on weights 12× smaller; an edit reports the lr it used."""
+    from crispedit.edit import REFERENCE_LR, REFERENCE_RMS, default_lr
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(64, 96, generator=g), torch.randn(64, 96, generator=g)]
+    rms = float(torch.cat([w.flatten() for w in weights]).pow(2).mean().sqrt())
+    smol = [w * REFERENCE_RMS / rms for w in weights]
+    assert default_lr(smol) == REFERENCE_LR
+    assert default_lr([w / 12 for w in smol]) == pytest.approx(REFERENCE_LR / 12, rel=0.03)
+    with pytest.raises(ValueError, match="lr"):
+        EditConfig(lr=0.0)
+
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    result = edit(model, tok, FACTS[:2], cache, EditConfig(max_epochs=1))
+    assert result.original and result.lr == default_lr(list(result.original.values()))
+    assert result.lr != REFERENCE_LR  # the tiny model's weights are larger than SmolLM2's
+    assert edit(model, tok, FACTS[:2], cache, EditConfig(lr=1e-3, max_epochs=1)).lr == 1e-3
