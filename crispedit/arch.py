@@ -55,14 +55,32 @@ MEASURED_LAYERS: dict[tuple[str, int, int], tuple[int, ...]] = {
 }
 
 
+# γ, the fraction of curvature energy protected (arXiv 2602.15823, Eq. 3). 0.8 on SmolLM2 (BENCHMARKS.md §1).
+# Gemma 3 270M's K-FAC factors are concentrated (its mean layer input alone holds 22-39 % of A's trace), so
+# at 0.8 its projector keeps > 99 % of the directions and the edit drifts like fine-tuning (§22).
+DEFAULT_ENERGY = 0.8
+MEASURED_ENERGY: dict[tuple[str, int, int], float] = {
+    ("gemma3_text", 18, 640): 0.999,  # Gemma 3 270M
+}
+
+
+def checkpoint_key(model: nn.Module) -> tuple[str, int, int]:
+    cfg = model.config
+    return cfg.model_type, num_layers(model), int(getattr(cfg, "hidden_size", 0) or 0)
+
+
+def default_energy(model: nn.Module) -> float:
+    """The measured γ of a known checkpoint, else DEFAULT_ENERGY."""
+    return MEASURED_ENERGY.get(checkpoint_key(model), DEFAULT_ENERGY)
+
+
 def default_layers(model: nn.Module) -> tuple[int, ...]:
     """The measured layers of a known checkpoint, else five consecutive middle layers (the paper edits
     layers 19-23 of 32 in LLaMA-3-8B), fewer if shallow."""
     spec = arch_spec(model)
     if spec.default_layers is not None:
         return spec.default_layers
-    cfg = model.config
-    measured = MEASURED_LAYERS.get((cfg.model_type, num_layers(model), int(getattr(cfg, "hidden_size", 0) or 0)))
+    measured = MEASURED_LAYERS.get(checkpoint_key(model))
     if measured is not None:
         return measured
     n = num_layers(model)

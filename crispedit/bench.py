@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from crispedit.arch import default_layers, editable_modules, num_layers
+from crispedit.arch import default_energy, default_layers, editable_modules, num_layers
 from crispedit.cache import CurvatureCache, build_cache
 from crispedit.capability import (
     capability_report,
@@ -143,11 +143,11 @@ class Bench:
             text_anchors=None) -> dict:
         """Edit, measure, and put the base weights back."""
         self.base_capability(mc=mc)  # before the edit: the paired changes below need the base model's terms
-        with epoch_bar(config, len(requests), desc=f"{config.method} γ={config.energy}") as report:
+        with epoch_bar(config, len(requests), desc=f"{config.method} γ={config.energy or 'default'}") as report:
             result = edit(self.model, self.tok, requests, cache, config, on_progress=report, anchors=anchors,
                           text_anchors=text_anchors)
         try:
-            row = {"method": config.method, "energy": config.energy, "lr": result.lr, "edits": len(requests),
+            row = {"method": config.method, "energy": result.energy, "lr": result.lr, "edits": len(requests),
                    "epochs": len(result.epoch_losses), "final_loss": result.epoch_losses[-1],
                    "steps": result.steps, "edit_seconds": round(result.seconds, 1),
                    "edited_layers": list(result.layers)}
@@ -438,7 +438,8 @@ def suite_speed(b: Bench) -> None:
     modules = editable_modules(b.model, b.layers)
     params = [m.weight for m in modules.values()]
     batch = tokenize_edit_batch(b.tok, b.requests("zsre")[: b.args.batch_size], params[0].device)
-    projectors = [build_projector(cache.factors[n], b.args.energy) for n in modules]
+    gamma = b.args.energy if b.args.energy is not None else default_energy(b.model)
+    projectors = [build_projector(cache.factors[n], gamma) for n in modules]
     originals = {f"{n}.weight": m.weight.detach().clone() for n, m in modules.items()}
 
     projecting = [0.0]  # seconds spent inside the projectors during the current step
@@ -552,7 +553,7 @@ def add_bench_parser(sub) -> None:
                    help="sweep/fisher/anchor/layers: zsre train (tuning) or test items")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--layers", default=None)
-    p.add_argument("--energy", type=float, default=d.energy)
+    p.add_argument("--energy", type=float, default=d.energy, help="γ (default: the model's, arch.default_energy)")
     p.add_argument("--energy-scope", choices=ENERGY_SCOPES, default=d.energy_scope,
                    help="layer: γ of each layer's energy (the paper's); global: one threshold over all edited layers")
     p.add_argument("--gammas", default="0.5,0.7,0.8,0.9,0.95,0.99")

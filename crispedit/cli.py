@@ -31,7 +31,8 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
 
     d = EditConfig()
     p.add_argument("--method", choices=["crispedit", "nullspace", "ft"], default=d.method)
-    p.add_argument("--energy", type=float, default=d.energy, help="γ, fraction of curvature energy protected")
+    p.add_argument("--energy", type=float, default=d.energy,
+                   help="γ, fraction of curvature energy protected (default 0.8; per model in crispedit/arch.py)")
     p.add_argument("--energy-scope", choices=ENERGY_SCOPES, default=d.energy_scope,
                    help="layer: γ of each layer's own energy (the paper's); global: one curvature threshold over "
                         "all edited layers")
@@ -141,8 +142,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "crispedit_edit.json").write_text(json.dumps({
-        "base_model": args.model, "config": {**asdict(config), "lr": result.lr}, "edits": len(requests),
-        "layers": list(result.layers),
+        "base_model": args.model, "config": {**asdict(config), "lr": result.lr, "energy": result.energy},
+        "edits": len(requests), "layers": list(result.layers),
         "epoch_losses": result.epoch_losses, "steps": result.steps, "seconds": round(result.seconds, 2),
         "changed": result.relative_change(), "kept_fraction": result.kept_fraction,
     }, indent=2))

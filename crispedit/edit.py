@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from crispedit.anchor import Anchors, anchor_kl
-from crispedit.arch import arch_spec, default_layers, editable_modules, module_name, weight_name
+from crispedit.arch import arch_spec, default_energy, default_layers, editable_modules, module_name, weight_name
 from crispedit.augment import augmented_prompts, check_augmentations
 from crispedit.cache import CurvatureCache
 from crispedit.kfac import factors_from_features, token_features
@@ -67,7 +67,7 @@ class EditConfig:
     """Hyperparameters of one edit. Defaults are tuned for SmolLM2-135M (see BENCHMARKS.md)."""
 
     method: str = "crispedit"  # crispedit | nullspace | ft
-    energy: float = 0.8  # γ: fraction of curvature energy protected; higher is more conservative
+    energy: float | None = None  # γ: fraction of curvature energy protected; None: arch.default_energy (0.8)
     # layer: γ of each layer's own energy (the paper's); global: one curvature threshold over all edited layers
     energy_scope: str = "layer"
     lr: float | None = None  # None: default_lr of the edited weights (2e-3 on SmolLM2, 1.7e-4 on Gemma 3 270M)
@@ -97,7 +97,7 @@ class EditConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if not 0.0 <= self.energy <= 1.0:
+        if self.energy is not None and not 0.0 <= self.energy <= 1.0:
             raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
         if self.energy_scope not in ENERGY_SCOPES:
             raise ValueError(f"energy_scope must be one of {ENERGY_SCOPES}, got {self.energy_scope!r}")
@@ -135,6 +135,7 @@ class EditResult:
     cache: CurvatureCache | None = None  # the cache with this edit's statistics folded in (sequential mode)
     features: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # this edit's own (a, g) per module
     lr: float | None = None  # the learning rate used (config.lr, or default_lr when that was None)
+    energy: float | None = None  # the γ used (config.energy, or arch.default_energy when that was None)
 
     def relative_change(self) -> dict[str, float]:
         return {n: float((self.changed[n] - self.original[n]).norm() / self.original[n].norm()) for n in self.changed}
@@ -351,6 +352,8 @@ def edit(
     params = [modules[n].weight for n in names]
     original = {weight_name(n): p.detach().clone() for n, p in zip(names, params, strict=True)}
     device = params[0].device
+    if config.energy is None:
+        config = replace(config, energy=default_energy(model))
     if config.lr is None:
         config = replace(config, lr=default_lr(params))
         log.info("learning rate %.2g (default_lr: the edited weights' RMS against SmolLM2's)", config.lr)
@@ -421,6 +424,7 @@ def edit(
         kept_fraction={n: p.kept_fraction for n, p in zip(names, projectors, strict=True) if p is not None},
         cache=current_cache() if config.sequential_chunk else None,
         lr=config.lr,
+        energy=config.energy,
         features={n: tuple(torch.cat([f[n][i] for f in chunk_features]) for i in (0, 1)) for n in names}
         if chunk_features else None,
     )

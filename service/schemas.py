@@ -30,7 +30,8 @@ class EditIn(Strict):
 
 class Hyperparameters(Strict):
     method: Literal["crispedit", "nullspace", "ft"] = "crispedit"
-    energy: float = Field(0.8, ge=0.0, le=1.0)
+    energy: float | None = Field(None, ge=0.0, le=1.0, description="γ, fraction of curvature energy protected; "
+                                 "default: the model's (0.8; measured per model in crispedit/arch.py)")
     lr: float | None = Field(None, gt=0.0, le=1.0, description="Adam learning rate; default: 2e-3 scaled to the "
                              "edited weights' RMS against SmolLM2's (2e-3 on SmolLM2, 1.7e-4 on Gemma 3 270M)")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay lr towards 0 over "

@@ -256,3 +256,19 @@ def test_default_lr_keeps_the_step_relative_to_the_weights(tiny_llama, corpus_fi
     assert result.original and result.lr == default_lr(list(result.original.values()))
     assert result.lr != REFERENCE_LR  # the tiny model's weights are larger than SmolLM2's
     assert edit(model, tok, FACTS[:2], cache, EditConfig(lr=1e-3, max_epochs=1)).lr == 1e-3
+
+
+def test_default_energy_is_measured_per_checkpoint(tiny_llama, corpus_file):
+    """γ defaults to 0.8, except on checkpoints measured otherwise (Gemma 3 270M, BENCHMARKS.md §22)."""
+    from types import SimpleNamespace
+
+    from crispedit.arch import DEFAULT_ENERGY, MEASURED_ENERGY, default_energy
+
+    gemma = SimpleNamespace(config=SimpleNamespace(model_type="gemma3_text", num_hidden_layers=18, hidden_size=640))
+    assert default_energy(gemma) == MEASURED_ENERGY[("gemma3_text", 18, 640)] > DEFAULT_ENERGY
+    model, tok = tiny_llama
+    assert default_energy(model) == DEFAULT_ENERGY == 0.8
+    result = edit(model, tok, FACTS[:2], small_cache(model, tok, corpus_file), EditConfig(max_epochs=1))
+    assert result.energy == DEFAULT_ENERGY
+    with pytest.raises(ValueError, match="energy"):
+        EditConfig(energy=1.5)

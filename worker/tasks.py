@@ -101,7 +101,8 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
                     name, parent, outcome["result"].changed, originals=outcome["result"].original,
                     curvature=contribution(outcome["result"].features), author=authors(batch),
                     message=payload.get("message") or f"{len(requests)} edit(s)", method=config.method,
-                    hyperparameters={**config.__dict__, "lr": outcome["result"].lr, "jobs": ids,
+                    hyperparameters={**config.__dict__, "lr": outcome["result"].lr,
+                                     "energy": outcome["result"].energy, "jobs": ids,
                                      "layers": list(rt.capability.layers)},
                     edits=[r.to_dict() for r in requests], metrics=outcome["metrics"], job_id=ids[0],
                 )
