@@ -217,7 +217,8 @@ def default_lr(weights: Sequence[torch.Tensor]) -> float:
     step on Gemma 3 270M, whose down_proj weights are 12× smaller; there 2e-3 wrecks the model (BENCHMARKS.md
     §22). Scaling keeps the step a fixed fraction (≈ 1.1 %) of the weights.
     """
-    rms = float(torch.cat([w.detach().float().flatten() for w in weights]).pow(2).mean().sqrt())
+    squares = sum(float(torch.linalg.vector_norm(w.detach(), dtype=torch.float32)) ** 2 for w in weights)
+    rms = math.sqrt(squares / sum(w.numel() for w in weights))  # one weight at a time: no copy of all of them
     return float(f"{REFERENCE_LR * rms / REFERENCE_RMS:.2g}")
 
 

@@ -4,7 +4,8 @@ For each layer of a curvature cache: the share of A's trace in its top eigenvalu
 fraction of the products λ^S_i λ^A_j that γ removes, under each layer's own split and under one threshold
 shared by all the cache's layers (``--energy-scope global``). Then, on ``--windows`` capability windows, the share
 of the top eigenvalue of Σ a aᵀ with and without position 0 (the attention-sink token), and that token's
-input norm against the median token's.
+input norm against the median token's, and the mean input's share of A's trace and its angle to A's top
+eigenvector (A = E[a aᵀ] is not centred, so a large mean shows up as one large eigenvalue).
 
 Usage: .venv/bin/python scripts/curvature_outliers.py CACHE.safetensors [--model smollm2] [--energy 0.8]
        [--windows 8]
@@ -61,12 +62,16 @@ def main() -> None:
         removed = 1 - build_projector(f, args.energy).kept_fraction
         a = inputs[name]
         norms = a.norm(dim=-1)
+        mean = a.flatten(0, 1).double().mean(0)  # is A's top direction the mean input? (A is not centred)
+        top_vector = torch.linalg.eigh(f.A.double()).eigenvectors[:, -1]
+        mean_share, mean_cos = float(mean @ mean / la.sum()), float((top_vector @ mean).abs() / mean.norm())
         print(f"layer {layer:>2}: γ {args.energy} removes {removed:6.2%} of the products ({1 - s.kept_fraction:6.2%} "
               f"under a shared threshold; curvature trace {float(la.sum() * ls.sum()):.3g}); top eigenvalue "
               f"{float(la[-1] / la.sum()):6.1%} of A's trace, {float(ls[-1] / ls.sum()):5.1%} of S's | on "
               f"{args.windows} windows: top share {top_share(a.flatten(0, 1)):6.1%}, without position 0 "
               f"{top_share(a[:, 1:].flatten(0, 1)):6.1%}; |a| at position 0 {float(norms[:, 0].mean()):7.1f}, "
-              f"median {float(norms.median()):.1f}")
+              f"median {float(norms.median()):.1f}; mean input: {mean_share:5.1%} of A's trace, |cos| with A's top "
+              f"eigenvector {mean_cos:.3f}")
 
 
 if __name__ == "__main__":
