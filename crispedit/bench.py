@@ -143,7 +143,8 @@ class Bench:
             text_anchors=None) -> dict:
         """Edit, measure, and put the base weights back."""
         self.base_capability(mc=mc)  # before the edit: the paired changes below need the base model's terms
-        with epoch_bar(config, len(requests), desc=f"{config.method} γ={config.energy or 'default'}") as report:
+        gamma = "default" if config.energy is None else config.energy
+        with epoch_bar(config, len(requests), desc=f"{config.method} γ={gamma}") as report:
             result = edit(self.model, self.tok, requests, cache, config, on_progress=report, anchors=anchors,
                           text_anchors=text_anchors)
         try:
