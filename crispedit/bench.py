@@ -168,9 +168,9 @@ class Bench:
 
     def config(self, **overrides) -> EditConfig:
         a = self.args
-        return EditConfig(energy=a.energy, energy_scope=a.energy_scope, lr=a.lr, lr_schedule=a.lr_schedule,
-                          batch_size=a.batch_size, max_epochs=a.epochs, free_anchor_gradient=a.free_anchor_gradient,
-                          **overrides)
+        return EditConfig(energy=a.energy, energy_scope=a.energy_scope, outlier_share=a.outlier_share, lr=a.lr,
+                          lr_schedule=a.lr_schedule, batch_size=a.batch_size, max_epochs=a.epochs,
+                          free_anchor_gradient=a.free_anchor_gradient, **overrides)
 
     def write(self, suite: str, payload: dict, table: str) -> None:
         payload = {"suite": suite, "date": time.strftime("%Y-%m-%d"), "command": a_command(self.args),
@@ -557,6 +557,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--energy", type=float, default=d.energy, help="γ (default: the model's, arch.default_energy)")
     p.add_argument("--energy-scope", choices=ENERGY_SCOPES, default=d.energy_scope,
                    help="layer: γ of each layer's energy (the paper's); global: one threshold over all edited layers")
+    p.add_argument("--outlier-share", type=float, default=d.outlier_share,
+                   help="leave factor eigendirections above this share of their trace out of γ's energy")
     p.add_argument("--gammas", default="0.5,0.7,0.8,0.9,0.95,0.99")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)

@@ -36,6 +36,9 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy-scope", choices=ENERGY_SCOPES, default=d.energy_scope,
                    help="layer: γ of each layer's own energy (the paper's); global: one curvature threshold over "
                         "all edited layers")
+    p.add_argument("--outlier-share", type=float, default=d.outlier_share,
+                   help="leave A- or S-eigendirections holding more than this share of their factor's trace out of "
+                        "γ's energy, so one dominant direction cannot meet γ alone (off by default)")
     p.add_argument("--lr", type=float, default=d.lr,
                    help="Adam learning rate (default: 2e-3 scaled to the edited weights' RMS against SmolLM2's)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
@@ -81,7 +84,8 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
         augment = resolve_augment(args.augment, with_anchors=bool(args.anchors))
     except ValueError as err:
         raise SystemExit(f"--augment: {err}") from err
-    return EditConfig(method=args.method, energy=args.energy, energy_scope=args.energy_scope, lr=args.lr,
+    return EditConfig(method=args.method, energy=args.energy, energy_scope=args.energy_scope,
+                      outlier_share=args.outlier_share, lr=args.lr,
                       lr_schedule=args.lr_schedule, batch_size=args.batch_size, max_epochs=args.epochs,
                       sequential_chunk=args.sequential_chunk, recompute_drift=args.recompute_drift,
                       chat_form=args.chat_form, augment=augment, layers=layers,

@@ -70,6 +70,8 @@ class EditConfig:
     energy: float | None = None  # γ: fraction of curvature energy protected; None: arch.default_energy (0.8)
     # layer: γ of each layer's own energy (the paper's); global: one curvature threshold over all edited layers
     energy_scope: str = "layer"
+    # leave factor eigen-directions holding more than this share of their trace out of γ's energy; None: off
+    outlier_share: float | None = None
     lr: float | None = None  # None: default_lr of the edited weights (2e-3 on SmolLM2, 1.7e-4 on Gemma 3 270M)
     lr_schedule: str = "constant"  # constant (the paper's) | cosine: lr · ½(1 + cos(π · epoch / max_epochs))
     batch_size: int = 32
@@ -99,6 +101,8 @@ class EditConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.energy is not None and not 0.0 <= self.energy <= 1.0:
             raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
+        if self.outlier_share is not None and not 0.0 < self.outlier_share <= 1.0:
+            raise ValueError(f"outlier_share must be in (0, 1], got {self.outlier_share}")
         if self.energy_scope not in ENERGY_SCOPES:
             raise ValueError(f"energy_scope must be one of {ENERGY_SCOPES}, got {self.energy_scope!r}")
         for name in ("anchor_weight", "text_anchor_weight"):
@@ -166,9 +170,10 @@ def make_projectors(
     ekfac = cache.ekfac or {}
     if config.energy_scope == "global":
         return build_shared_projectors([cache.factors[n] for n in names], config.energy, config.method,
-                                       fan_in_fan_out, [ekfac.get(n) for n in names], device)
+                                       fan_in_fan_out, [ekfac.get(n) for n in names], device, config.outlier_share)
     return [
-        build_projector(cache.factors[n], config.energy, config.method, fan_in_fan_out, ekfac.get(n), device)
+        build_projector(cache.factors[n], config.energy, config.method, fan_in_fan_out, ekfac.get(n), device,
+                        config.outlier_share)
         for n in names
     ]
 
@@ -180,7 +185,8 @@ def warn_unconstrained(names: list[str], projectors: list[LayerProjector | None]
     for name, projector in zip(names, projectors, strict=True):
         if projector is not None and projector.kept_fraction > UNCONSTRAINED:
             log.warning("%s: at γ=%s the projector keeps %.2f%% of the directions, so this layer is nearly "
-                        "unconstrained (one curvature direction holds the energy); edit other layers or raise γ",
+                        "unconstrained (one curvature direction holds the energy); edit other layers, raise γ or set "
+                        "outlier_share (--outlier-share)",
                         name, gamma, 100 * projector.kept_fraction)
 
 

@@ -40,6 +40,23 @@ def energy_threshold(curvatures: list[torch.Tensor], gamma: float) -> float | No
     return None if k == 0 else float(sorted_desc[k - 1])
 
 
+def outlier_directions(eigenvalues: torch.Tensor, share: float | None) -> torch.Tensor:
+    """1 for each eigen-direction of a factor holding more than ``share`` of its trace; none when share is None."""
+    if share is None:
+        return torch.zeros_like(eigenvalues, dtype=torch.bool)
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"outlier share must be in (0, 1], got {share}")
+    return eigenvalues.double() > share * eigenvalues.double().sum()
+
+
+def bulk_products(outlier_out: torch.Tensor | None, outlier_in: torch.Tensor) -> torch.Tensor:
+    """1 for each product λ^S_i λ^A_j that involves no outlier direction of either factor (d_out, d_in),
+    or each λ^A_j that is no outlier (d_in,) when there is no S side (the null-space baseline)."""
+    if outlier_out is None:
+        return ~outlier_in
+    return ~(outlier_out.view(-1, 1) | outlier_in.view(1, -1))
+
+
 def mask_below(curvature: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """M_ij = 1[curvature_ij < τ]: the directions an edit may move along; all of them when τ is None."""
     if threshold is None:

@@ -7,8 +7,12 @@ of the top eigenvalue of Σ a aᵀ with and without position 0 (the attention-si
 input norm against the median token's, and the mean input's share of A's trace and its angle to A's top
 eigenvector (A = E[a aᵀ] is not centred, so a large mean shows up as one large eigenvalue).
 
+With ``--outlier-share R`` it also prints the fraction removed when directions above R of their factor's
+trace are left out of γ's energy (``EditConfig.outlier_share``, BENCHMARKS.md §23), and each factor's top
+three eigenvalue shares.
+
 Usage: .venv/bin/python scripts/curvature_outliers.py CACHE.safetensors [--model smollm2] [--energy 0.8]
-       [--windows 8]
+       [--windows 8] [--outlier-share R]
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--energy", type=float, default=0.8)
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--outlier-share", type=float, default=None)
     args = parser.parse_args()
     model, tok = load_model(args.model)
     cache = CurvatureCache.load(args.cache, model=model)
@@ -58,12 +63,12 @@ def main() -> None:
     inputs = layer_inputs(model, editable_modules(model, cache.layers), batches_of(windows, 4))
     shared = build_shared_projectors(list(cache.factors.values()), args.energy)
     for layer, (name, f), s in zip(cache.layers, cache.factors.items(), shared, strict=True):
-        la, ls = torch.linalg.eigvalsh(f.A.double()), torch.linalg.eigvalsh(f.S.double())
+        (la, UA), ls = torch.linalg.eigh(f.A.double()), torch.linalg.eigvalsh(f.S.double())
         removed = 1 - build_projector(f, args.energy).kept_fraction
         a = inputs[name]
         norms = a.norm(dim=-1)
         mean = a.flatten(0, 1).double().mean(0)  # is A's top direction the mean input? (A is not centred)
-        top_vector = torch.linalg.eigh(f.A.double()).eigenvectors[:, -1]
+        top_vector = UA[:, -1]
         mean_share, mean_cos = float(mean @ mean / la.sum()), float((top_vector @ mean).abs() / mean.norm())
         print(f"layer {layer:>2}: γ {args.energy} removes {removed:6.2%} of the products ({1 - s.kept_fraction:6.2%} "
               f"under a shared threshold; curvature trace {float(la.sum() * ls.sum()):.3g}); top eigenvalue "
@@ -72,6 +77,12 @@ def main() -> None:
               f"{top_share(a[:, 1:].flatten(0, 1)):6.1%}; |a| at position 0 {float(norms[:, 0].mean()):7.1f}, "
               f"median {float(norms.median()):.1f}; mean input: {mean_share:5.1%} of A's trace, |cos| with A's top "
               f"eigenvector {mean_cos:.3f}")
+        if args.outlier_share is not None:
+            rule = 1 - build_projector(f, args.energy, outlier_share=args.outlier_share).kept_fraction
+            shares = [f"{float(x):.1%}" for x in (la.flip(0)[:3] / la.sum())], [
+                f"{float(x):.1%}" for x in (ls.flip(0)[:3] / ls.sum())]
+            print(f"          outlier share {args.outlier_share}: γ removes {rule:6.2%}; top 3 of A {shares[0]}, "
+                  f"of S {shares[1]}")
 
 
 if __name__ == "__main__":

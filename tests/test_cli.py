@@ -51,10 +51,11 @@ def test_build_cache_edit_eval(tiny_dir, tmp_path):
     assert report["config"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT and report["config"]["augment"] == []
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(cache), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--epochs", "1", "--text-anchors", "none", "--augment", "", "--energy-scope", "global",
-                    "--out", str(tmp_path / "paper"))
+                    "--outlier-share", "0.2", "--out", str(tmp_path / "paper"))
     assert run.returncode == 0, run.stderr
     config = json.loads((tmp_path / "paper" / "crispedit_edit.json").read_text())["config"]
     assert config["text_anchor_weight"] == 0 and config["energy_scope"] == "global"
+    assert config["outlier_share"] == 0.2
 
     run = crispedit("eval", "--model", str(out), "--base", str(tiny_dir), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--no-generate")

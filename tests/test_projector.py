@@ -207,3 +207,51 @@ def test_shared_threshold_of_one_layer_is_the_per_layer_projector():
     Q = torch.randn(4, 6)
     (shared,) = build_shared_projectors([factors], 0.8)
     torch.testing.assert_close(shared(Q), build_projector(factors, 0.8)(Q))
+
+
+def deflate(M: torch.Tensor, share: float) -> torch.Tensor:
+    """M without its eigen-directions above ``share`` of its trace (their eigenvalues set to 0)."""
+    eigenvalues, U = torch.linalg.eigh(M)
+    eigenvalues = torch.where(eigenvalues > share * eigenvalues.sum(), 0.0, eigenvalues)
+    return U @ torch.diag(eigenvalues) @ U.T
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.8, 0.95])
+def test_outlier_share_sets_tau_on_the_deflated_curvature_and_masks_every_product(gamma):
+    """τ is γ's threshold over the eigenvalues of A' ⊗ S' (each factor without its outlier directions), and
+    P projects onto the eigenvectors of the full A ⊗ S below τ: one dense reference, built independently."""
+    d_out, d_in, share = 4, 5, 0.3
+    g = torch.Generator().manual_seed(11)
+    u = torch.randn(d_in, 1, dtype=torch.float64, generator=g)
+    A = random_psd(d_in, 12) + 20 * u @ u.T / (u.T @ u)  # one input direction holds most of A's trace
+    S = random_psd(d_out, 13)
+    curvature, _ = torch.linalg.eigh(torch.kron(deflate(A, share), deflate(S, share)))
+    bulk = curvature.flip(0).clamp_min(0)
+    tau = bulk[energy_rank(bulk, gamma) - 1]
+    eigenvalues, U = torch.linalg.eigh(torch.kron(A, S))
+    kept = U[:, eigenvalues < tau - 1e-9]
+    P = kept @ kept.T
+    Q = torch.randn(d_out, d_in, dtype=torch.float64, generator=g)
+    proj = build_projector(KFACFactors(A=A, S=S, num_tokens=1), gamma, outlier_share=share)
+    torch.testing.assert_close(vec(proj(Q.float()).double()), P @ vec(Q), atol=1e-5, rtol=1e-5)
+    assert proj.kept_fraction < build_projector(KFACFactors(A=A, S=S, num_tokens=1), gamma).kept_fraction
+
+
+def test_outlier_share_without_outliers_is_the_paper_projector():
+    factors = KFACFactors(A=random_psd(6, 40), S=random_psd(4, 41), num_tokens=1)
+    Q = torch.randn(4, 6)
+    torch.testing.assert_close(build_projector(factors, 0.8, outlier_share=0.99)(Q), build_projector(factors, 0.8)(Q))
+    with pytest.raises(ValueError, match="outlier share"):
+        build_projector(factors, 0.8, outlier_share=0.0)
+
+
+def test_outlier_share_protects_a_layer_with_a_massive_input_direction():
+    """§13's massive direction meets γ alone; left out of the energy, γ protects the rest as on a normal layer."""
+    spread = torch.linspace(1.0, 0.01, 200)
+    massive = torch.cat([torch.tensor([1e5]), spread])
+    normal = build_projector(KFACFactors(A=torch.diag(spread), S=torch.eye(8), num_tokens=10), 0.8)
+    flat = build_projector(KFACFactors(A=torch.diag(massive), S=torch.eye(8), num_tokens=10), 0.8)
+    fixed = build_projector(KFACFactors(A=torch.diag(massive), S=torch.eye(8), num_tokens=10), 0.8, outlier_share=0.5)
+    assert flat.kept_fraction == pytest.approx(200 / 201)
+    # the normal layer's removed products, and the massive direction's own column besides
+    assert fixed.kept_fraction * 201 == pytest.approx(normal.kept_fraction * 200)
