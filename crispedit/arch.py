@@ -56,8 +56,9 @@ MEASURED_LAYERS: dict[tuple[str, int, int], tuple[int, ...]] = {
 
 
 # γ, the fraction of curvature energy protected (arXiv 2602.15823, Eq. 3). 0.8 on SmolLM2 (BENCHMARKS.md §1).
-# Gemma 3 270M's K-FAC factors are concentrated (its mean layer input alone holds 22-39 % of A's trace), so
-# at 0.8 its projector keeps > 99 % of the directions and the edit drifts like fine-tuning (§22).
+# Gemma 3 270M's K-FAC factors are concentrated (its mean layer input alone holds 22-39 % of A's trace, and
+# S's spectrum is steep beyond its top direction, §23), so at 0.8 its projector keeps > 99 % of the
+# directions and the edit drifts like fine-tuning (§22).
 DEFAULT_ENERGY = 0.8
 MEASURED_ENERGY: dict[tuple[str, int, int], float] = {
     ("gemma3_text", 18, 640): 0.999,  # Gemma 3 270M

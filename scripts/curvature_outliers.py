@@ -37,6 +37,11 @@ def top_share(x: torch.Tensor) -> float:
     return float(ev[-1] / ev.sum())
 
 
+def top_three(ascending: torch.Tensor) -> str:
+    """The three largest of a factor's eigenvalues (eigvalsh order), each as a share of the trace."""
+    return ", ".join(f"{float(x):.1%}" for x in ascending.flip(0)[:3] / ascending.sum())
+
+
 @torch.no_grad()
 def layer_inputs(model, modules: dict, batches) -> dict[str, torch.Tensor]:
     """Each module's input, (windows, T, d_in)."""
@@ -79,10 +84,8 @@ def main() -> None:
               f"eigenvector {mean_cos:.3f}")
         if args.outlier_share is not None:
             rule = 1 - build_projector(f, args.energy, outlier_share=args.outlier_share).kept_fraction
-            shares = [f"{float(x):.1%}" for x in (la.flip(0)[:3] / la.sum())], [
-                f"{float(x):.1%}" for x in (ls.flip(0)[:3] / ls.sum())]
-            print(f"          outlier share {args.outlier_share}: γ removes {rule:6.2%}; top 3 of A {shares[0]}, "
-                  f"of S {shares[1]}")
+            print(f"          outlier share {args.outlier_share}: γ removes {rule:6.2%}; top 3 of A "
+                  f"{top_three(la)}, of S {top_three(ls)}")
 
 
 if __name__ == "__main__":
