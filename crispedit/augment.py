@@ -146,4 +146,5 @@ def augmented_prompts(
     if "qa" in kinds:
         for mine, own in zip(variants, wordings, strict=True):
             mine.extend(form.format(q=w) for w in own for form in QA_FORMS)
-    return [[EditRequest(prompt=v, target=r.target) for v in vs] for r, vs in zip(requests, variants, strict=True)]
+    return [[EditRequest(prompt=v, target=r.target, subject=r.subject) for v in vs]
+            for r, vs in zip(requests, variants, strict=True)]

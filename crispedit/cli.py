@@ -62,6 +62,11 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                    help=f"β of that penalty (default with --text-anchors: {TEXT_TUNED_WEIGHT:g}, BENCHMARKS.md §12)")
     p.add_argument("--free-anchor-gradient", action="store_true",
                    help="project only the edit loss's gradient, not the anchors' KL penalty's (BENCHMARKS.md §20)")
+    p.add_argument("--adam-eps", type=float, default=1e-8,
+                   help="Adam's ε; near the gradients' size it damps the steps of small-gradient coordinates")
+    p.add_argument("--subject-key", action="store_true",
+                   help="the edit loss reaches the weights only through each prompt's last subject token (ROME's "
+                        "key; needs 'subject' in EDITS.jsonl, else every token counts)")
     p.add_argument("--auto-layers", type=int, default=None, metavar="K",
                    help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
@@ -90,7 +95,8 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
                       sequential_chunk=args.sequential_chunk, recompute_drift=args.recompute_drift,
                       chat_form=args.chat_form, augment=augment, layers=layers,
                       auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
-                      free_anchor_gradient=args.free_anchor_gradient)
+                      free_anchor_gradient=args.free_anchor_gradient, subject_key=args.subject_key,
+                      adam_eps=args.adam_eps)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:

@@ -33,6 +33,7 @@ from crispedit.layer_choice import rank_layers
 from crispedit.optim import ProjectedAdam
 from crispedit.projector import METHODS, LayerProjector, build_projector, build_shared_projectors
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
+from crispedit.subject_key import subject_key_mask, weight_gradient_at
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ class EditConfig:
     # leave the anchors' KL gradient unprojected, as a pull back along the high-curvature directions the
     # projector removes; off by default: measured, its KL to the base is as large as fine-tuning's (§20)
     free_anchor_gradient: bool = False
+    # the edit loss's weight gradient only through each prompt's last subject token (ROME's key; subject_key.py)
+    subject_key: bool = False
+    # Adam's ε; one near the gradients' size shrinks the steps of coordinates whose gradient is small (§27)
+    adam_eps: float = 1e-8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,6 +113,8 @@ class EditConfig:
         for name in ("anchor_weight", "text_anchor_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be positive, got {self.adam_eps}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         for name in ("batch_size", "max_epochs", "anchor_batch", "text_anchor_batch"):
@@ -249,11 +256,14 @@ def run_epochs(
     variants: Sequence[Sequence[EditRequest]] = (),
     anchors: Anchors | None = None,
     text_anchors: Anchors | None = None,
+    keyed: tuple[dict[str, nn.Module], bool] | None = None,
 ) -> tuple[list[float], list[float]]:
     """Algorithm 1's loop, each epoch over ``requests`` plus one random pick from each pool of ``variants``.
 
     With ``anchors`` (``text_anchors``), each step adds β · KL(base ‖ edited) on a random draw of them
     (``crispedit.anchor``), β = ``config.anchor_weight`` (``config.text_anchor_weight``).
+    With ``keyed`` = (edited modules, fan_in_fan_out), their weights learn the edit loss only through each
+    prompt's last subject token (``crispedit.subject_key``).
 
     Returns (epoch mean losses, seconds per optimizer step).
     """
@@ -272,7 +282,12 @@ def run_epochs(
         for i in range(0, len(order), config.batch_size):
             started = time.perf_counter()
             batch = tokenize_edit_batch(tokenizer, order[i : i + config.batch_size], device)
-            loss = target_nll(model, batch)
+            key = contextlib.nullcontext()
+            if keyed is not None:
+                mask = subject_key_mask(tokenizer, order[i : i + config.batch_size], batch["input_ids"].shape[1])
+                key = weight_gradient_at(keyed[0], mask, keyed[1])
+            with key:
+                loss = target_nll(model, batch)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise EditError(f"edit loss became {value} at epoch {epoch + 1}; lower the learning rate")
@@ -368,7 +383,8 @@ def edit(
     try:
         projectors = make_projectors(cache, config, names, fan_in_fan_out, device)
         warn_unconstrained(names, projectors, config.energy)
-        optimizer = ProjectedAdam(params, projectors, lr=config.lr, project_update=config.project_update)
+        optimizer = ProjectedAdam(params, projectors, lr=config.lr, eps=config.adam_eps,
+                                  project_update=config.project_update)
         reference = [p.detach().clone() for p in params]
         capability, folded = cache, []  # Alg. 2: capability factors and each chunk's edit factors
         chunk_features: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
@@ -397,9 +413,10 @@ def edit(
         for k, start in enumerate(range(0, len(requests), chunk_size)):
             chunk = with_chat_form(requests[start : start + chunk_size])
             pools = variants[start : start + chunk_size]
+            keyed = (modules, fan_in_fan_out) if config.subject_key else None
             with trainable(params):
                 losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k, pools,
-                                             anchors, text_anchors)
+                                             anchors, text_anchors, keyed)
             epoch_losses += losses
             step_seconds += seconds
             if config.sequential_chunk and capability is not None:

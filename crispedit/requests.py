@@ -46,7 +46,7 @@ class EditRequest:
         """The same fact asked through the tokenizer's chat template (user turn = prompt, answer = target)."""
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}], tokenize=False,
                                                add_generation_prompt=True)
-        return EditRequest(prompt=prompt, target=self.target.strip())
+        return EditRequest(prompt=prompt, target=self.target.strip(), subject=self.subject)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -272,3 +272,18 @@ def test_default_energy_is_measured_per_checkpoint(tiny_llama, corpus_file):
     assert result.energy == DEFAULT_ENERGY
     with pytest.raises(ValueError, match="energy"):
         EditConfig(energy=1.5)
+
+
+def test_adam_eps_damps_small_gradient_steps(tiny_llama, corpus_file):
+    """ε ≫ sqrt(v) turns Adam's step lr·m/(sqrt(v)+ε) into a small momentum-SGD step; ε ≤ 0 is refused."""
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    sizes = []
+    for eps in (1e-8, 1e2):
+        result = edit(model, tok, FACTS[:2], cache, EditConfig(lr=3e-2, max_epochs=2, energy=0.5, adam_eps=eps))
+        sizes.append(sum(float((result.changed[n] - result.original[n]).norm()) for n in result.changed))
+        for n, t in result.original.items():
+            dict(model.named_parameters())[n].data.copy_(t)
+    assert sizes[1] < 0.01 * sizes[0], sizes
+    with pytest.raises(ValueError, match="adam_eps"):
+        EditConfig(adam_eps=0.0)
