@@ -13,13 +13,14 @@ It also reports how concentrated the rise is (the share carried by the 1 % and 1
 rose most), per class the mean change of log p at every position (a shift of the token's prior, whether
 or not the text then says it), and what a Taylor expansion around the base predicts (``order_terms``):
 the first-order term, and K-FAC's (or EK-FAC's) quadratic model of the KL, to set against the measured
-KL of the whole edit, of each layer's change alone (``--layer-kl``) and of the edit scaled (``--scales``).
+KL of the whole edit, of each layer's change alone (``--layer-kl``) and of the edit scaled (``--scales``, with
+the scaled edit's teacher-forced reliability, generality and locality).
 BENCHMARKS.md §16 has the figures.
 
 Usage: .venv/bin/python scripts/cf_drift.py CACHE.safetensors [--n 100] [--layers 4,5,6] [--energy 0.8] [--texts 200]
        [--method crispedit|ft] [--early-stop 0.1] [--project-update]
        [--augment paraphrase,prefix,qa --anchors 256 --text-anchor-weight 10]
-       [--layer-kl] [--scales 0.5] [--compare-cache sampled=OTHER.safetensors] [--out FILE.json]
+       [--subject-key] [--layer-kl] [--scales 0.5] [--compare-cache sampled=OTHER.safetensors] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from crispedit.bench import DATASET_FILES, HELDOUT_TEXT, TRAIN_CORPUS, anchor_pa
 from crispedit.cache import CurvatureCache
 from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
 from crispedit.edit import EditConfig, edit
-from crispedit.evaluate import edit_quality
+from crispedit.evaluate import edit_quality, locality_reference
 from crispedit.kfac import ekfac_quadratic, kfac_quadratic
 from crispedit.projector import build_projector
 
@@ -162,11 +163,13 @@ def main() -> None:
     parser.add_argument("--augment", default="")
     parser.add_argument("--text-anchor-weight", type=float, default=0.0)
     parser.add_argument("--project-update", action="store_true", help="project Adam's step too (optim.py)")
+    parser.add_argument("--subject-key", action="store_true", help="the edit loss reaches the weights only through "
+                        "each prompt's last subject token (subject_key.py)")
     parser.add_argument("--anchors", type=int, default=0, help="question anchors at β 1, as the bench's '+' recipe")
     parser.add_argument("--compare-cache", action="append", default=[], metavar="LABEL=CACHE",
                         help="also K-FAC's quadratic model of the KL under this cache's factors")
     parser.add_argument("--layer-kl", action="store_true", help="also the KL of each layer's change alone")
-    parser.add_argument("--scales", default="", help="also the KL of s·ΔW for these s (is the KL quadratic in ΔW?)")
+    parser.add_argument("--scales", default="", help="also the KL and the teacher-forced quality of s·ΔW for these s")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     data, model, tok, cache, requests = tuning_setup(args.cache, args.n, args.offset, args.layers)
@@ -183,12 +186,14 @@ def main() -> None:
     config = EditConfig(method=args.method, energy=args.energy, early_stop=args.early_stop, max_epochs=args.epochs,
                         anchor_weight=TUNED_WEIGHT if args.anchors else 0.0,
                         augment=tuple(a for a in args.augment.split(",") if a),
-                        text_anchor_weight=args.text_anchor_weight, project_update=args.project_update)
+                        text_anchor_weight=args.text_anchor_weight, project_update=args.project_update,
+                        subject_key=args.subject_key)
     pairs = with_question_forms(anchor_pairs(data, args.anchors)) if args.anchors else []
     questions = base_anchors(model, tok, pairs) if pairs else None
+    reference = locality_reference(model, tok, requests, generated=False)
     result = edit(model, tok, requests, cache, config, anchors=questions, text_anchors=text)
     edited = token_logprobs(model, seqs, torch.tensor(watched))
-    quality = edit_quality(model, tok, requests, generated=False)
+    quality = edit_quality(model, tok, requests, reference, generated=False)
     kl = mean_kl(model, tok, texts, result.original, result.changed)
     anchor_kl = None  # the same KL on the text anchors' own windows: does the penalty hold beyond them?
     if text:
@@ -207,10 +212,12 @@ def main() -> None:
     scaled = {}
     for scale in (float(x) for x in args.scales.split(",") if x):
         partial = {n: result.original[n] + scale * (result.changed[n] - result.original[n]) for n in result.changed}
-        scaled[scale] = mean_kl(model, tok, texts, result.original, partial)
+        with swapped_weights(model, partial):
+            scaled_quality = edit_quality(model, tok, requests, reference, generated=False)
+        scaled[scale] = {"kl": mean_kl(model, tok, texts, result.original, partial), **scaled_quality}
     report = {"cache": args.cache, "layers": list(result.layers), "method": args.method, "energy": args.energy,
               "augment": args.augment, "anchors": args.anchors, "text_anchor_weight": args.text_anchor_weight,
-              "project_update": args.project_update,
+              "project_update": args.project_update, "subject_key": args.subject_key, "epochs": args.epochs,
               "edits": len(requests), "early_stop": args.early_stop,
               "epoch_losses": result.epoch_losses, "final_loss": result.epoch_losses[-1], "kl": kl,
               "anchor_kl": anchor_kl, **quality,
