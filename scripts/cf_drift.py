@@ -37,7 +37,7 @@ from crispedit.anchor import TUNED_WEIGHT, base_anchors, load_text_anchors, with
 from crispedit.bench import DATASET_FILES, HELDOUT_TEXT, TRAIN_CORPUS, anchor_pairs
 from crispedit.cache import CurvatureCache
 from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
-from crispedit.edit import EditConfig, edit
+from crispedit.edit import EditConfig, edit, epoch_bar
 from crispedit.evaluate import edit_quality, locality_reference
 from crispedit.kfac import ekfac_quadratic, kfac_quadratic
 from crispedit.projector import build_projector
@@ -191,7 +191,9 @@ def main() -> None:
     pairs = with_question_forms(anchor_pairs(data, args.anchors)) if args.anchors else []
     questions = base_anchors(model, tok, pairs) if pairs else None
     reference = locality_reference(model, tok, requests, generated=False)
-    result = edit(model, tok, requests, cache, config, anchors=questions, text_anchors=text)
+    with epoch_bar(config, len(requests)) as progress:
+        result = edit(model, tok, requests, cache, config, anchors=questions, text_anchors=text,
+                      on_progress=progress)
     edited = token_logprobs(model, seqs, torch.tensor(watched))
     quality = edit_quality(model, tok, requests, reference, generated=False)
     kl = mean_kl(model, tok, texts, result.original, result.changed)
