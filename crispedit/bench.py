@@ -171,7 +171,7 @@ class Bench:
         return EditConfig(energy=a.energy, energy_scope=a.energy_scope, outlier_share=a.outlier_share, lr=a.lr,
                           lr_schedule=a.lr_schedule, batch_size=a.batch_size, max_epochs=a.epochs,
                           free_anchor_gradient=a.free_anchor_gradient, subject_key=a.subject_key,
-                          adam_eps=a.adam_eps, **overrides)
+                          adam_eps=a.adam_eps, edit_scale=a.edit_scale, **overrides)
 
     def write(self, suite: str, payload: dict, table: str) -> None:
         payload = {"suite": suite, "date": time.strftime("%Y-%m-%d"), "command": a_command(self.args),
@@ -591,6 +591,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--free-anchor-gradient", action="store_true",
                    help="combined: leave the anchors' KL gradient unprojected (BENCHMARKS.md §20)")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's ε of the edit (BENCHMARKS.md §27)")
+    p.add_argument("--edit-scale", type=float, default=1.0, help="keep this share of each finished edit (§28)")
     p.add_argument("--subject-key", action="store_true",
                    help="the edit loss's weight gradient only through each prompt's last subject token")
     p.add_argument("--device", default="auto")

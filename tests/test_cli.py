@@ -89,6 +89,10 @@ def test_clear_errors(tiny_dir, tmp_path):
                     "--out", str(tmp_path / "y"))
     assert run.returncode == 2 and "bad.jsonl:1" in run.stderr and "target" in run.stderr
     assert not (tmp_path / "y").exists()
+    run = crispedit("edit", "--model", str(tiny_dir), "--method", "ft", "--edits", edits, "--edit-scale", "0",
+                    "--out", str(tmp_path / "z"))
+    assert run.returncode == 2 and "edit_scale must be in (0, 1]" in run.stderr
+    assert not (tmp_path / "z").exists()
 
 
 def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
@@ -119,11 +123,12 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--auto-layers", "1",
                     "--anchors", str(anchors), "--text-anchors", corpus, "--subject-key", "--adam-eps", "1e-6",
-                    "--out", str(out))
+                    "--edit-scale", "0.9", "--out", str(out))
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "crispedit_edit.json").read_text())
     assert report["config"]["augment"] == ["prefix"] and report["config"]["auto_layers"] == 1
     assert report["config"]["subject_key"] is True and report["config"]["adam_eps"] == 1e-6
+    assert report["config"]["edit_scale"] == 0.9
     assert report["config"]["anchor_weight"] == 1.0  # the tuned β, since --anchors was given
     assert report["config"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT  # likewise for --text-anchors
     assert len(report["layers"]) == 1 and report["layers"][0] in (1, 2)
