@@ -274,16 +274,19 @@ def test_default_energy_is_measured_per_checkpoint(tiny_llama, corpus_file):
         EditConfig(energy=1.5)
 
 
+def edit_deltas(model, tok, cache, **config) -> dict[str, torch.Tensor]:
+    """ΔW of a short edit of two facts under ``config``; the model is restored afterwards."""
+    result = edit(model, tok, FACTS[:2], cache, EditConfig(lr=3e-2, max_epochs=2, energy=0.5, **config))
+    for n, t in result.original.items():
+        dict(model.named_parameters())[n].data.copy_(t)
+    return {n: result.changed[n] - result.original[n] for n in result.changed}
+
+
 def test_adam_eps_damps_small_gradient_steps(tiny_llama, corpus_file):
     """ε ≫ sqrt(v) turns Adam's step lr·m/(sqrt(v)+ε) into a small momentum-SGD step; ε ≤ 0 is refused."""
     model, tok = tiny_llama
     cache = small_cache(model, tok, corpus_file)
-    sizes = []
-    for eps in (1e-8, 1e2):
-        result = edit(model, tok, FACTS[:2], cache, EditConfig(lr=3e-2, max_epochs=2, energy=0.5, adam_eps=eps))
-        sizes.append(sum(float((result.changed[n] - result.original[n]).norm()) for n in result.changed))
-        for n, t in result.original.items():
-            dict(model.named_parameters())[n].data.copy_(t)
+    sizes = [sum(float(d.norm()) for d in edit_deltas(model, tok, cache, adam_eps=eps).values()) for eps in (1e-8, 1e2)]
     assert sizes[1] < 0.01 * sizes[0], sizes
     with pytest.raises(ValueError, match="adam_eps"):
         EditConfig(adam_eps=0.0)
@@ -293,12 +296,7 @@ def test_edit_scale_keeps_that_share_of_the_edit(tiny_llama, corpus_file):
     """edit_scale s leaves W₀ + s·ΔW, with ΔW the full edit of the same seed; s outside (0, 1] is refused."""
     model, tok = tiny_llama
     cache = small_cache(model, tok, corpus_file)
-    deltas = []
-    for scale in (1.0, 0.5):
-        result = edit(model, tok, FACTS[:2], cache, EditConfig(lr=3e-2, max_epochs=2, energy=0.5, edit_scale=scale))
-        deltas.append({n: result.changed[n] - result.original[n] for n in result.changed})
-        for n, t in result.original.items():
-            dict(model.named_parameters())[n].data.copy_(t)
+    deltas = [edit_deltas(model, tok, cache, edit_scale=scale) for scale in (1.0, 0.5)]
     assert deltas[0].keys() == deltas[1].keys() and deltas[0]
     for n in deltas[0]:
         torch.testing.assert_close(deltas[1][n], 0.5 * deltas[0][n], rtol=1e-5, atol=1e-7)
