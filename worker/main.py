@@ -15,6 +15,17 @@ from worker.runtime import runtime
 log = logging.getLogger("crispedit.worker")
 
 
+class EditWorker(SimpleWorker):
+    """RQ's SimpleWorker (jobs run in this process, next to the loaded model, no fork per job), whose warm
+    shutdown cannot be lost. RQ raises StopRequested from the SIGTERM handler when the worker looks idle; a
+    signal landing inside a log write has that exception swallowed by logging, and a job dequeued in the
+    same instant then kept the worker running. Setting the flag first makes the loop stop after that job."""
+
+    def _shutdown(self) -> None:
+        self._stop_requested = True
+        super()._shutdown()
+
+
 def run_worker(model: str, burst: bool = False) -> None:
     settings = get_settings()
     if model not in settings.model_bases():
@@ -26,7 +37,6 @@ def run_worker(model: str, burst: bool = False) -> None:
     if store.processing(model) or redis.llen(store.key("pending", model)):
         # edits left by a worker that died, or posted while none ran: wake ourselves up for them
         queue.enqueue("worker.tasks.process_pending", model, job_timeout=6 * 3600)
-    # SimpleWorker runs jobs in this process, next to the loaded model (no fork per job)
-    worker = SimpleWorker([queue], connection=redis, serializer=JSONSerializer)
+    worker = EditWorker([queue], connection=redis, serializer=JSONSerializer)
     log.info("worker for %s listening on %s", model, queue.name)
     worker.work(burst=burst, logging_level="INFO")
