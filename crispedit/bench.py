@@ -142,36 +142,52 @@ class Bench:
     def run(self, requests, cache, config: EditConfig, reference=None, generated=True, mc=True, anchors=None,
             text_anchors=None) -> dict:
         """Edit, measure, and put the base weights back."""
+        return self.run_scaled(requests, cache, config, (config.edit_scale,), reference, generated, mc, anchors,
+                               text_anchors)[0]
+
+    def run_scaled(self, requests, cache, config: EditConfig, scales: tuple[float, ...], reference=None,
+                   generated=True, mc=True, anchors=None, text_anchors=None) -> list[dict]:
+        """Edit once at full scale, measure W₀ + s·ΔW for each scale s (one row each, as ``edit_scale`` s
+        would have left it), and put the base weights back."""
         self.base_capability(mc=mc)  # before the edit: the paired changes below need the base model's terms
         gamma = "default" if config.energy is None else config.energy
         with epoch_bar(config, len(requests), desc=f"{config.method} γ={gamma}") as report:
-            result = edit(self.model, self.tok, requests, cache, config, on_progress=report, anchors=anchors,
-                          text_anchors=text_anchors)
+            result = edit(self.model, self.tok, requests, cache, replace(config, edit_scale=1.0),
+                          on_progress=report, anchors=anchors, text_anchors=text_anchors)
+        params = dict(self.model.named_parameters())
+        rows = []
         try:
-            row = {"method": config.method, "energy": result.energy, "lr": result.lr, "edits": len(requests),
-                   "epochs": len(result.epoch_losses), "final_loss": result.epoch_losses[-1],
-                   "steps": result.steps, "edit_seconds": round(result.seconds, 1),
-                   "edited_layers": list(result.layers)}
-            row.update(edit_quality(self.model, self.tok, requests, reference, generated=generated))
-            cap = self.capability(result, mc=mc)
-            row.update(cap)
-            row["ppl_change_pct"], row["ppl_change_se"] = perplexity_change(self._base_ppl_terms, row.pop("ppl_terms"))
-            if "mc_mean" in cap:  # the same as 100 × (base − edited MC mean), with a paired standard error
-                row["mc_drop_points"], row["mc_drop_se"] = mc_drop(self._base_mc_correct, row.pop("mc_correct"))
+            for scale in scales:
+                with torch.no_grad():
+                    scaled = {n: torch.lerp(result.original[n], t, scale) for n, t in result.changed.items()}
+                    for name, t in scaled.items():
+                        params[name].copy_(t)
+                row = {"method": config.method, "energy": result.energy, "lr": result.lr, "edits": len(requests),
+                       "edit_scale": scale, "epochs": len(result.epoch_losses), "final_loss": result.epoch_losses[-1],
+                       "steps": result.steps, "edit_seconds": round(result.seconds, 1),
+                       "edited_layers": list(result.layers)}
+                row.update(edit_quality(self.model, self.tok, requests, reference, generated=generated))
+                cap = self.capability(replace(result, changed=scaled), mc=mc)
+                row.update(cap)
+                row["ppl_change_pct"], row["ppl_change_se"] = perplexity_change(self._base_ppl_terms,
+                                                                                row.pop("ppl_terms"))
+                if "mc_mean" in cap:  # the same as 100 × (base − edited MC mean), with a paired standard error
+                    row["mc_drop_points"], row["mc_drop_se"] = mc_drop(self._base_mc_correct, row.pop("mc_correct"))
+                log.info("row: %s", json.dumps(row))
+                rows.append(row)
         finally:
             with torch.no_grad():
-                params = dict(self.model.named_parameters())
                 for name, t in result.original.items():
                     params[name].copy_(t)
-        log.info("row: %s", json.dumps(row))
-        return row
+        return rows
 
     def config(self, **overrides) -> EditConfig:
         a = self.args
-        return EditConfig(energy=a.energy, energy_scope=a.energy_scope, outlier_share=a.outlier_share, lr=a.lr,
-                          lr_schedule=a.lr_schedule, batch_size=a.batch_size, max_epochs=a.epochs,
-                          free_anchor_gradient=a.free_anchor_gradient, subject_key=a.subject_key,
-                          adam_eps=a.adam_eps, edit_scale=a.edit_scale, **overrides)
+        options = dict(energy=a.energy, energy_scope=a.energy_scope, outlier_share=a.outlier_share, lr=a.lr,
+                       lr_schedule=a.lr_schedule, batch_size=a.batch_size, max_epochs=a.epochs,
+                       free_anchor_gradient=a.free_anchor_gradient, subject_key=a.subject_key,
+                       adam_eps=a.adam_eps, edit_scale=a.edit_scale[0])
+        return EditConfig(**(options | overrides))
 
     def write(self, suite: str, payload: dict, table: str) -> None:
         payload = {"suite": suite, "date": time.strftime("%Y-%m-%d"), "command": a_command(self.args),
@@ -227,9 +243,22 @@ def markdown_table(rows: list[dict], lead: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def edit_scales(text: str) -> tuple[float, ...]:
+    """``--edit-scale``'s comma-separated shares, each in (0, 1]."""
+    try:
+        scales = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,0.8, got {text!r}") from None
+    if not all(0.0 < s <= 1.0 for s in scales):
+        raise argparse.ArgumentTypeError(f"each edit scale must be in (0, 1], got {text!r}")
+    return scales
+
+
 def a_command(args: argparse.Namespace) -> str:
     skip = {"func", "command", "verbose"}
-    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in skip and v is not None)
+    value = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v  # noqa: E731
+    opts = " ".join(f"--{k.replace('_', '-')} {value(v)}" for k, v in vars(args).items()
+                    if k not in skip and v is not None)
     return f"crispedit bench {opts}"
 
 
@@ -351,11 +380,13 @@ def suite_combined(b: Bench) -> None:
         reference = locality_reference(b.model, b.tok, requests)
         for name, cache_, config in variants:
             if name.split()[0] in chosen or name in chosen:
-                row = b.run(requests, cache_, config, reference, mc=test, anchors=anchors, text_anchors=text)
-                rows.append({"dataset": dataset, "variant": name, "text_beta": config.text_anchor_weight, **row})
+                for row in b.run_scaled(requests, cache_, config, b.args.edit_scale, reference, mc=test,
+                                        anchors=anchors, text_anchors=text):
+                    rows.append({"dataset": dataset, "variant": name, "text_beta": config.text_anchor_weight, **row})
     b.write("combined", {"split": b.args.split, "augment": augment, "anchors": len(anchors),
                          "text_anchors": len(text) if text else 0, "base": base, "rows": rows},
-            markdown_table(rows, [("dataset", "data"), ("variant", "variant"), ("text_beta", "text β")]))
+            markdown_table(rows, [("dataset", "data"), ("variant", "variant"), ("text_beta", "text β"),
+                                  ("edit_scale", "scale")]))
 
 
 def suite_sweep(b: Bench) -> None:
@@ -591,7 +622,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--free-anchor-gradient", action="store_true",
                    help="combined: leave the anchors' KL gradient unprojected (BENCHMARKS.md §20)")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's ε of the edit (BENCHMARKS.md §27)")
-    p.add_argument("--edit-scale", type=float, default=1.0, help="keep this share of each finished edit (§28)")
+    p.add_argument("--edit-scale", type=edit_scales, default=(1.0,), metavar="S[,S...]",
+                   help="keep this share of each finished edit (§28); combined: several, each measured on one edit")
     p.add_argument("--subject-key", action="store_true",
                    help="the edit loss's weight gradient only through each prompt's last subject token")
     p.add_argument("--device", default="auto")

@@ -92,3 +92,28 @@ def test_speed_suite_times_the_projection_inside_the_step(bench_args, tmp_path):
     assert all(0 < p < c for p, c in zip(times["projection_s"], times["crispedit_step_s"], strict=True))
     assert row["step_ratio_within"] > 1 and len(times["kfac_s_per_token"]) == CACHE_REPS
     assert all(torch.equal(p, before[n]) for n, p in b.model.named_parameters())
+
+
+def test_one_edit_measured_at_several_scales_matches_an_edit_at_each(bench_args, tmp_path):
+    """run_scaled's row at s is the row of an edit run with edit_scale s: same weights, same figures."""
+    b = Bench(bench_args)
+    before = {n: p.clone() for n, p in b.model.named_parameters()}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The river runs through the town and the people cross it every day. " * 40)
+    cache = build_cache(b.model, b.tok, b.layers, str(corpus), n_samples=4, seq_len=16, progress=False)
+    full, half = b.run_scaled(FACTS, cache, b.config(), (1.0, 0.5), generated=False)
+    assert (full["edit_scale"], half["edit_scale"]) == (1.0, 0.5)
+    assert 0 < half["kl"] < full["kl"]
+    alone = b.run(FACTS, cache, b.config(edit_scale=0.5), generated=False)
+    assert alone["kl"] == pytest.approx(half["kl"], rel=1e-4)
+    assert alone["perplexity"] == pytest.approx(half["perplexity"], rel=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in b.model.named_parameters())
+
+
+def test_edit_scale_flag_takes_a_list_and_refuses_shares_outside_0_1():
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    assert parser.parse_args(["bench", "--edit-scale", "1,0.8"]).edit_scale == (1.0, 0.8)
+    for bad in ("0", "1.5", "1,x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "--edit-scale", bad])
