@@ -256,9 +256,13 @@ def edit_scales(text: str) -> tuple[float, ...]:
 
 def a_command(args: argparse.Namespace) -> str:
     skip = {"func", "command", "verbose"}
-    value = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v  # noqa: E731
-    opts = " ".join(f"--{k.replace('_', '-')} {value(v)}" for k, v in vars(args).items()
-                    if k not in skip and v is not None)
+    def option(key: str, v) -> str:
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(v, bool):  # a store_true flag: named when set, left out when not
+            return flag if v else ""
+        return f"{flag} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+
+    opts = " ".join(filter(None, (option(k, v) for k, v in vars(args).items() if k not in skip and v is not None)))
     return f"crispedit bench {opts}"
 
 

@@ -13,6 +13,7 @@ from crispedit.bench import (
     HELDOUT_TEXT,
     TRAIN_CORPUS,
     Bench,
+    a_command,
     add_bench_parser,
     suite_speed,
 )
@@ -117,3 +118,13 @@ def test_edit_scale_flag_takes_a_list_and_refuses_shares_outside_0_1():
     for bad in ("0", "1.5", "1,x"):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "--edit-scale", bad])
+
+
+def test_recorded_command_runs_as_written():
+    """The command saved with a suite's results parses back to the same options (flags, lists)."""
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--subject-key", "--edit-scale", "1,0.8", "--layers", "4,5"])
+    again = parser.parse_args(a_command(args).split()[1:])
+    assert {k: v for k, v in vars(again).items() if k != "func"} == {k: v for k, v in vars(args).items()
+                                                                     if k != "func"}
