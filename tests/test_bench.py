@@ -53,12 +53,18 @@ def bench_args(tmp_path):
                               "--lr", "0.05", "--device", "cpu"])
 
 
-def test_row_reports_paired_changes_and_restores_the_model(bench_args, tmp_path):
-    b = Bench(bench_args)
+def bench_with_cache(args, tmp_path):
+    """A Bench, a small cache for its layers and a copy of its weights before any edit."""
+    b = Bench(args)
     before = {n: p.clone() for n, p in b.model.named_parameters()}
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The river runs through the town and the people cross it every day. " * 40)
     cache = build_cache(b.model, b.tok, b.layers, str(corpus), n_samples=4, seq_len=16, progress=False)
+    return b, cache, before
+
+
+def test_row_reports_paired_changes_and_restores_the_model(bench_args, tmp_path):
+    b, cache, before = bench_with_cache(bench_args, tmp_path)
     row = b.run(FACTS, cache, b.config(), generated=False)
     assert "ppl_terms" not in row and "mc_correct" not in row
     base = b.base_capability()
@@ -97,11 +103,7 @@ def test_speed_suite_times_the_projection_inside_the_step(bench_args, tmp_path):
 
 def test_one_edit_measured_at_several_scales_matches_an_edit_at_each(bench_args, tmp_path):
     """run_scaled's row at s is the row of an edit run with edit_scale s: same weights, same figures."""
-    b = Bench(bench_args)
-    before = {n: p.clone() for n, p in b.model.named_parameters()}
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("The river runs through the town and the people cross it every day. " * 40)
-    cache = build_cache(b.model, b.tok, b.layers, str(corpus), n_samples=4, seq_len=16, progress=False)
+    b, cache, before = bench_with_cache(bench_args, tmp_path)
     full, half = b.run_scaled(FACTS, cache, b.config(), (1.0, 0.5), generated=False)
     assert (full["edit_scale"], half["edit_scale"]) == (1.0, 0.5)
     assert 0 < half["kl"] < full["kl"]
