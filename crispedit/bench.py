@@ -256,6 +256,7 @@ def edit_scales(text: str) -> tuple[float, ...]:
 
 def a_command(args: argparse.Namespace) -> str:
     skip = {"func", "command", "verbose"}
+
     def option(key: str, v) -> str:
         flag = f"--{key.replace('_', '-')}"
         if isinstance(v, bool):  # a store_true flag: named when set, left out when not
