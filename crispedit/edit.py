@@ -33,6 +33,7 @@ from crispedit.layer_choice import rank_layers
 from crispedit.optim import ProjectedAdam
 from crispedit.projector import METHODS, LayerProjector, build_projector, build_shared_projectors
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
+from crispedit.soft_projector import SoftProjector, build_soft_projectors
 from crispedit.subject_key import subject_key_mask, weight_gradient_at
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class EditConfig:
     subject_key: bool = False
     # Adam's ε; one near the gradients' size shrinks the steps of coordinates whose gradient is small (§27)
     adam_eps: float = 1e-8
+    # scale each curvature direction by τ / (τ + c) instead of keeping or dropping it (soft_projector.py)
+    soft_mask: bool = False
     # shrink the finished edit to W₀ + s·(W − W₀): KL to the base falls as s², generality more slowly (§28)
     edit_scale: float = 1.0
     seed: int = 0
@@ -173,12 +176,16 @@ def edit_features(
 
 def make_projectors(
     cache: CurvatureCache | None, config: EditConfig, names: list[str], fan_in_fan_out: bool, device
-) -> list[LayerProjector | None]:
+) -> list[LayerProjector | SoftProjector | None]:
     if config.method == "ft":
         return [None] * len(names)
     if cache is None:
         raise EditError(f"method {config.method!r} needs a curvature cache; build one with `crispedit build-cache`")
     ekfac = cache.ekfac or {}
+    if config.soft_mask:
+        return build_soft_projectors([cache.factors[n] for n in names], config.energy, config.method, fan_in_fan_out,
+                                     [ekfac.get(n) for n in names], device, config.outlier_share,
+                                     shared=config.energy_scope == "global")
     if config.energy_scope == "global":
         return build_shared_projectors([cache.factors[n] for n in names], config.energy, config.method,
                                        fan_in_fan_out, [ekfac.get(n) for n in names], device, config.outlier_share)
@@ -189,7 +196,7 @@ def make_projectors(
     ]
 
 
-def warn_unconstrained(names: list[str], projectors: list[LayerProjector | None], gamma: float) -> None:
+def warn_unconstrained(names: list[str], projectors: list[LayerProjector | SoftProjector | None], gamma: float) -> None:
     """Log each layer whose projector removes almost nothing. When one direction (a massive activation in
     the layer input) holds γ of the curvature energy, protecting it meets the threshold, and the layer then
     edits like fine-tuning (BENCHMARKS.md §13: SmolLM2 layer 11, +44 % perplexity)."""

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from crispedit.projector import LayerProjector
+# a LayerProjector (Eq. 6) or a SoftProjector (its damped form): maps a weight-shaped tensor to its projection
+Projector = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ProjectedAdam(torch.optim.Adam):
@@ -25,7 +26,7 @@ class ProjectedAdam(torch.optim.Adam):
     def __init__(
         self,
         params: list[nn.Parameter],
-        projectors: list[LayerProjector | None],
+        projectors: list[Projector | None],
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -62,7 +63,7 @@ class ProjectedAdam(torch.optim.Adam):
         return loss
 
     @torch.no_grad()
-    def set_projectors(self, projectors: list[LayerProjector | None]) -> None:
+    def set_projectors(self, projectors: list[Projector | None]) -> None:
         """Swap in new projectors and project each first moment m ← P_γ m onto the new subspace."""
         params = self.param_groups[0]["params"]
         for p, projector in zip(params, projectors, strict=True):

@@ -133,6 +133,22 @@ def test_shared_energy_threshold_edits_and_matches_the_layers_projectors(tiny_ll
         EditConfig(energy_scope="model")
 
 
+def test_soft_mask_edits_through_the_damped_preconditioner(tiny_llama, corpus_file):
+    from crispedit.arch import editable_modules
+    from crispedit.edit import make_projectors
+    from crispedit.soft_projector import SoftProjector
+
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    config = EditConfig(lr=3e-2, max_epochs=30, energy=0.5, soft_mask=True)
+    made = make_projectors(cache, config, list(editable_modules(model, cache.layers)), False, "cpu")
+    assert all(isinstance(p, SoftProjector) and 0 < p.kept_fraction < 1 for p in made)
+    before = target_logprob(model, tok, FACTS)
+    result = edit(model, tok, FACTS, cache, config)
+    assert target_logprob(model, tok, FACTS) > before + 1.0
+    assert all(0 < f < 1 for f in result.kept_fraction.values()) and result.changed
+
+
 def test_gpt2_conv1d_edit(tiny_gpt2, corpus_file):
     model, tok = tiny_gpt2
     cache = small_cache(model, tok, corpus_file)
