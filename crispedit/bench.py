@@ -186,7 +186,7 @@ class Bench:
         options = dict(energy=a.energy, energy_scope=a.energy_scope, outlier_share=a.outlier_share, lr=a.lr,
                        lr_schedule=a.lr_schedule, batch_size=a.batch_size, max_epochs=a.epochs,
                        free_anchor_gradient=a.free_anchor_gradient, subject_key=a.subject_key,
-                       adam_eps=a.adam_eps, edit_scale=a.edit_scale[0])
+                       adam_eps=a.adam_eps, edit_scale=a.edit_scale[0], soft_mask=a.soft_mask)
         return EditConfig(**(options | overrides))
 
     def write(self, suite: str, payload: dict, table: str) -> None:
@@ -627,6 +627,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--free-anchor-gradient", action="store_true",
                    help="combined: leave the anchors' KL gradient unprojected (BENCHMARKS.md §20)")
     p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's ε of the edit (BENCHMARKS.md §27)")
+    p.add_argument("--soft-mask", action="store_true", help="the damped K-FAC preconditioner τ/(τ+c) in place of "
+                   "the boolean mask (soft_projector.py)")
     p.add_argument("--edit-scale", type=edit_scales, default=(1.0,), metavar="S[,S...]",
                    help="keep this share of each finished edit (§28); combined: several, each measured on one edit")
     p.add_argument("--subject-key", action="store_true",

@@ -64,6 +64,9 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                    help="project only the edit loss's gradient, not the anchors' KL penalty's (BENCHMARKS.md §20)")
     p.add_argument("--adam-eps", type=float, default=1e-8,
                    help="Adam's ε; near the gradients' size it damps the steps of small-gradient coordinates")
+    p.add_argument("--soft-mask", action="store_true",
+                   help="scale each curvature direction by τ/(τ+c) (damped K-FAC preconditioner) instead of keeping "
+                        "or dropping it at the γ threshold τ")
     p.add_argument("--edit-scale", type=float, default=1.0, metavar="S",
                    help="keep S·ΔW of the finished edit, 0 < S ≤ 1: drift falls as S², generality more slowly")
     p.add_argument("--subject-key", action="store_true",
@@ -98,7 +101,7 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
                       chat_form=args.chat_form, augment=augment, layers=layers,
                       auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
                       free_anchor_gradient=args.free_anchor_gradient, subject_key=args.subject_key,
-                      adam_eps=args.adam_eps, edit_scale=args.edit_scale)
+                      adam_eps=args.adam_eps, edit_scale=args.edit_scale, soft_mask=args.soft_mask)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:

@@ -20,7 +20,8 @@ BENCHMARKS.md §16 has the figures.
 Usage: .venv/bin/python scripts/cf_drift.py CACHE.safetensors [--n 100] [--layers 4,5,6] [--energy 0.8] [--texts 200]
        [--method crispedit|ft] [--early-stop 0.1] [--project-update]
        [--augment paraphrase,prefix,qa --anchors 256 --text-anchor-weight 10]
-       [--subject-key] [--layer-kl] [--scales 0.5] [--compare-cache sampled=OTHER.safetensors] [--out FILE.json]
+       [--subject-key] [--soft-mask] [--adam-eps E] [--lr L]
+       [--layer-kl] [--scales 0.5] [--compare-cache sampled=OTHER.safetensors] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -168,6 +169,10 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=0, help="question anchors at β 1, as the bench's '+' recipe")
     parser.add_argument("--compare-cache", action="append", default=[], metavar="LABEL=CACHE",
                         help="also K-FAC's quadratic model of the KL under this cache's factors")
+    parser.add_argument("--soft-mask", action="store_true",
+                        help="τ/(τ+c) per direction, not a mask (soft_projector.py)")
+    parser.add_argument("--adam-eps", type=float, default=EditConfig.adam_eps)
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--layer-kl", action="store_true", help="also the KL of each layer's change alone")
     parser.add_argument("--scales", default="", help="also the KL and the teacher-forced quality of s·ΔW for these s")
     parser.add_argument("--out", default=None)
@@ -187,7 +192,7 @@ def main() -> None:
                         anchor_weight=TUNED_WEIGHT if args.anchors else 0.0,
                         augment=tuple(a for a in args.augment.split(",") if a),
                         text_anchor_weight=args.text_anchor_weight, project_update=args.project_update,
-                        subject_key=args.subject_key)
+                        subject_key=args.subject_key, soft_mask=args.soft_mask, adam_eps=args.adam_eps, lr=args.lr)
     pairs = with_question_forms(anchor_pairs(data, args.anchors)) if args.anchors else []
     questions = base_anchors(model, tok, pairs) if pairs else None
     reference = locality_reference(model, tok, requests, generated=False)
@@ -219,7 +224,8 @@ def main() -> None:
         scaled[scale] = {"kl": mean_kl(model, tok, texts, result.original, partial), **scaled_quality}
     report = {"cache": args.cache, "layers": list(result.layers), "method": args.method, "energy": args.energy,
               "augment": args.augment, "anchors": args.anchors, "text_anchor_weight": args.text_anchor_weight,
-              "project_update": args.project_update, "subject_key": args.subject_key, "epochs": args.epochs,
+              "project_update": args.project_update, "subject_key": args.subject_key,
+              "soft_mask": args.soft_mask, "adam_eps": args.adam_eps, "lr": args.lr, "epochs": args.epochs,
               "edits": len(requests), "early_stop": args.early_stop,
               "epoch_losses": result.epoch_losses, "final_loss": result.epoch_losses[-1], "kl": kl,
               "anchor_kl": anchor_kl, **quality,
