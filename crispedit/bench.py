@@ -107,14 +107,15 @@ class Bench:
         return load_edit_dataset(dataset, self.data / DATASET_FILES[dataset], n=self.args.n)
 
     def capability(self, result=None, mc: bool = True) -> dict:
-        terms = text_nlls(self.model, self.tok, self.texts)
+        terms = text_nlls(self.model, self.tok, self.texts, progress=True)
         metrics = {"perplexity": perplexity_of(terms), "ppl_terms": terms}
         if result is not None and result.changed:
-            metrics["kl"] = mean_kl(self.model, self.tok, self.texts, result.original, result.changed)
+            metrics["kl"] = mean_kl(self.model, self.tok, self.texts, result.original, result.changed, progress=True)
         else:
             metrics["kl"] = 0.0
         if mc and self.args.mc_limit > 0:
-            metrics.update(capability_report(self.model, self.tok, self.data, limit=self.args.mc_limit, items=True))
+            metrics.update(capability_report(self.model, self.tok, self.data, limit=self.args.mc_limit, items=True,
+                                             progress=True))
         return metrics
 
     def base_capability(self, mc: bool = True) -> dict:
