@@ -45,7 +45,8 @@ def test_soft_weights_lie_between_the_masks_and_meet_them_at_the_limits():
     A, S = random_psd(5, 7), random_psd(4, 8)
     factors = KFACFactors(A=A, S=S, num_tokens=1)
     Q = torch.randn(4, 5, dtype=torch.float64)
-    torch.testing.assert_close(build_soft_projectors([factors], 0.0)[0](Q), Q)
+    # the eigenvectors are float32, so U Uᵀ = I holds to float32 precision
+    torch.testing.assert_close(build_soft_projectors([factors], 0.0)[0](Q), Q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(build_soft_projectors([factors], 1.0)[0](Q), torch.zeros_like(Q))
     curvature = torch.tensor([0.0, 0.5, 1.0, 4.0])
     torch.testing.assert_close(damped_weights(curvature, 1.0), torch.tensor([1.0, 2 / 3, 0.5, 0.2]))
