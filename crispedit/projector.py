@@ -152,8 +152,12 @@ class LayerProjector:
 
     @property
     def memory_bytes(self) -> int:
-        tensors = [t for t in (self.U_out, self.U_in, self.removed) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes(self.U_out, self.U_in, self.removed)
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the given tensors (None counts nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def complement_form(
@@ -196,6 +200,15 @@ def layer_spectrum(
     return curvature, U_out, U_in, bulk
 
 
+def layer_spectra(
+    factors: list[KFACFactors], method: str, corrected_eigenvalues: list[torch.Tensor | None] | None,
+    outlier_share: float | None,
+) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+    """:func:`layer_spectrum` of each layer (EK-FAC's corrected eigenvalues where given)."""
+    corrected = corrected_eigenvalues or [None] * len(factors)
+    return [layer_spectrum(f, method, c, outlier_share) for f, c in zip(factors, corrected, strict=True)]
+
+
 def build_projector(
     factors: KFACFactors,
     gamma: float,
@@ -231,8 +244,7 @@ def build_shared_projectors(
     curvature keeps more of its directions and one of high curvature fewer. One layer is the paper's split.
     ``outlier_share`` leaves outlier directions out of the energy that sets τ, as in :func:`build_projector`.
     """
-    corrected = corrected_eigenvalues or [None] * len(factors)
-    spectra = [layer_spectrum(f, method, c, outlier_share) for f, c in zip(factors, corrected, strict=True)]
+    spectra = layer_spectra(factors, method, corrected_eigenvalues, outlier_share)
     tau = energy_threshold([curvature[bulk] for curvature, _, _, bulk in spectra], gamma)
     return [
         complement_form(U_out, U_in, mask_below(curvature, tau), fan_in_fan_out, device or f.A.device)

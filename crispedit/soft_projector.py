@@ -21,7 +21,7 @@ import torch
 
 from crispedit.eigen import energy_threshold
 from crispedit.kfac import KFACFactors
-from crispedit.projector import layer_spectrum, project_kronecker
+from crispedit.projector import layer_spectra, project_kronecker, tensor_bytes
 
 
 def damped_weights(curvature: torch.Tensor, tau: float | None) -> torch.Tensor:
@@ -57,8 +57,7 @@ class SoftProjector:
 
     @property
     def memory_bytes(self) -> int:
-        tensors = [t for t in (self.U_out, self.U_in, self.weights) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes(self.U_out, self.U_in, self.weights)
 
 
 def build_soft_projectors(
@@ -75,8 +74,7 @@ def build_soft_projectors(
 
     γ = 1 sets τ = 0 (every direction removed, as the boolean mask does) rather than the least curvature.
     """
-    corrected = corrected_eigenvalues or [None] * len(factors)
-    spectra = [layer_spectrum(f, method, c, outlier_share) for f, c in zip(factors, corrected, strict=True)]
+    spectra = layer_spectra(factors, method, corrected_eigenvalues, outlier_share)
     if shared:
         taus = [energy_threshold([curvature[bulk] for curvature, _, _, bulk in spectra], gamma)] * len(spectra)
     else:
