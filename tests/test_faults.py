@@ -92,7 +92,12 @@ class Stack:
     def stop_worker(self) -> None:
         if self.worker is not None:
             self.worker.terminate()
-            self.worker.wait(timeout=30)
+            try:
+                self.worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                # seen once in CI: RQ's warm shutdown hung in its pub/sub unsubscribe after every job was done
+                self.worker.kill()
+                self.worker.wait(timeout=30)
             self.worker = None
 
     def client(self, role: str) -> httpx.Client:
