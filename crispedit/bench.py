@@ -187,7 +187,8 @@ class Bench:
         options = dict(energy=a.energy, energy_scope=a.energy_scope, outlier_share=a.outlier_share, lr=a.lr,
                        lr_schedule=a.lr_schedule, batch_size=a.batch_size, max_epochs=a.epochs,
                        free_anchor_gradient=a.free_anchor_gradient, subject_key=a.subject_key,
-                       adam_eps=a.adam_eps, edit_scale=a.edit_scale[0], soft_mask=a.soft_mask)
+                       adam_eps=a.adam_eps, edit_scale=a.edit_scale[0], soft_mask=a.soft_mask,
+                       seed=a.seed)
         return EditConfig(**(options | overrides))
 
     def write(self, suite: str, payload: dict, table: str) -> None:
@@ -634,5 +635,6 @@ def add_bench_parser(sub) -> None:
                    help="keep this share of each finished edit (§28); combined: several, each measured on one edit")
     p.add_argument("--subject-key", action="store_true",
                    help="the edit loss's weight gradient only through each prompt's last subject token")
+    p.add_argument("--seed", type=int, default=d.seed, help="the edits' seed (minibatch order, prompt variants)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)

@@ -74,6 +74,8 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                         "key; needs 'subject' in EDITS.jsonl, else every token counts)")
     p.add_argument("--auto-layers", type=int, default=None, metavar="K",
                    help="edit only the K layers of the cache with the largest edit-loss gradient norm")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the minibatch order and the model-written prompt variants of --augment")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
                    help="comma-separated: 'paraphrase', 'prefix' (model-written variants of each prompt) and/or 'qa' "
                         "(the prompt and its paraphrases framed as a question); '' for none (the paper's recipe); "
@@ -101,7 +103,8 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
                       chat_form=args.chat_form, augment=augment, layers=layers,
                       auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
                       free_anchor_gradient=args.free_anchor_gradient, subject_key=args.subject_key,
-                      adam_eps=args.adam_eps, edit_scale=args.edit_scale, soft_mask=args.soft_mask)
+                      adam_eps=args.adam_eps, edit_scale=args.edit_scale, soft_mask=args.soft_mask,
+                      seed=args.seed)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:

@@ -123,12 +123,13 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--auto-layers", "1",
                     "--anchors", str(anchors), "--text-anchors", corpus, "--subject-key", "--adam-eps", "1e-6",
-                    "--edit-scale", "0.9", "--soft-mask", "--out", str(out))
+                    "--edit-scale", "0.9", "--soft-mask", "--seed", "3", "--out", str(out))
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "crispedit_edit.json").read_text())
     assert report["config"]["augment"] == ["prefix"] and report["config"]["auto_layers"] == 1
     assert report["config"]["subject_key"] is True and report["config"]["adam_eps"] == 1e-6
     assert report["config"]["edit_scale"] == 0.9 and report["config"]["soft_mask"] is True
+    assert report["config"]["seed"] == 3
     assert report["config"]["anchor_weight"] == 1.0  # the tuned β, since --anchors was given
     assert report["config"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT  # likewise for --text-anchors
     assert len(report["layers"]) == 1 and report["layers"][0] in (1, 2)
