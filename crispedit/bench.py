@@ -149,18 +149,24 @@ class Bench:
     def run_scaled(self, requests, cache, config: EditConfig, scales: tuple[float, ...], reference=None,
                    generated=True, mc=True, anchors=None, text_anchors=None) -> list[dict]:
         """Edit once at full scale, measure W₀ + s·ΔW for each scale s (one row each, as ``edit_scale`` s
-        would have left it), and put the base weights back."""
+        would have left it), and put the base weights back. A sequential edit scales each round as it ends
+        (the edit does it, as the service's jobs do), so it is measured at its own ``edit_scale`` only."""
+        per_round = config.sequential_chunk is not None
+        if per_round and scales != (config.edit_scale,):
+            raise ValueError(f"a sequential edit scales each round itself: measure it at {config.edit_scale} only")
         self.base_capability(mc=mc)  # before the edit: the paired changes below need the base model's terms
         gamma = "default" if config.energy is None else config.energy
         with epoch_bar(config, len(requests), desc=f"{config.method} γ={gamma}") as report:
-            result = edit(self.model, self.tok, requests, cache, replace(config, edit_scale=1.0),
-                          on_progress=report, anchors=anchors, text_anchors=text_anchors)
+            run_config = config if per_round else replace(config, edit_scale=1.0)
+            result = edit(self.model, self.tok, requests, cache, run_config, on_progress=report, anchors=anchors,
+                          text_anchors=text_anchors)
         params = dict(self.model.named_parameters())
         rows = []
         try:
             for scale in scales:
                 with torch.no_grad():
-                    scaled = {n: torch.lerp(result.original[n], t, scale) for n, t in result.changed.items()}
+                    scaled = result.changed if per_round else {n: torch.lerp(result.original[n], t, scale)
+                                                               for n, t in result.changed.items()}
                     for name, t in scaled.items():
                         params[name].copy_(t)
                 row = {"method": config.method, "energy": result.energy, "lr": result.lr, "edits": len(requests),
@@ -452,16 +458,31 @@ def suite_fisher(b: Bench) -> None:
 
 
 def suite_sequential(b: Bench) -> None:
-    requests = b.requests("zsre")[: b.args.rounds * b.args.chunk]
+    """Alg. 2 on the first ``--rounds`` × ``--chunk`` ZsRE edits of ``--split``: a crispedit row for each text
+    β (``--text-anchor-weights``) and ``--edit-scale`` (each round scaled as it ends), then sequential ft.
+    MC accuracy is scored on the test split only."""
+    requests = b.requests("zsre", split=b.args.split)[: b.args.rounds * b.args.chunk]
     cache = b.cache(samples=b.args.seq_samples)
+    methods = b.args.methods.split(",")
+    text_weights = [float(w) for w in b.args.text_anchor_weights.split(",")]
+    text = b.text_anchors() if any(text_weights) and "crispedit" in methods else None
+    test = b.args.split == "test"
+    base = b.base_capability(mc=test)
+    runs = []
+    if "crispedit" in methods:
+        runs += [(cache, b.config(method="crispedit", sequential_chunk=b.args.chunk, text_anchor_weight=w,
+                                  edit_scale=s)) for w in text_weights for s in b.args.edit_scale]
+    if "ft" in methods:  # the plain baseline: no projector, anchors or scaling
+        runs.append((None, b.config(method="ft", layers=b.layers, sequential_chunk=b.args.chunk, soft_mask=False,
+                                    edit_scale=1.0)))
     rows = []
-    b.base_capability(mc=False)
-    for method in ("crispedit", "ft"):
-        config = b.config(method=method, sequential_chunk=b.args.chunk)
-        rows.append({"samples": b.args.seq_samples, **b.run(requests, cache if method != "ft" else None, config,
-                                                             generated=False, mc=False)})
-    b.write("sequential", {"rounds": b.args.rounds, "chunk": b.args.chunk, "rows": rows},
-            markdown_table(rows, [("method", "method"), ("energy", "γ"), ("samples", "cap. samples")]))
+    for cache_, config in runs:
+        row = b.run(requests, cache_, config, generated=False, mc=test, text_anchors=text)
+        rows.append({"samples": b.args.seq_samples, "text_beta": config.text_anchor_weight, **row})
+    b.write("sequential", {"split": b.args.split, "rounds": b.args.rounds, "chunk": b.args.chunk, "base": base,
+                           "rows": rows},
+            markdown_table(rows, [("method", "method"), ("energy", "γ"), ("samples", "cap. samples"),
+                                  ("text_beta", "text β"), ("edit_scale", "scale")]))
 
 
 CACHE_REPS = 5  # timed passes of the cache build and of the plain forward+backward, each

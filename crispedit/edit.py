@@ -100,7 +100,8 @@ class EditConfig:
     adam_eps: float = 1e-8
     # scale each curvature direction by τ / (τ + c) instead of keeping or dropping it (soft_projector.py)
     soft_mask: bool = False
-    # shrink the finished edit to W₀ + s·(W − W₀): KL to the base falls as s², generality more slowly (§28)
+    # shrink the finished edit to W₀ + s·(W − W₀): KL to the base falls as s², generality more slowly (§28);
+    # in sequential mode each round's edit, as that round ends
     edit_scale: float = 1.0
     seed: int = 0
 
@@ -432,9 +433,12 @@ def edit(
             chunk = with_chat_form(requests[start : start + chunk_size])
             pools = variants[start : start + chunk_size]
             keyed = (modules, fan_in_fan_out) if config.subject_key else None
+            chunk_start = [p.detach().clone() for p in params] if config.edit_scale != 1.0 else None
             with trainable(params):
                 losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k, pools,
                                              anchors, text_anchors, keyed)
+            if chunk_start is not None:  # each round is scaled as it ends, before later rounds build on it
+                shrink_edit(params, chunk_start, config.edit_scale)
             epoch_losses += losses
             step_seconds += seconds
             if config.sequential_chunk and capability is not None:
@@ -448,8 +452,6 @@ def edit(
         for p in params:
             if not torch.isfinite(p).all():
                 raise EditError("an edited weight became non-finite; lower the learning rate")
-        if config.edit_scale != 1.0:
-            shrink_edit(params, [original[weight_name(n)] for n in names], config.edit_scale)
     except BaseException:
         with torch.no_grad():
             for n, p in zip(names, params, strict=True):

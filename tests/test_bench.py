@@ -15,6 +15,7 @@ from crispedit.bench import (
     Bench,
     a_command,
     add_bench_parser,
+    suite_sequential,
     suite_speed,
 )
 from crispedit.cache import build_cache
@@ -81,14 +82,18 @@ def test_row_reports_paired_changes_and_restores_the_model(bench_args, tmp_path)
     assert again.base_capability() == base
 
 
-def test_speed_suite_times_the_projection_inside_the_step(bench_args, tmp_path):
-    data = tmp_path / "data"
+def write_zsre_and_corpus(data) -> None:
+    """Four ZsRE test records and a capability text file in the bench's data folder."""
     records = [{"src": f"Where does river {i} flow?", "alt": "north", "rephrase": "", "loc": "nq question: q",
                 "loc_ans": "a"} for i in range(4)]
     (data / DATASET_FILES["zsre"]).parent.mkdir(parents=True)
     (data / DATASET_FILES["zsre"]).write_text(json.dumps(records), encoding="utf-8")
     (data / TRAIN_CORPUS).write_text("The river runs through the town and the people cross it. " * 200,
                                      encoding="utf-8")
+
+
+def test_speed_suite_times_the_projection_inside_the_step(bench_args, tmp_path):
+    write_zsre_and_corpus(tmp_path / "data")
     bench_args.samples, bench_args.seq_len, bench_args.reps, bench_args.batch_size = 4, 16, 3, 4
     b = Bench(bench_args)
     before = {n: p.clone() for n, p in b.model.named_parameters()}
@@ -130,3 +135,26 @@ def test_recorded_command_runs_as_written():
     again = parser.parse_args(a_command(args).split()[1:])
     assert {k: v for k, v in vars(again).items() if k != "func"} == {k: v for k, v in vars(args).items()
                                                                      if k != "func"}
+
+
+def test_sequential_suite_rows_per_text_beta_and_scale_then_ft(bench_args, tmp_path):
+    """Two rounds of two edits: a crispedit row per (text β, scale), sequential ft after them, MC on the test
+    split, the base weights back; a sequential edit measured at a scale other than its own is refused."""
+    write_zsre_and_corpus(tmp_path / "data")
+    a = bench_args
+    a.split, a.rounds, a.chunk, a.seq_samples, a.seq_len, a.batch_size = "test", 2, 2, 4, 16, 2
+    a.text_anchor_weights, a.text_anchors, a.text_anchor_len, a.edit_scale = "0,1", 4, 16, (1.0, 0.5)
+    b = Bench(a)
+    before = {n: p.clone() for n, p in b.model.named_parameters()}
+    suite_sequential(b)
+    report = json.loads((tmp_path / "out" / "sequential.json").read_text())
+    rows = report["rows"]
+    assert [(r["method"], r["text_beta"], r["edit_scale"]) for r in rows] == [
+        ("crispedit", 0.0, 1.0), ("crispedit", 0.0, 0.5), ("crispedit", 1.0, 1.0), ("crispedit", 1.0, 0.5),
+        ("ft", 0.0, 1.0)]
+    assert all(r["edits"] == 4 and "mc_drop_points" in r and r["kl"] > 0 for r in rows)
+    assert rows[1]["kl"] < rows[0]["kl"]  # the same rounds, each kept at half its size
+    assert all(torch.equal(p, before[n]) for n, p in b.model.named_parameters())
+    config = b.config(sequential_chunk=2, edit_scale=0.5)
+    with pytest.raises(ValueError, match="scales each round"):
+        b.run_scaled(b.requests("zsre")[:4], None, config, (1.0, 0.5))

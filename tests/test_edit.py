@@ -319,3 +319,30 @@ def test_edit_scale_keeps_that_share_of_the_edit(tiny_llama, corpus_file):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="edit_scale"):
             EditConfig(edit_scale=bad)
+
+
+def test_sequential_edit_scales_each_round_as_it_ends(tiny_llama, corpus_file):
+    """With sequential_chunk each round ends at W + s·ΔW and the next round starts there, as a service job's
+    edit does: after round 0 the weights are W₀ + s·ΔW₀, ΔW₀ the unscaled round 0 of the same seed."""
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    params = dict(model.named_parameters())
+    after_round0 = []
+    for scale in (1.0, 0.5):
+        seen: dict[str, torch.Tensor] = {}
+
+        def on_progress(event: dict, seen=seen) -> None:  # the fold event follows the round's scaling
+            if event.get("event") == "fold" and event["chunk"] == 0:
+                seen.update({n: p.detach().clone() for n, p in params.items() if "down_proj" in n})
+
+        config = EditConfig(lr=3e-2, max_epochs=2, energy=0.5, sequential_chunk=2, edit_scale=scale)
+        result = edit(model, tok, FACTS, cache, config, on_progress=on_progress)
+        with torch.no_grad():
+            for n, t in result.original.items():
+                params[n].copy_(t)
+        after_round0.append(seen)
+    assert result.original
+    for n, w0 in result.original.items():
+        full, scaled = after_round0[0][n] - w0, after_round0[1][n] - w0
+        assert full.norm() > 0
+        torch.testing.assert_close(scaled, 0.5 * full, rtol=1e-5, atol=1e-7)
