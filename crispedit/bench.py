@@ -472,9 +472,8 @@ def suite_sequential(b: Bench) -> None:
     if "crispedit" in methods:
         runs += [(cache, b.config(method="crispedit", sequential_chunk=b.args.chunk, text_anchor_weight=w,
                                   edit_scale=s)) for w in text_weights for s in b.args.edit_scale]
-    if "ft" in methods:  # the plain baseline: no projector, anchors or scaling
-        runs.append((None, b.config(method="ft", layers=b.layers, sequential_chunk=b.args.chunk, soft_mask=False,
-                                    edit_scale=1.0)))
+    if "ft" in methods:  # the plain baseline: no projector (so no mask), anchors or scaling
+        runs.append((None, b.config(method="ft", layers=b.layers, sequential_chunk=b.args.chunk, edit_scale=1.0)))
     rows = []
     for cache_, config in runs:
         row = b.run(requests, cache_, config, generated=False, mc=test, text_anchors=text)
