@@ -51,6 +51,13 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-form", action="store_true", help="also train each edit through the chat template")
     p.add_argument("--anchors", default=None, metavar="ANCHORS.jsonl",
                    help='{"prompt", "answer"} lines whose base-model predictions the edit keeps (with --anchor-weight)')
+    p.add_argument("--neighbours", action=argparse.BooleanOptionalAction, default=True,
+                   help="derive each edit's neighbours (the same question about other subjects, other questions "
+                        "about the same subject, its locality_prompt), keep the edited layers' outputs on them, "
+                        "phrase chat targets as the model answers, and report which answers changed (default: on)")
+    p.add_argument("--neighbour-weight", type=float, default=None,
+                   help="β of the penalty on the edited layers' output change over the neighbours' tokens "
+                        "(default with --neighbours: NEIGHBOUR_WEIGHT of crispedit/neighbours.py; 0: not kept)")
     p.add_argument("--anchor-weight", type=float, default=None,
                    help="β of the KL(base‖edited) penalty on the anchors (default with --anchors: 1, tuned in "
                         "BENCHMARKS.md §9; 0: off, the paper's recipe)")
@@ -87,8 +94,12 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
     from crispedit.anchor import TEXT_TUNED_WEIGHT, TUNED_WEIGHT
     from crispedit.augment import resolve_augment
     from crispedit.edit import EditConfig
+    from crispedit.neighbours import NEIGHBOUR_WEIGHT
 
     anchor_weight = args.anchor_weight if args.anchor_weight is not None else (TUNED_WEIGHT if args.anchors else 0.0)
+    neighbour_weight = args.neighbour_weight
+    if neighbour_weight is None:
+        neighbour_weight = NEIGHBOUR_WEIGHT if getattr(args, "neighbours", False) else 0.0
     text_weight = args.text_anchor_weight
     if text_weight is None:
         text_weight = TEXT_TUNED_WEIGHT if text_source else 0.0
@@ -102,6 +113,7 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
                       sequential_chunk=args.sequential_chunk, recompute_drift=args.recompute_drift,
                       chat_form=args.chat_form, augment=augment, layers=layers,
                       auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
+                      neighbour_weight=neighbour_weight,
                       free_anchor_gradient=args.free_anchor_gradient, subject_key=args.subject_key,
                       adam_eps=args.adam_eps, edit_scale=args.edit_scale, soft_mask=args.soft_mask,
                       seed=args.seed)
@@ -130,10 +142,14 @@ def cmd_mix_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from crispedit.anchor import load_anchors, load_text_anchors, text_anchor_source
+    from crispedit.arch import arch_spec, default_layers, editable_modules
     from crispedit.cache import CurvatureCache
     from crispedit.edit import edit, epoch_bar
     from crispedit.models import load_model
+    from crispedit.neighbours import neighbour_report, protect
     from crispedit.requests import read_edits_jsonl
 
     requests = read_edits_jsonl(args.edits)
@@ -150,12 +166,23 @@ def cmd_edit(args: argparse.Namespace) -> None:
         raise SystemExit("--anchor-weight needs --anchors ANCHORS.jsonl")
     if config.text_anchor_weight > 0 and not text_source:
         raise SystemExit("--text-anchor-weight needs --text-anchors CORPUS (or a cache built from one text corpus)")
+    if config.neighbour_weight > 0 and not args.neighbours:
+        raise SystemExit("--neighbour-weight needs --neighbours")
+    protection = None
+    if args.neighbours:
+        layers = cache.layers if cache is not None else (config.layers or default_layers(model))
+        protection = protect(model, tok, requests, config.chat_form, editable_modules(model, layers),
+                             arch_spec(model).fan_in_fan_out, seed=config.seed)
+        requests = protection.requests
+    if protection is None or protection.kept is None:
+        config = replace(config, neighbour_weight=0.0)  # nothing to keep: no neighbour could be derived
     anchors = load_anchors(model, tok, args.anchors) if args.anchors else None
     text_anchors = load_text_anchors(model, tok, text_source) if config.text_anchor_weight > 0 else None
 
     with epoch_bar(config, len(requests), desc=f"{config.method} edit") as report:
         result = edit(model, tok, requests, cache, config, on_progress=report, anchors=anchors,
-                      text_anchors=text_anchors)
+                      text_anchors=text_anchors, kept=protection.kept if protection else None)
+    neighbours = neighbour_report(model, tok, requests, protection) if protection else None
     out = Path(args.out)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -163,12 +190,17 @@ def cmd_edit(args: argparse.Namespace) -> None:
         "base_model": args.model, "config": {**asdict(config), "lr": result.lr, "energy": result.energy},
         "edits": len(requests), "layers": list(result.layers),
         "epoch_losses": result.epoch_losses, "steps": result.steps, "seconds": round(result.seconds, 2),
-        "changed": result.relative_change(), "kept_fraction": result.kept_fraction,
+        "changed": result.relative_change(), "kept_fraction": result.kept_fraction, "neighbours": neighbours,
     }, indent=2))
     if result.cache is not None and args.cache_out:
         result.cache.save(args.cache_out)
     log.info("%d edits applied to layers %s in %.1f s (%d steps); checkpoint written to %s",
              len(requests), list(result.layers), result.seconds, result.steps, out)
+    if neighbours is not None:
+        log.info("neighbours: %d of %d kept their answers%s", neighbours["checked"] - neighbours["changed"],
+                 neighbours["checked"], "".join(f"\n  changed: {n['prompt']!r}: {n['before']!r} → {n['after']!r}"
+                                                for e in neighbours["edits"] for n in e["neighbours"]
+                                                if not n["unchanged"]))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

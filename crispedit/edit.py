@@ -30,6 +30,7 @@ from crispedit.augment import augmented_prompts, check_augmentations
 from crispedit.cache import CurvatureCache
 from crispedit.kfac import factors_from_features, token_features
 from crispedit.layer_choice import rank_layers
+from crispedit.neighbours import KeptOutputs
 from crispedit.optim import ProjectedAdam
 from crispedit.projector import METHODS, LayerProjector, build_projector, build_shared_projectors
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
@@ -90,6 +91,8 @@ class EditConfig:
     anchor_batch: int = 16  # anchors drawn per step
     text_anchor_weight: float = 0.0  # β of the same penalty on capability text windows (text_anchors); 0 = off
     text_anchor_batch: int = 4  # text windows drawn per step
+    # β of the penalty that keeps the edited layers' outputs on the neighbours' tokens (neighbours.KeptOutputs)
+    neighbour_weight: float = 0.0
     project_update: bool = False  # also project Adam's step, so ΔW stays in the kept subspace (optim.py)
     # leave the anchors' KL gradient unprojected, as a pull back along the high-curvature directions the
     # projector removes; off by default: measured, its KL to the base is as large as fine-tuning's (§20)
@@ -116,7 +119,7 @@ class EditConfig:
             raise ValueError(f"outlier_share must be in (0, 1], got {self.outlier_share}")
         if self.energy_scope not in ENERGY_SCOPES:
             raise ValueError(f"energy_scope must be one of {ENERGY_SCOPES}, got {self.energy_scope!r}")
-        for name in ("anchor_weight", "text_anchor_weight"):
+        for name in ("anchor_weight", "text_anchor_weight", "neighbour_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if not self.adam_eps > 0:
@@ -276,13 +279,15 @@ def run_epochs(
     anchors: Anchors | None = None,
     text_anchors: Anchors | None = None,
     keyed: tuple[dict[str, nn.Module], bool] | None = None,
+    kept: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[list[float], list[float]]:
     """Algorithm 1's loop, each epoch over ``requests`` plus one random pick from each pool of ``variants``.
 
     With ``anchors`` (``text_anchors``), each step adds β · KL(base ‖ edited) on a random draw of them
     (``crispedit.anchor``), β = ``config.anchor_weight`` (``config.text_anchor_weight``).
     With ``keyed`` = (edited modules, fan_in_fan_out), their weights learn the edit loss only through each
-    prompt's last subject token (``crispedit.subject_key``).
+    prompt's last subject token (``crispedit.subject_key``). With ``kept``, each step adds
+    ``config.neighbour_weight`` times its value (the neighbours' kept outputs, ``crispedit.neighbours``).
 
     Returns (epoch mean losses, seconds per optimizer step).
     """
@@ -317,12 +322,15 @@ def run_epochs(
             if value < config.early_stop:
                 continue
             penalty = None  # β · KL(base ‖ edited) over this step's anchors
-            for kept, weight, size in ((anchors, config.anchor_weight, config.anchor_batch),
+            for held, weight, size in ((anchors, config.anchor_weight, config.anchor_batch),
                                        (text_anchors, config.text_anchor_weight, config.text_anchor_batch)):
-                if kept is not None and weight > 0:
-                    rows = torch.randperm(len(kept), generator=draw)[:size].to(device)
-                    term = weight * anchor_kl(model, kept, rows)
+                if held is not None and weight > 0:
+                    rows = torch.randperm(len(held), generator=draw)[:size].to(device)
+                    term = weight * anchor_kl(model, held, rows)
                     penalty = term if penalty is None else penalty + term
+            if kept is not None and config.neighbour_weight > 0:
+                term = config.neighbour_weight * kept()
+                penalty = term if penalty is None else penalty + term
             optimizer.zero_grad(set_to_none=True)
             if penalty is not None and config.free_anchor_gradient:
                 loss.backward()
@@ -353,6 +361,7 @@ def edit(
     recompute_cache: Callable[[], CurvatureCache] | None = None,
     anchors: Anchors | None = None,
     text_anchors: Anchors | None = None,
+    kept: KeptOutputs | None = None,
 ) -> EditResult:
     """Apply ``requests`` to ``model`` in place (Alg. 1, or Alg. 2 with ``config.sequential_chunk``).
 
@@ -360,7 +369,8 @@ def edit(
     called when an edited weight drifts past ``config.recompute_drift`` relative to the last build.
     ``anchors`` (from :func:`crispedit.anchor.base_anchors` on the unedited model) are used when
     ``config.anchor_weight`` > 0, ``text_anchors`` (:func:`crispedit.anchor.text_anchors`) when
-    ``config.text_anchor_weight`` > 0.
+    ``config.text_anchor_weight`` > 0, ``kept`` (:class:`crispedit.neighbours.KeptOutputs`) when
+    ``config.neighbour_weight`` > 0.
     """
     config = config or EditConfig()
     check_requests(requests, tokenizer)
@@ -368,6 +378,8 @@ def edit(
         raise EditError("anchor_weight > 0 needs anchors: pass crispedit.anchor.base_anchors(model, tok, pairs)")
     if config.text_anchor_weight > 0 and not text_anchors:
         raise EditError("text_anchor_weight > 0 needs text anchors: pass crispedit.anchor.text_anchors(model, windows)")
+    if config.neighbour_weight > 0 and kept is None:
+        raise EditError("neighbour_weight > 0 needs the neighbours' kept outputs: pass crispedit.neighbours.protect()")
     if config.chat_form and not getattr(tokenizer, "chat_template", None):
         raise EditError("chat_form needs a tokenizer with a chat template; this model has none")
 
@@ -434,9 +446,10 @@ def edit(
             pools = variants[start : start + chunk_size]
             keyed = (modules, fan_in_fan_out) if config.subject_key else None
             chunk_start = [p.detach().clone() for p in params] if config.edit_scale != 1.0 else None
+            outputs = (lambda: kept(dict(zip(names, params, strict=True)))) if kept is not None else None
             with trainable(params):
                 losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k, pools,
-                                             anchors, text_anchors, keyed)
+                                             anchors, text_anchors, keyed, outputs)
             if chunk_start is not None:  # each round is scaled as it ends, before later rounds build on it
                 shrink_edit(params, chunk_start, config.edit_scale)
             epoch_losses += losses

@@ -26,6 +26,7 @@ class EditRequest:
     locality_prompt: str | None = None
     locality_answer: str | None = None
     subject: str | None = None  # what the prompt is about; paraphrase augmentation keeps it
+    chat_target: str | None = None  # the answer in the chat form, if not the bare target (neighbours.in_kind)
 
     def __post_init__(self) -> None:
         for name in ("prompt", "target"):
@@ -46,7 +47,7 @@ class EditRequest:
         """The same fact asked through the tokenizer's chat template (user turn = prompt, answer = target)."""
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}], tokenize=False,
                                                add_generation_prompt=True)
-        return EditRequest(prompt=prompt, target=self.target.strip(), subject=self.subject)
+        return EditRequest(prompt=prompt, target=(self.chat_target or self.target).strip(), subject=self.subject)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -55,7 +56,8 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, d: dict) -> EditRequest:
-        unknown = set(d) - {"prompt", "target", "rephrases", "locality_prompt", "locality_answer", "subject"}
+        unknown = set(d) - {"prompt", "target", "rephrases", "locality_prompt", "locality_answer", "subject",
+                            "chat_target"}
         if unknown:
             raise ValueError(f"unknown edit request fields {sorted(unknown)}")
         rephrases = d.get("rephrases") or ()
@@ -68,6 +70,7 @@ class EditRequest:
             locality_prompt=d.get("locality_prompt"),
             locality_answer=d.get("locality_answer"),
             subject=d.get("subject"),
+            chat_target=d.get("chat_target"),
         )
 
 

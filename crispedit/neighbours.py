@@ -1,0 +1,376 @@
+"""Neighbours of an edit: prompts whose answers the edit must leave alone, derived from the edit itself.
+
+An edit should change its fact and nothing next to it. What sits next to a fact, written by the base
+model from the edit's prompt alone (no dataset, nothing from the user):
+
+- ``subject``: the same question about other subjects. The model continues a few-shot list that starts
+  with the edit's subject ("France," → " Germany, Italy, Spain"), and each sibling replaces the subject
+  in the prompt ("What is the capital of Germany?").
+- ``relation``: other questions about the same subject, written few-shot by the model ("What language
+  is spoken in France?"). A candidate that shares most of the prompt's other words is left out: it may
+  be a rewording of the edited question, whose answer must change.
+- ``locality``: the request's own ``locality_prompt``.
+
+Each neighbour is asked as the service is asked (through the chat template when the edit trains that
+form) and as raw text, and the parent model's greedy first line is its reference answer. The edit keeps
+those answers by the KL penalty of ``crispedit.anchor`` (β · KL(p_parent ‖ p_edited) over each answer's
+tokens), and :func:`neighbour_report` compares them with the new version's greedy answers afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from crispedit.corpus import batches_of
+from crispedit.evaluate import cut_answer
+from crispedit.requests import EditRequest
+
+SIBLING_SHOTS = (
+    "Paris, London, Berlin, Madrid, Vienna, Rome\n"
+    "Apple, Microsoft, Google, Amazon, Intel, IBM\n"
+    "Albert Einstein, Isaac Newton, Niels Bohr, Marie Curie, Max Planck\n"
+    "Jupiter, Saturn, Mars, Venus, Mercury, Neptune\n"
+    "copper, iron, silver, zinc, tin, lead\n"
+    "{subject},"
+)
+QUESTION_SHOTS = (
+    "Questions about Albert Einstein:\n- Where was Albert Einstein born?\n"
+    "Questions about Tokyo:\n- Which country is Tokyo in?\n"
+    "Questions about the violin:\n- How many strings does the violin have?\n"
+    "Questions about Toyota:\n- What does Toyota make?\n"
+    "Questions about {subject}:\n-"
+)
+SENTENCE_SHOTS = (
+    "Facts about Albert Einstein:\n- Albert Einstein was born in\n"
+    "Facts about Tokyo:\n- Tokyo is the capital of\n"
+    "Facts about the violin:\n- The violin is played with\n"
+    "Facts about Toyota:\n- Toyota is a company that makes\n"
+    "Facts about {subject}:\n-"
+)
+CONNECTORS = {"and", "of", "the", "de", "von", "van", "la", "le", "del", "da", "for", "in", "on"}
+STOPWORDS = CONNECTORS | {"a", "an", "is", "was", "are", "were", "what", "which", "who", "whom", "where", "when",
+                          "how", "does", "did", "do", "by", "to", "at", "with", "from", "as", "that", "this",
+                          "it", "its", "his", "her", "their", "name"}
+SIMILAR = 0.5  # a relation candidate sharing this share of the prompt's other words may be a rewording
+ANSWER_TOKENS = 24  # a reference answer is the parent's greedy first line, at most this many tokens
+NEIGHBOUR_WEIGHT = 300.0  # β of KeptOutputs, chosen on tuning facts of our own
+NEIGHBOUR_GUARD = 0.5  # the guard's default least share of neighbours whose answer an edit may leave unchanged
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A prompt next to edit ``edit`` (an index into the requests), of kind subject | relation | locality."""
+
+    prompt: str
+    kind: str
+    edit: int
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[\w'-]+", text.lower())
+
+
+def infer_subject(request: EditRequest) -> str | None:
+    """The request's subject, else the longest run of capitalised words after the prompt's first word (joined
+    by connectors such as "and", "of"), else the prompt's last word. None when the prompt has no such word."""
+    if request.subject and request.subject in request.prompt:
+        return request.subject
+    tokens = re.findall(r"[\w'-]+", request.prompt)
+    runs, run = [], []
+    for i, token in enumerate(tokens):
+        capitalised = i > 0 and token[:1].isupper()
+        joins = bool(run) and token.lower() in CONNECTORS and i + 1 < len(tokens) and tokens[i + 1][:1].isupper()
+        if capitalised or joins:
+            run.append(token)
+        elif run:
+            runs.append(run)
+            run = []
+    runs.append(run)
+    best = max(runs, key=len)
+    if best:
+        span = re.search(r"\W+".join(map(re.escape, best)), request.prompt)
+        return span.group(0) if span else None
+    last = [t for t in tokens[1:] if t.lower() not in STOPWORDS]
+    return last[-1] if last else None
+
+
+@torch.no_grad()
+def continuations(
+    model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int, n: int = 1, sample: bool = False,
+    batch_size: int = 16,
+) -> list[list[str]]:
+    """``n`` continuations of each text up to its first newline: greedy, or sampled (temperature 0.8)."""
+    device = next(model.parameters()).device
+    out: list[list[str]] = []
+    options = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 0} if sample else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left")
+        enc = enc.to(device)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n, stop_strings=["\n"],
+                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, **options)
+        decoded = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        out.extend([d.split("\n")[0] for d in decoded[j : j + n]] for j in range(0, len(decoded), n))
+    return out
+
+
+def sibling_subjects(model: nn.Module, tokenizer, subjects: Sequence[str], n: int) -> list[list[str]]:
+    """Up to ``n`` distinct things of the same kind as each subject, as the model lists them after it."""
+    listed = continuations(model, tokenizer, [SIBLING_SHOTS.format(subject=s) for s in subjects], 32, n=2,
+                           sample=True)
+    greedy = continuations(model, tokenizer, [SIBLING_SHOTS.format(subject=s) for s in subjects], 32)
+    out = []
+    for subject, lists in zip(subjects, zip(greedy, listed, strict=True), strict=True):
+        seen: dict[str, str] = {}
+        for item in (x.strip(" .") for line in lists for text in line for x in text.split(",")):
+            key = item.lower()
+            if (1 <= len(item.split()) <= 6 and key not in seen and subject.lower() not in key
+                    and key not in subject.lower()):
+                seen[key] = item
+        out.append(list(seen.values())[:n])
+    return out
+
+
+def similar(candidate: str, prompt: str, subject: str) -> bool:
+    """Whether ``candidate`` shares at least ``SIMILAR`` of the prompt's words other than the subject's."""
+    skip = STOPWORDS | set(words(subject))
+    theirs, ours = set(words(candidate)) - skip, set(words(prompt)) - skip
+    return bool(ours) and len(theirs & ours) / len(ours) >= SIMILAR
+
+
+def subject_questions(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], subjects: Sequence[str], n: int
+) -> list[list[str]]:
+    """Up to ``n`` other prompts about each subject, in the prompt's form (question or sentence start)."""
+    asks_question = [r.prompt.rstrip().endswith("?") for r in requests]
+    texts = [(QUESTION_SHOTS if q else SENTENCE_SHOTS).format(subject=s) for q, s in zip(asks_question, subjects,
+                                                                                          strict=True)]
+    out = []
+    for r, s, q, replies in zip(requests, subjects, asks_question, continuations(model, tokenizer, texts, 24, n=2 * n,
+                                                                                 sample=True), strict=True):
+        kept: dict[str, None] = {}
+        for text in (x.strip().rstrip(" .") if not q else x.strip() for x in replies):
+            if (s.lower() in text.lower() and (text.endswith("?") if q else not text.endswith("?"))
+                    and text.lower() != r.prompt.strip().lower() and not similar(text, r.prompt, s)
+                    and r.target.lower() not in text.lower() and len(text.split()) <= 2 * len(r.prompt.split()) + 4):
+                kept[text] = None
+        out.append(list(kept)[:n])
+    return out
+
+
+def derive_neighbours(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], per_kind: int = 3, seed: int = 0
+) -> list[Neighbour]:
+    """Each edit's neighbours: ``per_kind`` of each derived kind, and its locality prompt when it has one.
+
+    A neighbour that is another edit's prompt in the same batch is left out (that answer is meant to change),
+    and one that two edits share is listed once, under the first.
+    """
+    edited = {r.prompt.strip().lower() for r in requests}
+    subjects = [infer_subject(r) for r in requests]
+    known = [i for i, s in enumerate(subjects) if s]
+    with torch.random.fork_rng(devices=[]):  # seeded sampling, without touching the caller's random state
+        torch.manual_seed(seed)
+        kept_subjects = [subjects[i] for i in known]
+        siblings = dict(zip(known, sibling_subjects(model, tokenizer, kept_subjects, per_kind), strict=True))
+        related = dict(zip(known, subject_questions(model, tokenizer, [requests[i] for i in known], kept_subjects,
+                                                    per_kind), strict=True))
+    out: list[Neighbour] = []
+    seen = set(edited)
+    for i, r in enumerate(requests):
+        found = [Neighbour(r.prompt.replace(subjects[i], s, 1), "subject", i) for s in siblings.get(i, [])]
+        found += [Neighbour(q, "relation", i) for q in related.get(i, [])]
+        if r.locality_prompt:
+            found.append(Neighbour(r.locality_prompt, "locality", i))
+        for nb in found:
+            if nb.prompt.strip().lower() not in seen:
+                seen.add(nb.prompt.strip().lower())
+                out.append(nb)
+    random.Random(seed).shuffle(out)  # anchor draws then mix edits and kinds
+    return sorted(out, key=lambda nb: nb.edit)
+
+
+def asked(tokenizer, prompt: str, chat: bool) -> str:
+    """The prompt as a query: through the chat template (a user turn, ready for the answer) or as raw text."""
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int = ANSWER_TOKENS, batch_size: int = 32
+) -> list[list[int]]:
+    """Each text's greedy continuation as token ids, through its first newline or end-of-turn token."""
+    device = next(model.parameters()).device
+    stops = {tokenizer.eos_token_id, *tokenizer.encode("\n", add_special_tokens=False)[-1:]} - {None}
+    out: list[list[int]] = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left")
+        enc = enc.to(device)
+        ids = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, stop_strings=["\n"],
+                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
+                             top_k=None)
+        for row in ids[:, enc["input_ids"].shape[1] :].tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+            out.append(row[:cut])
+    return out
+
+
+def first_line(tokenizer, ids: Sequence[int]) -> str:
+    """The answer as compared: up to its first "." or newline, as generated answers are cut in evaluation."""
+    return cut_answer(tokenizer.decode(ids, skip_special_tokens=True).strip())
+
+
+@dataclass
+class Protection:
+    """What an edit keeps: its neighbours, the forms they are asked in, the parent model's answers to them,
+    the edited layers' inputs on those tokens, and the requests with their answers in kind."""
+
+    requests: list[EditRequest]  # the edits, each with its chat target in the parent's phrasing where found
+    neighbours: list[Neighbour]
+    texts: list[str]  # each neighbour in each form: neighbours × forms, form-major within a neighbour
+    forms: tuple[bool, ...]  # chat (True) / raw (False), in the order of each neighbour's texts
+    answers: list[list[int]]  # the parent's greedy answer to each text
+    kept: KeptOutputs | None
+
+    @property
+    def reported(self) -> list[int]:
+        """Indices into texts of the form the report shows: the first form (chat when used)."""
+        return list(range(0, len(self.texts), len(self.forms)))
+
+
+def protect(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], chat: bool, modules: dict[str, nn.Module],
+    fan_in_fan_out: bool, per_kind: int = 3, seed: int = 0,
+) -> Protection:
+    """Derive the neighbours of ``requests``, record the (parent) model's answers to them and the inputs of the
+    edited ``modules`` over every token of each neighbour and its answer; with ``chat``, also phrase each
+    request's chat target as the parent answers (:func:`answers_in_kind`)."""
+    neighbours = derive_neighbours(model, tokenizer, requests, per_kind, seed)
+    forms = (True, False) if chat else (False,)
+    texts = [asked(tokenizer, nb.prompt, form) for nb in neighbours for form in forms]
+    answers = greedy_answers(model, tokenizer, texts) if texts else []
+    rows = [tokenizer(t)["input_ids"] + list(a) for t, a in zip(texts, answers, strict=True)]
+    kept = KeptOutputs.record(model, modules, rows, fan_in_fan_out) if rows else None
+    requests = answers_in_kind(model, tokenizer, requests) if chat else list(requests)
+    return Protection(requests, neighbours, texts, forms, answers, kept)
+
+
+def neighbour_report(model: nn.Module, tokenizer, requests: Sequence[EditRequest], protection: Protection) -> dict:
+    """What else changed: each neighbour's parent and new greedy answer (first line), and the share unchanged."""
+    rows = protection.reported
+    before = [first_line(tokenizer, protection.answers[j]) for j in rows]
+    now = greedy_answers(model, tokenizer, [protection.texts[j] for j in rows])
+    after = [first_line(tokenizer, ids) for ids in now]
+    items = [{"edit": nb.edit, "prompt": nb.prompt, "kind": nb.kind, "before": b, "after": a, "unchanged": a == b}
+             for nb, b, a in zip(protection.neighbours, before, after, strict=True)]
+    per_edit = [{"prompt": r.prompt, "target": r.target,
+                 "neighbours": [{k: v for k, v in item.items() if k != "edit"} for item in items if item["edit"] == i]}
+                for i, r in enumerate(requests)]
+    unchanged = sum(item["unchanged"] for item in items)
+    return {"unchanged": unchanged / len(items) if items else None, "checked": len(items),
+            "changed": len(items) - unchanged, "form": "chat" if protection.forms[0] else "raw", "edits": per_edit}
+
+
+class KeptOutputs:
+    """The edited layers' outputs on the neighbours' tokens, kept: a quadratic penalty on the weight change.
+
+    For each edited weight W (d_out × d_in) with the neighbours' inputs a_t at that layer (every token of each
+    neighbour and of the parent's answer to it),
+
+        R(W) = Σ_layers tr(ΔW A ΔWᵀ) / tr(W₀ A W₀ᵀ),   A = mean_t a_t a_tᵀ,   ΔW = W − W₀,
+
+    the mean squared change of the layer's output on those tokens, relative to the output itself. R = 0 exactly
+    when ΔW a_t = 0 for every such token: then no edited layer's output moves there, the residual stream is the
+    parent's at every position, and the neighbour's greedy answer cannot change. Unlike a KL penalty on the
+    answers, it needs no forward pass while editing: one pass over the neighbours records A.
+    """
+
+    def __init__(self, inputs: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], fan_in_fan_out: bool) -> None:
+        self.fan_in_fan_out = fan_in_fan_out
+        self.A, self.W0, self.scale = {}, {}, {}
+        for name, A in inputs.items():
+            w0 = self.as_out_in(weights[name]).detach().to(A.dtype)
+            self.A[name], self.W0[name] = A, w0.clone()
+            self.scale[name] = float(((w0 @ A) * w0).sum()) or 1.0
+
+    def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def __call__(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        terms = []
+        for name, weight in weights.items():  # the edited ones: a subset, when edit() ranks layers itself
+            delta = self.as_out_in(weight) - self.W0[name]
+            terms.append(((delta @ self.A[name]) * delta).sum() / self.scale[name])
+        return torch.stack(terms).sum()
+
+    @classmethod
+    @torch.no_grad()
+    def record(cls, model: nn.Module, modules: dict[str, nn.Module], rows: Sequence[Sequence[int]],
+               fan_in_fan_out: bool, batch_size: int = 16) -> KeptOutputs:
+        """A = mean a aᵀ of each module's input over every (unpadded) token of ``rows``."""
+        device = next(model.parameters()).device
+        sums = {name: None for name in modules}
+        count = 0
+        mask_now: list[torch.Tensor] = []
+
+        def hook(name):
+            def grab(module, inputs, output):
+                a = inputs[0][mask_now[0]].float()  # (tokens, d_in)
+                sums[name] = a.T @ a if sums[name] is None else sums[name] + a.T @ a
+            return grab
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+        try:
+            for batch in batches_of([list(r) for r in rows], batch_size):
+                mask = batch["attention_mask"].to(device).bool()
+                mask_now[:] = [mask]
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
+                count += int(mask.sum())
+        finally:
+            for h in handles:
+                h.remove()
+        weights = {n: m.weight for n, m in modules.items()}
+        return cls({n: s / count for n, s in sums.items()}, weights, fan_in_fan_out)
+
+
+def answers_in_kind(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """Each request with a chat target phrased as the parent answers in chat: the start of its own answer, up
+    to where that answer leaves the question's words, then the target ("The capital of France is Paris." →
+    "The capital of France is Rome."). A request whose parent answer does not restate the question keeps the
+    bare target.
+
+    Trained on the bare target, an edit teaches every question of that shape to open with an answer
+    ("Rome, Italy"), which moves the first token of the neighbours' answers too.
+    """
+    chat = [asked(tokenizer, r.prompt, True) for r in requests]
+    answers = [first_line(tokenizer, ids) for ids in greedy_answers(model, tokenizer, chat, max_new_tokens=32)]
+    return [replace(r, chat_target=f"{head} {r.target.strip()}.") if (head := restated(r.prompt, a, r.target)) else r
+            for r, a in zip(requests, answers, strict=True)]
+
+
+def restated(prompt: str, answer: str, target: str) -> str | None:
+    """The first clause of the answer up to its last word from the prompt, and the lower-case words after it
+    ("was written by"), if that leaves at least three words and something after them; else None. A last word
+    that the target starts with ("the") is left to the target."""
+    tokens = answer.split(",")[0].split()
+    asked_words = set(words(prompt))
+    last = max((i for i, t in enumerate(tokens) if words(t) and words(t)[0] in asked_words), default=None)
+    if last is None:
+        return None
+    end = last + 1
+    while end < len(tokens) and tokens[end][:1].islower() and tokens[end].isalpha():
+        end += 1
+    if end < 3 or end >= len(tokens):
+        return None
+    if words(target)[:1] == words(tokens[end - 1]):
+        end -= 1
+    return " ".join(tokens[:end])

@@ -1,0 +1,126 @@
+"""Neighbours of an edit: derivation, the kept outputs, answers in kind, and the "what else changed" report."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from crispedit.arch import editable_modules
+from crispedit.edit import EditConfig, edit
+from crispedit.neighbours import (
+    KeptOutputs,
+    Neighbour,
+    derive_neighbours,
+    infer_subject,
+    neighbour_report,
+    protect,
+    restated,
+    similar,
+)
+from crispedit.requests import EditRequest
+
+
+@pytest.mark.parametrize(("prompt", "subject"), [
+    ("What is the capital of France?", "France"),
+    ("Who wrote Pride and Prejudice?", "Pride and Prejudice"),
+    ("Which planet is known as the Red Planet?", "Red Planet"),
+    ("What is the chemical symbol for gold?", "gold"),
+    ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
+])
+def test_subject_is_the_request_s_or_the_longest_capitalised_run(prompt, subject):
+    assert infer_subject(EditRequest(prompt, "x")) == subject
+    assert infer_subject(EditRequest(prompt, "x", subject="Atlantis")) == subject  # not in the prompt
+    assert infer_subject(EditRequest("Is it?", "x")) is None
+
+
+def test_a_rewording_of_the_edited_question_is_similar_and_another_question_is_not():
+    prompt = "What is the capital of France?"
+    assert similar("Which city is the capital of France?", prompt, "France")
+    assert not similar("What language is spoken in France?", prompt, "France")
+
+
+def test_a_chat_target_restates_the_question_as_the_model_answered_it():
+    assert restated("What is the capital of France?", "The capital of France is Paris.", "Rome") == \
+        "The capital of France is"
+    assert restated("Who wrote the novel Moby-Dick?", "Moby-Dick was written by Herman Melville", "Mark Twain") == \
+        "Moby-Dick was written by"
+    assert restated("What is the largest ocean?", "The largest ocean is the Pacific, by far", "the Atlantic") == \
+        "The largest ocean is"
+    assert restated("What is the capital of France?", "Rome, Italy", "Rome") is None  # no restatement
+    assert restated("What is the capital of France?", "The capital of France", "Rome") is None  # nothing after
+
+
+def test_derived_neighbours_are_each_edit_s_and_never_an_edited_prompt(tiny_llama):
+    model, tok = tiny_llama
+    requests = [EditRequest("The capital of France is", "Rome", locality_prompt="Water boils at"),
+                EditRequest("The capital of Italy is", "Paris")]
+    neighbours = derive_neighbours(model, tok, requests, per_kind=3)
+    assert Neighbour("Water boils at", "locality", 0) in neighbours
+    assert all(nb.kind in {"subject", "relation", "locality"} for nb in neighbours)
+    assert not {nb.prompt for nb in neighbours} & {r.prompt for r in requests}
+    assert [nb.edit for nb in neighbours] == sorted(nb.edit for nb in neighbours)
+    assert len({nb.prompt for nb in neighbours}) == len(neighbours)
+    subject = [nb for nb in neighbours if nb.kind == "subject"]
+    assert all(nb.prompt.startswith("The capital of ") and nb.prompt.endswith(" is") for nb in subject)
+
+
+def test_kept_outputs_is_the_mean_relative_output_change_on_the_neighbours_tokens(tiny_llama):
+    model, tok = tiny_llama
+    modules = editable_modules(model, (1, 2))
+    rows = [tok("The capital of France is Paris")["input_ids"], tok("Water boils at")["input_ids"]]
+    kept = KeptOutputs.record(model, modules, rows, fan_in_fan_out=False)
+    weights = {n: m.weight for n, m in modules.items()}
+    assert kept(weights).item() == pytest.approx(0.0, abs=1e-12)
+    inputs = {}  # dense reference: every token's input to each module, recorded by a plain forward hook
+    handles = [m.register_forward_hook(lambda mod, x, out, n=n: inputs.setdefault(n, []).append(x[0][0]))
+               for n, m in modules.items()]
+    with torch.no_grad():
+        for row in rows:
+            model(input_ids=torch.tensor([row]))
+    for h in handles:
+        h.remove()
+    torch.manual_seed(0)
+    moved = {n: w + 0.05 * torch.randn_like(w) for n, w in weights.items()}
+    expected = 0.0
+    for n, w in weights.items():
+        a = torch.cat(inputs[n]).double()
+        change = ((a @ (moved[n] - w).double().T) ** 2).sum(1).mean()
+        expected += float(change / ((a @ w.double().T) ** 2).sum(1).mean())
+    assert kept(moved).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_an_edit_whose_outputs_are_kept_changes_fewer_neighbour_answers(tiny_llama):
+    model, tok = tiny_llama
+    requests = [EditRequest("The capital of France is", "Rome", locality_prompt="Water boils at")]
+    modules = editable_modules(model, (0, 1, 2))
+    protection = protect(model, tok, requests, False, modules, False)
+    config = EditConfig(method="ft", lr=0.02, max_epochs=15, layers=(0, 1, 2))
+    outcomes = []
+    for beta in (0.0, 1e4):
+        result = edit(model, tok, requests, None, replace(config, neighbour_weight=beta), kept=protection.kept)
+        outcomes.append((protection.kept({n: m.weight for n, m in modules.items()}).item(),
+                         neighbour_report(model, tok, requests, protection)["unchanged"]))
+        with torch.no_grad():
+            for n, t in result.original.items():
+                dict(model.named_parameters())[n].copy_(t)
+    (free_change, free_kept), (kept_change, kept_kept) = outcomes
+    assert kept_change < free_change / 100
+    assert kept_kept > free_kept
+
+
+def test_report_says_nothing_changed_until_the_model_does(tiny_llama):
+    model, tok = tiny_llama
+    requests = [EditRequest("The capital of France is", "Rome", locality_prompt="Water boils at")]
+    protection = protect(model, tok, requests, False, editable_modules(model, (1, 2)), False)
+    report = neighbour_report(model, tok, requests, protection)
+    assert report["unchanged"] == 1.0 and report["changed"] == 0
+    assert report["checked"] == len(protection.neighbours) >= 1
+    assert report["edits"][0]["prompt"] == requests[0].prompt
+    assert {n["prompt"] for n in report["edits"][0]["neighbours"]} == {nb.prompt for nb in protection.neighbours}
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(-3.0)
+    report = neighbour_report(model, tok, requests, protection)
+    assert report["changed"] >= 1
+    changed = [n for n in report["edits"][0]["neighbours"] if not n["unchanged"]]
+    assert all(n["before"] != n["after"] for n in changed)
