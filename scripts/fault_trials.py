@@ -79,7 +79,8 @@ def tiny_profile(out: Path) -> Profile:
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
     env = {"CRISPEDIT_MODELS": f"tiny={folder}", "CRISPEDIT_CORPUS": str(ROOT / "tests/fixtures/corpus.txt"),
-           "CRISPEDIT_CACHE_SAMPLES": "4", "CRISPEDIT_CACHE_SEQ_LEN": "32", "OMP_NUM_THREADS": "1"}
+           "CRISPEDIT_CACHE_SAMPLES": "4", "CRISPEDIT_CACHE_SEQ_LEN": "32", "OMP_NUM_THREADS": "1",
+           "CRISPEDIT_MIN_NEIGHBOURS_UNCHANGED": "0", "CRISPEDIT_NEIGHBOUR_WEIGHT": "10"}
     return Profile("tiny", env, TINY_EDITS, {"lr": 0.03, "max_epochs": 30, "energy": 0.5},
                    {"min_reliability": 0.5, "kl_budget": 10}, 300)
 

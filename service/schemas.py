@@ -42,6 +42,9 @@ class Hyperparameters(Strict):
     chat_form: bool | None = None  # also train through the chat template; default: when the model has one
     anchor_weight: float | None = Field(None, ge=0.0, le=100.0, description="β of the KL penalty on the server's "
                                         "anchor questions (CRISPEDIT_ANCHORS); default CRISPEDIT_ANCHOR_WEIGHT")
+    neighbour_weight: float | None = Field(None, ge=0.0, le=1e6, description="β of the penalty that keeps the "
+                                           "edited layers' outputs on each edit's derived neighbours; default "
+                                           "CRISPEDIT_NEIGHBOUR_WEIGHT; 0: not kept (still reported)")
     text_anchor_weight: float | None = Field(None, ge=0.0, le=1000.0, description="β of the KL penalty on the "
                                              "server's capability text windows (CRISPEDIT_TEXT_ANCHORS); default "
                                              "CRISPEDIT_TEXT_ANCHOR_WEIGHT")
@@ -54,6 +57,8 @@ class Hyperparameters(Strict):
 class Guard(Strict):
     kl_budget: float | None = Field(None, gt=0.0)
     min_reliability: float | None = Field(None, ge=0.0, le=1.0)
+    min_neighbours_unchanged: float | None = Field(None, ge=0.0, le=1.0, description="reject the edit when a "
+                                                   "smaller share of its neighbours keeps its answer")
 
 
 class EditPost(Strict):

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from crispedit.anchor import TEXT_TUNED_WEIGHT, TUNED_WEIGHT, text_anchor_source
 from crispedit.augment import resolve_augment
 from crispedit.models import crispedit_home
+from crispedit.neighbours import NEIGHBOUR_GUARD, NEIGHBOUR_WEIGHT
 
 
 class Settings(BaseSettings):
@@ -35,6 +36,13 @@ class Settings(BaseSettings):
                                              "comma-separated, '' (none) or 'auto' (all three when anchors are "
                                              "configured, none without; BENCHMARKS.md sections 8 and 12); a "
                                              "request's hyperparameters.augment overrides it")
+    protect_neighbours: bool = Field(True, description="derive each edit's neighbours (the same question about "
+                                     "other subjects, other questions about the same subject, its locality_prompt), "
+                                     "keep the edited layers' outputs on them (weight CRISPEDIT_NEIGHBOUR_WEIGHT), "
+                                     "phrase chat targets as the model answers, and report which answers changed")
+    neighbour_weight: float = Field(NEIGHBOUR_WEIGHT, ge=0, description="β of the penalty on the edited layers' "
+                                    "output change over the neighbours' tokens (a request's "
+                                    "hyperparameters.neighbour_weight overrides it; 0: not kept, still reported)")
     anchors: str = Field("", description="ANCHORS.jsonl of {\"prompt\", \"answer\"} pairs (unrelated questions) whose "
                                          "base-model predictions every edit keeps, by a KL penalty; '' = none")
     anchor_weight: float = Field(TUNED_WEIGHT, ge=0, description="β of that penalty when anchors are configured "
@@ -58,6 +66,9 @@ class Settings(BaseSettings):
                                                "text exceeds this")
     min_reliability: float = Field(0.9, description="capability guard: reject an edit whose teacher-forced "
                                                     "reliability is lower")
+    min_neighbours_unchanged: float = Field(NEIGHBOUR_GUARD, ge=0, le=1, description="capability guard: reject an "
+                                            "edit that changes the answers of more of its neighbours than this "
+                                            "share allows (a request's guard.min_neighbours_unchanged overrides it)")
     max_new_tokens: int = Field(256, description="upper bound on max_tokens of a completion")
     generation_slots: int = Field(4, ge=1, description="per model: at most this many generations run at once in the "
                                                        "API process; the rest wait their turn")

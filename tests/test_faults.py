@@ -43,6 +43,7 @@ class Stack:
                     "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0", "CRISPEDIT_KEY_PREFIX": "faults",
                     "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
                     "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0.5", "CRISPEDIT_KL_BUDGET": "10",
+                    "CRISPEDIT_MIN_NEIGHBOURS_UNCHANGED": "0", "CRISPEDIT_NEIGHBOUR_WEIGHT": "10",
                     "CRISPEDIT_API_KEYS": KEYS, "CRISPEDIT_EDIT_POSTS_PER_MINUTE": "0",
                     "CRISPEDIT_COALESCE_MAX": "8", "OMP_NUM_THREADS": "1", "CRISPEDIT_LEASE_SECONDS": "2"}
         self.redis: subprocess.Popen | None = None

@@ -37,6 +37,8 @@ def service(tmp_path_factory, redis_db):
            "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
            "CRISPEDIT_ANCHORS": str(FIXTURES / "anchors.jsonl"),  # text anchors: by default, the corpus file
            "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0.5", "CRISPEDIT_KL_BUDGET": "10",
+           # a random tiny model's answers are near ties, and its neighbours share most tokens with the edits
+           "CRISPEDIT_MIN_NEIGHBOURS_UNCHANGED": "0", "CRISPEDIT_NEIGHBOUR_WEIGHT": "0.1",
            "CRISPEDIT_LEASE_SECONDS": "2",
            "CRISPEDIT_API_KEYS": "admin-key:admin,editor-key:editor,reader-key:reader,limited-key:editor",
            "CRISPEDIT_EDIT_POSTS_PER_MINUTE": str(RATE_LIMIT)}
@@ -128,6 +130,13 @@ def test_edit_query_rollback_through_the_service(service):
     assert versions["data"][1]["hyperparameters"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT  # and its text anchors
     assert versions["data"][1]["hyperparameters"]["augment"] == ["paraphrase", "prefix", "qa"]  # 'auto' with anchors
     assert versions["data"][1]["hyperparameters"]["lr_schedule"] == "constant"  # the paper's, by default
+    assert versions["data"][1]["hyperparameters"]["neighbour_weight"] == 0.1  # the server's protection
+    report = reader.get("/v1/registry/tiny/versions/v1").json()["metrics"]["neighbours"]  # what else changed
+    assert report == jobs[0]["metrics"]["neighbours"] and report["checked"] >= 1
+    assert [e["prompt"] for e in report["edits"]] == [EDIT["prompt"], "Hamlet was written by",
+                                                      "The chemical symbol for gold is"]
+    assert all({"prompt", "kind", "before", "after", "unchanged"} <= set(n) for e in report["edits"]
+               for n in e["neighbours"])
     assert reader.get("/v1/registry/tiny/diff", params={"from": "v0", "to": "v1"}).json()["tensors"]
 
     # the guard rejects an edit over budget: nothing committed, production untouched
@@ -136,11 +145,23 @@ def test_edit_query_rollback_through_the_service(service):
     job = wait_done(reader, rejected["id"])
     assert job["status"] == "rejected" and "KL" in job["error"] and job["version"] is None
     assert reader.get("/v1/registry/tiny/versions").json()["aliases"] == {"latest": "v0", "production": "v0"}
+
+    # ... and an edit that changes the answers of its neighbours (here its locality prompt), figures in hand
+    wrecking = {"method": "ft", "lr": 0.3, "max_epochs": 10, "neighbour_weight": 0}
+    changing = editor.post("/v1/edits", json={
+        "model": "tiny", "edits": [{**EDIT, "locality_prompt": "Water boils at"}], "hyperparameters": wrecking,
+        "guard": {"min_neighbours_unchanged": 1.0, "min_reliability": 0}}).json()
+    job = wait_done(reader, changing["id"])
+    assert job["status"] == "rejected" and "changed its neighbours" in job["error"], job
+    report = job["metrics"]["neighbours"]
+    assert report["changed"] >= 1 and job["metrics"]["neighbours_unchanged"] < 1.0
+    assert any(n["prompt"] == "Water boils at" for n in report["edits"][0]["neighbours"])
+    assert [v["id"] for v in reader.get("/v1/registry/tiny/versions").json()["data"]] == ["v0", "v1"]
     worker.terminate()
     worker.wait(timeout=30)
     assert "committed as v1" in (service["tmp"] / "worker.log").read_text()  # the worker says what it did
     audit = [json.loads(line) for line in (service["tmp"] / "audit.log").read_text().splitlines()]
-    assert [a["action"] for a in audit].count("post_edit") == 4 and "rollback" in [a["action"] for a in audit]
+    assert [a["action"] for a in audit].count("post_edit") == 5 and "rollback" in [a["action"] for a in audit]
     text = (service["tmp"] / "audit.log").read_text() + (service["tmp"] / "api.log").read_text()
     assert "editor-key" not in text and "admin-key" not in text  # keys never reach a log
 

@@ -40,13 +40,19 @@ def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path, redis_db):
         assert status["status"] == "succeeded", status
         oa = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k")
 
-        def ask(model: str) -> str:
-            out = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+        def ask(model: str, prompt: str = question) -> str:
+            out = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                              max_tokens=12, temperature=0)
             return out.choices[0].message.content
 
         assert "Rome" in ask("smollm2@latest")
         assert "Paris" in ask("smollm2@v0")
+        # nothing next to it: a neighbour of our own keeps its answer, and the version says what else changed
+        neighbour = "What is the capital of Germany?"
+        assert ask("smollm2@latest", neighbour) == ask("smollm2@v0", neighbour)
+        report = client.get("/v1/registry/smollm2/versions/v1").json()["metrics"]["neighbours"]
+        assert report == status["metrics"]["neighbours"] and report["checked"] >= 3
+        assert report["unchanged"] >= 0.3 and report["edits"][0]["prompt"] == question
         client.post("/v1/registry/smollm2/rollback", json={"to": "v0"})
         assert "Paris" in ask("smollm2")  # queries follow the rollback without a restart
     finally:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from dataclasses import replace
 
 import torch
 from rq import get_current_job
 
+from crispedit.arch import arch_spec, editable_modules
 from crispedit.augment import resolve_augment
 from crispedit.capability import mean_kl
 from crispedit.edit import EditConfig, EditError, edit
 from crispedit.evaluate import edit_quality
+from crispedit.neighbours import neighbour_report, protect
 from crispedit.requests import EditRequest
 from registry import Conflict
 from registry.curvature import contribution, version_cache
@@ -82,6 +85,7 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         hyper.setdefault("chat_form", bool(getattr(rt.tokenizer, "chat_template", None)))
         hyper.setdefault("batch_size", rt.edit_batch_size)
         hyper.setdefault("anchor_weight", rt.settings.anchor_weight if rt.anchors is not None else 0.0)
+        hyper.setdefault("neighbour_weight", rt.settings.neighbour_weight if rt.settings.protect_neighbours else 0.0)
         hyper.setdefault("text_anchor_weight",
                          rt.settings.text_anchor_weight if rt.text_anchors is not None else 0.0)
         hyper.setdefault("augment", list(resolve_augment(rt.settings.augment, with_anchors=rt.anchors is not None)))
@@ -104,7 +108,7 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
                     hyperparameters={**config.__dict__, "lr": outcome["result"].lr,
                                      "energy": outcome["result"].energy, "jobs": ids,
                                      "layers": list(rt.capability.layers)},
-                    edits=[r.to_dict() for r in requests], metrics=outcome["metrics"], job_id=ids[0],
+                    edits=[r.to_dict() for r in outcome["requests"]], metrics=outcome["metrics"], job_id=ids[0],
                 )
                 break
             except Conflict:
@@ -129,6 +133,15 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
     """Edit on top of ``parent``, measure drift and reliability, then put the parent's weights back."""
     rt.holder.switch_to(parent)
     state = version_cache(rt.registry, rt.name, parent, rt.capability)
+    # the neighbours of these edits and the parent's answers to them: kept while editing, reported after
+    protection = None
+    if rt.settings.protect_neighbours:
+        protection = protect(rt.model, rt.tokenizer, requests, config.chat_form,
+                             editable_modules(rt.model, state.layers), arch_spec(rt.model).fan_in_fan_out,
+                             seed=config.seed)
+        requests = protection.requests
+        for job_id in ids:
+            store.event(job_id, {"event": "neighbours", "derived": len(protection.neighbours)})
 
     def progress(event: dict) -> None:
         for job_id in ids:
@@ -137,26 +150,39 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
                 store.update(job_id, progress={"epoch": event["epoch"], "loss": event["loss"],
                                                "max_epochs": config.max_epochs})
 
+    kept = protection.kept if protection else None
+    if kept is None:  # no neighbour could be derived, or protection is off: nothing to keep
+        config = replace(config, neighbour_weight=0.0)
     result = edit(rt.model, rt.tokenizer, requests, state, config, on_progress=progress, anchors=rt.anchors,
-                  text_anchors=rt.text_anchors)
+                  text_anchors=rt.text_anchors, kept=kept)
     try:
         reliability = edit_quality(rt.model, rt.tokenizer, requests, generated=False)["rel_tf"]
         kl = mean_kl(rt.model, rt.tokenizer, rt.guard_texts, result.original, result.changed)
+        report = neighbour_report(rt.model, rt.tokenizer, requests, protection) if protection else None
     finally:
         with torch.no_grad():
             params = dict(rt.model.named_parameters())
             for n, t in result.original.items():
                 params[n].copy_(t)
     metrics = {"reliability": reliability, "kl": kl, "epochs": len(result.epoch_losses),
-               "final_loss": result.epoch_losses[-1], "seconds": round(result.seconds, 2)}
+               "final_loss": result.epoch_losses[-1], "seconds": round(result.seconds, 2),
+               "neighbours_unchanged": report["unchanged"] if report else None}
     for job_id in ids:
         store.event(job_id, {"event": "evaluation", **metrics})
+    metrics["neighbours"] = report
     kl_budget = float(guard.get("kl_budget", rt.settings.kl_budget))
     min_rel = float(guard.get("min_reliability", rt.settings.min_reliability))
+    min_unchanged = float(guard.get("min_neighbours_unchanged", rt.settings.min_neighbours_unchanged))
     if kl > kl_budget:
         return {"status": "rejected", "metrics": metrics,
                 "reason": f"capability drift KL {kl:.4f} exceeds the budget {kl_budget}"}
     if reliability < min_rel:
         return {"status": "rejected", "metrics": metrics,
                 "reason": f"the edit did not take: reliability {reliability:.2f} < {min_rel}"}
-    return {"status": "ok", "metrics": metrics, "result": result}
+    if report and report["unchanged"] is not None and report["unchanged"] < min_unchanged:
+        changed = [n for e in report["edits"] for n in e["neighbours"] if not n["unchanged"]]
+        return {"status": "rejected", "metrics": metrics,
+                "reason": f"the edit changed its neighbours: {report['unchanged']:.2f} of {report['checked']} "
+                          f"unchanged < {min_unchanged} (e.g. {changed[0]['prompt']!r}: {changed[0]['before']!r} → "
+                          f"{changed[0]['after']!r})"}
+    return {"status": "ok", "metrics": metrics, "result": result, "requests": requests}
