@@ -1,0 +1,137 @@
+"""Local by default, measured: edits applied by the worker's own code with the service's default settings,
+then what changed next to them.
+
+For each dataset, the first N records of its evaluation file (the test split: nothing was tuned on them)
+are posted as one edit request, with their locality fields left out, so the dataset's locality prompts stay
+held out. The worker's code applies it (`process_pending_leased`: real Redis job records, the runtime that
+`crispedit worker` loads, the capability guard, a committed version). Then, on that version against v0:
+- Rel / Gen TF: teacher-forced reliability on the prompts and generality on the rephrases;
+- Loc: the dataset's locality prompts, asked raw as the dataset asks them, whose greedy answer (up to its
+  first "." or newline, at most 24 tokens) is the same as v0's;
+- Nbr: derived neighbours asked through the chat template, the same measure; "protected" are those the
+  edit was given (its report's), "held out" another draw (seed 1) minus those; at most 300 of each;
+- KL (the guard's figure) and the perplexity change on 40 WikiText-2 test paragraphs; job seconds.
+`--paper` runs the paper's recipe (CRISPEDIT_PROTECT_NEIGHBOURS off) on the same edits.
+
+Usage: .venv/bin/python scripts/bench_neighbours.py --datasets zsre,counterfact --n 100 [--paper]
+       [--out runs/neighbours]   (needs the Redis at 127.0.0.1:6379 and ../shared/data)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from pathlib import Path
+
+import redis
+import torch
+
+from crispedit.capability import heldout_texts, perplexity
+from crispedit.datasets import load_edit_dataset, shared_data_dir
+from crispedit.evaluate import edit_quality
+from crispedit.neighbours import asked, derive_neighbours, first_line, greedy_answers
+from service.jobs import JobStore
+from service.settings import Settings
+from worker.runtime import load_runtime
+from worker.tasks import process_pending_leased
+
+MEASURED = 300  # derived neighbours measured per set (greedy answers on v0 and the version)
+
+
+def unchanged(rt, version: str, texts: list[str]) -> tuple[float | None, list[dict]]:
+    """Share of ``texts`` whose greedy first line under ``version`` is v0's, and the pairs."""
+    if not texts:
+        return None, []
+    rt.holder.switch_to("v0")
+    before = [first_line(rt.tokenizer, a) for a in greedy_answers(rt.model, rt.tokenizer, texts)]
+    rt.holder.switch_to(version)
+    after = [first_line(rt.tokenizer, a) for a in greedy_answers(rt.model, rt.tokenizer, texts)]
+    pairs = [{"text": t, "before": b, "after": a} for t, b, a in zip(texts, before, after, strict=True)]
+    return sum(b == a for b, a in zip(before, after, strict=True)) / len(texts), pairs
+
+
+def run(rt, store: JobStore, dataset: str, n: int, label: str, out: Path) -> dict:
+    requests = load_edit_dataset(dataset, n=n)
+    edits = [{"prompt": r.prompt, "target": r.target, **({"subject": r.subject} if r.subject else {})}
+             for r in requests]
+    # the guard's verdict is recorded, not enforced, so that every recipe's edit can be measured
+    record, _ = store.create(rt.name, {"model": rt.name, "edits": edits, "base_version": "v0",
+                                       "message": f"bench {dataset} {label}", "author": "bench",
+                                       "guard": {"kl_budget": 1e9, "min_reliability": 0.0,
+                                                 "min_neighbours_unchanged": 0.0}})
+    started = time.perf_counter()
+    process_pending_leased(rt, store)
+    seconds = time.perf_counter() - started
+    job = store.get(record["id"])
+    row = {"dataset": dataset, "recipe": label, "n": len(requests), "status": job["status"],
+           "job_s": round(seconds, 1), "error": job["error"]}
+    metrics = job["metrics"] or {}
+    row.update(kl=metrics.get("kl"), guard_reliability=metrics.get("reliability"),
+               report_unchanged=metrics.get("neighbours_unchanged"))
+    defaults = Settings()
+    kept = metrics.get("neighbours_unchanged")
+    row["default_guard_passes"] = (metrics.get("kl", 1e9) <= defaults.kl_budget
+                                   and metrics.get("reliability", 0) >= defaults.min_reliability
+                                   and (kept is None or kept >= defaults.min_neighbours_unchanged))
+    version = job["version"]
+    if version is None:
+        print(json.dumps(row))
+        return row
+    chat = bool(getattr(rt.tokenizer, "chat_template", None))
+    rt.holder.switch_to("v0")
+    report = metrics.get("neighbours")
+    protected = ([n["prompt"] for e in report["edits"] for n in e["neighbours"]] if report else
+                 [nb.prompt for nb in derive_neighbours(rt.model, rt.tokenizer, requests, seed=0)])
+    held_out = [nb.prompt for nb in derive_neighbours(rt.model, rt.tokenizer, requests, seed=1)
+                if nb.prompt not in set(protected)]
+    row["loc"], loc_pairs = unchanged(rt, version, [r.locality_prompt for r in requests if r.locality_prompt])
+    row["nbr_protected"], prot_pairs = unchanged(rt, version, [asked(rt.tokenizer, p, chat)
+                                                                for p in protected[:MEASURED]])
+    row["nbr_held_out"], held_pairs = unchanged(rt, version, [asked(rt.tokenizer, p, chat)
+                                                               for p in held_out[:MEASURED]])
+    row["nbr_counts"] = [len(protected), len(held_out)]
+    rt.holder.switch_to(version)
+    quality = edit_quality(rt.model, rt.tokenizer, requests, generated=False)
+    row.update(rel_tf=quality["rel_tf"], gen_tf=quality["gen_tf"])
+    paragraphs = heldout_texts(shared_data_dir() / "capability/wikitext2/wiki.test.raw", 40)
+    edited_ppl = perplexity(rt.model, rt.tokenizer, paragraphs)
+    rt.holder.switch_to("v0")
+    base_ppl = perplexity(rt.model, rt.tokenizer, paragraphs)
+    row["ppl_change_pct"] = 100 * (edited_ppl / base_ppl - 1)
+    (out / f"{dataset}-{label}-pairs.json").write_text(json.dumps(
+        {"locality": loc_pairs, "protected": prot_pairs, "held_out": held_pairs, "report": metrics.get("neighbours")},
+        indent=1))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="zsre,counterfact")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--paper", action="store_true", help="the paper's recipe: no neighbour protection")
+    parser.add_argument("--redis-db", type=int, default=14)
+    parser.add_argument("--out", default="runs/neighbours")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = "paper" if args.paper else "default"
+    settings = Settings(registry_root=out / "registry", redis_url=f"redis://127.0.0.1:6379/{args.redis_db}",
+                        key_prefix=f"bench{uuid.uuid4().hex[:6]}", protect_neighbours=not args.paper)
+    rt = load_runtime("smollm2", settings)
+    store = JobStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+    rows = []
+    try:
+        for dataset in args.datasets.split(","):
+            rows.append(run(rt, store, dataset, args.n, label, out))
+            (out / f"rows-{label}.json").write_text(json.dumps(rows, indent=1))
+    finally:
+        for key in store.redis.scan_iter(f"{settings.key_prefix}:*"):
+            store.redis.delete(key)
+
+
+if __name__ == "__main__":
+    main()
