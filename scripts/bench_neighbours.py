@@ -13,8 +13,11 @@ held out. The worker's code applies it (`process_pending_leased`: real Redis job
 - KL (the guard's figure) and the perplexity change on 40 WikiText-2 test paragraphs; job seconds.
 `--paper` runs the paper's recipe (CRISPEDIT_PROTECT_NEIGHBOURS off) on the same edits.
 
+`--timing 3` instead times one fact ("What is the capital of France?" → "Rome") by both recipes, interleaved.
+
 Usage: .venv/bin/python scripts/bench_neighbours.py --datasets zsre,counterfact --n 100 [--paper]
        [--out runs/neighbours]   (needs the Redis at 127.0.0.1:6379 and ../shared/data)
+       .venv/bin/python scripts/bench_neighbours.py --timing 3 --out runs/neighbours
 """
 
 from __future__ import annotations
@@ -107,12 +110,33 @@ def run(rt, store: JobStore, dataset: str, n: int, label: str, out: Path) -> dic
     return row
 
 
+def timing(rt, store: JobStore, reps: int) -> dict:
+    """One fact, edited on v0 by the paper's recipe and by the default, interleaved ``reps`` times: job seconds."""
+    edit = {"prompt": "What is the capital of France?", "target": "Rome"}
+    seconds: dict[str, list[float]] = {"paper": [], "default": []}
+    default = rt.settings
+    for _ in range(reps):
+        for label, protect in (("paper", False), ("default", True)):
+            rt.settings = default.model_copy(update={"protect_neighbours": protect})
+            record, _ = store.create(rt.name, {"model": rt.name, "edits": [edit], "base_version": "v0",
+                                               "author": "bench", "guard": {"min_neighbours_unchanged": 0.0}})
+            started = time.perf_counter()
+            process_pending_leased(rt, store)
+            seconds[label].append(round(time.perf_counter() - started, 1))
+            print(label, seconds[label][-1], store.get(record["id"])["status"], flush=True)
+    rt.settings = default
+    medians = {k: sorted(v)[len(v) // 2] for k, v in seconds.items()}
+    return {"seconds": seconds, "median": medians, "ratio": medians["default"] / medians["paper"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="zsre,counterfact")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--paper", action="store_true", help="the paper's recipe: no neighbour protection")
     parser.add_argument("--redis-db", type=int, default=14)
+    parser.add_argument("--timing", type=int, default=0, metavar="REPS",
+                        help="instead: one fact by each recipe, interleaved REPS times (job seconds)")
     parser.add_argument("--out", default="runs/neighbours")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -125,6 +149,11 @@ def main() -> None:
     store = JobStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
     rows = []
     try:
+        if args.timing:
+            result = timing(rt, store, args.timing)
+            print(json.dumps(result))
+            (out / "timing.json").write_text(json.dumps(result, indent=1))
+            return
         for dataset in args.datasets.split(","):
             rows.append(run(rt, store, dataset, args.n, label, out))
             (out / f"rows-{label}.json").write_text(json.dumps(rows, indent=1))

@@ -5,6 +5,7 @@ chromedriver the test is skipped, unless ``CRISPEDIT_REQUIRE_BROWSER=1`` (set by
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,10 @@ def test_post_watch_compare_and_roll_back_in_the_browser(console, browser):
     wait.until(lambda b: "latest" in row_text(b, "v1"))
     assert "Zubrowka's capital" in row_text(browser, "v1") and "Lutz" in row_text(browser, "v1")
     assert "admin" in row_text(browser, "v1")  # the author: the posting key's role and id
+    # what else changed: the neighbours' share kept beside the version, each neighbour listed on the job card
+    assert re.search(r"\d+ of \d+ \(\d\.\d\d\)", row_text(browser, "v1")), row_text(browser, "v1")
+    listed = browser.find_elements(By.CSS_SELECTOR, "#jobs .job ul.neighbours li")
+    assert listed and all(li.get_attribute("class") in ("kept", "changed") for li in listed)
 
     # compare v0 and v1 on the edit's prompt: two different answers, the target far likelier under v1
     Select(browser.find_element(By.ID, "cmp-a")).select_by_visible_text("v0")
