@@ -59,6 +59,7 @@ def run(rt, store: JobStore, dataset: str, n: int, label: str, out: Path) -> dic
     requests = load_edit_dataset(dataset, n=n)
     edits = [{"prompt": r.prompt, "target": r.target, **({"subject": r.subject} if r.subject else {})}
              for r in requests]
+    rt.registry.rollback(rt.name, "v0")  # each run's version is committed on the base
     # the guard's verdict is recorded, not enforced, so that every recipe's edit can be measured
     record, _ = store.create(rt.name, {"model": rt.name, "edits": edits, "base_version": "v0",
                                        "message": f"bench {dataset} {label}", "author": "bench",
@@ -118,15 +119,27 @@ def timing(rt, store: JobStore, reps: int) -> dict:
     for _ in range(reps):
         for label, protect in (("paper", False), ("default", True)):
             rt.settings = default.model_copy(update={"protect_neighbours": protect})
+            rt.registry.rollback(rt.name, "v0")
             record, _ = store.create(rt.name, {"model": rt.name, "edits": [edit], "base_version": "v0",
                                                "author": "bench", "guard": {"min_neighbours_unchanged": 0.0}})
             started = time.perf_counter()
             process_pending_leased(rt, store)
             seconds[label].append(round(time.perf_counter() - started, 1))
             print(label, seconds[label][-1], store.get(record["id"])["status"], flush=True)
+            if label == "default":
+                job = store.get(record["id"])
     rt.settings = default
     medians = {k: sorted(v)[len(v) // 2] for k, v in seconds.items()}
-    return {"seconds": seconds, "median": medians, "ratio": medians["default"] / medians["paper"]}
+    # the README's example: the last default edit's report, and three capitals asked before and after it
+    questions = [f"What is the capital of {c}?" for c in ("Germany", "Spain", "Italy", "France")]
+    texts = [asked(rt.tokenizer, q, True) for q in questions]
+    answers = {}
+    for version in ("v0", job["version"]):
+        rt.holder.switch_to(version)
+        answers[version] = [first_line(rt.tokenizer, a) for a in greedy_answers(rt.model, rt.tokenizer, texts)]
+    rt.holder.switch_to("v0")
+    return {"seconds": seconds, "median": medians, "ratio": medians["default"] / medians["paper"],
+            "report": job["metrics"]["neighbours"], "questions": questions, "answers": answers}
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path, redis_db):
         assert ask("smollm2@latest", neighbour) == ask("smollm2@v0", neighbour)
         report = client.get("/v1/registry/smollm2/versions/v1").json()["metrics"]["neighbours"]
         assert report == status["metrics"]["neighbours"] and report["checked"] >= 3
-        assert report["unchanged"] >= 0.3 and report["edits"][0]["prompt"] == question
+        assert report["unchanged"] >= 0.1 and report["edits"][0]["prompt"] == question
         client.post("/v1/registry/smollm2/rollback", json={"to": "v0"})
         assert "Paris" in ask("smollm2")  # queries follow the rollback without a restart
     finally:
