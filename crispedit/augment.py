@@ -70,17 +70,18 @@ def keep_paraphrase(request: EditRequest, text: str) -> str | None:
 @torch.no_grad()
 def sample_completions(
     model: nn.Module, tokenizer, texts: Sequence[str], n: int, max_new_tokens: int = 32, batch_size: int = 16,
-    temperature: float = 0.8,
+    temperature: float | None = 0.8,
 ) -> list[list[str]]:
-    """``n`` sampled completions of each text, up to its first newline."""
+    """``n`` completions of each text, up to its first newline: sampled, or greedy with ``temperature=None``."""
     device = next(model.parameters()).device
+    options = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if temperature else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     replies: list[list[str]] = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left")
         enc = enc.to(device)
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95, top_k=0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=n, stop_strings=["\n"],
-                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n, stop_strings=["\n"],
+                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, **options)
         decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         replies.extend(decoded[j : j + n] for j in range(0, len(decoded), n))
     return replies

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from crispedit.augment import sample_completions
 from crispedit.corpus import batches_of
 from crispedit.evaluate import cut_answer
 from crispedit.requests import EditRequest
@@ -100,24 +101,12 @@ def infer_subject(request: EditRequest) -> str | None:
     return last[-1] if last else None
 
 
-@torch.no_grad()
 def continuations(
     model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int, n: int = 1, sample: bool = False,
-    batch_size: int = 16,
 ) -> list[list[str]]:
-    """``n`` continuations of each text up to its first newline: greedy, or sampled (temperature 0.8)."""
-    device = next(model.parameters()).device
-    out: list[list[str]] = []
-    options = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "top_k": 0} if sample else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left")
-        enc = enc.to(device)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n, stop_strings=["\n"],
-                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, **options)
-        decoded = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        out.extend([d.split("\n")[0] for d in decoded[j : j + n]] for j in range(0, len(decoded), n))
-    return out
+    """``n`` continuations of each text, cut at its first newline: greedy, or sampled (temperature 0.8)."""
+    replies = sample_completions(model, tokenizer, texts, n, max_new_tokens, temperature=0.8 if sample else None)
+    return [[r.split("\n")[0] for r in group] for group in replies]
 
 
 def sibling_subjects(model: nn.Module, tokenizer, subjects: Sequence[str], n: int) -> list[list[str]]:
