@@ -13,8 +13,8 @@ model from the edit's prompt alone (no dataset, nothing from the user):
 
 Each neighbour is asked as the service is asked (through the chat template when the edit trains that
 form) and as raw text, and the parent model's greedy first line is its reference answer. The edit keeps
-those answers by the KL penalty of ``crispedit.anchor`` (β · KL(p_parent ‖ p_edited) over each answer's
-tokens), and :func:`neighbour_report` compares them with the new version's greedy answers afterwards.
+the edited layers' outputs on those texts (:class:`KeptOutputs`, β · R(W) added to the edit loss), and
+:func:`neighbour_report` compares the answers with the new version's greedy answers afterwards.
 """
 
 from __future__ import annotations
@@ -110,20 +110,28 @@ def continuations(
 
 
 def sibling_subjects(model: nn.Module, tokenizer, subjects: Sequence[str], n: int) -> list[list[str]]:
-    """Up to ``n`` distinct things of the same kind as each subject, as the model lists them after it."""
-    listed = continuations(model, tokenizer, [SIBLING_SHOTS.format(subject=s) for s in subjects], 32, n=2,
-                           sample=True)
-    greedy = continuations(model, tokenizer, [SIBLING_SHOTS.format(subject=s) for s in subjects], 32)
-    out = []
-    for subject, lists in zip(subjects, zip(greedy, listed, strict=True), strict=True):
-        seen: dict[str, str] = {}
-        for item in (x.strip(" .") for line in lists for text in line for x in text.split(",")):
-            key = item.lower()
-            if (1 <= len(item.split()) <= 6 and key not in seen and subject.lower() not in key
-                    and key not in subject.lower()):
-                seen[key] = item
-        out.append(list(seen.values())[:n])
-    return out
+    """Up to ``n`` distinct things of the same kind as each subject, as the model lists them after it: its greedy
+    list, then (only for subjects whose greedy list names fewer than ``n``) two sampled lists."""
+    texts = [SIBLING_SHOTS.format(subject=s) for s in subjects]
+    found = [distinct_items(s, lines) for s, lines in zip(subjects, continuations(model, tokenizer, texts, 32),
+                                                             strict=True)]
+    short = [i for i, items in enumerate(found) if len(items) < n]
+    if short:
+        sampled = continuations(model, tokenizer, [texts[i] for i in short], 32, n=2, sample=True)
+        for i, lines in zip(short, sampled, strict=True):
+            found[i] = distinct_items(subjects[i], [*(found[i] and [", ".join(found[i])]), *lines])
+    return [items[:n] for items in found]
+
+
+def distinct_items(subject: str, lines: Sequence[str]) -> list[str]:
+    """The comma-separated items of ``lines``, once each, of one to six words, other than the subject."""
+    seen: dict[str, str] = {}
+    own = subject.lower()
+    for item in (x.strip(" .") for text in lines for x in text.split(",")):
+        key = item.lower()
+        if 1 <= len(item.split()) <= 6 and key not in seen and own not in key and key not in own:
+            seen[key] = item
+    return list(seen.values())
 
 
 def similar(candidate: str, prompt: str, subject: str) -> bool:
@@ -243,13 +251,22 @@ def protect(
     """Derive the neighbours of ``requests``, record the (parent) model's answers to them and the inputs of the
     edited ``modules`` over every token of each neighbour and its answer; with ``chat``, also phrase each
     request's chat target as the parent answers (:func:`answers_in_kind`)."""
+    requests = list(requests)
     neighbours = derive_neighbours(model, tokenizer, requests, per_kind, seed)
     forms = (True, False) if chat else (False,)
     texts = [asked(tokenizer, nb.prompt, form) for nb in neighbours for form in forms]
-    answers = greedy_answers(model, tokenizer, texts) if texts else []
+    # one generation per form: a batch runs until its longest answer ends, and raw questions mostly end at once;
+    # the edits' own chat answers (for their targets in kind) join the chat batch
+    own = [asked(tokenizer, r.prompt, True) for r in requests] if chat else []
+    answers: list[list[int]] = [[] for _ in texts]
+    for k, form in enumerate(forms):
+        extra = own if form else []
+        replies = greedy_answers(model, tokenizer, texts[k :: len(forms)] + extra)
+        answers[k :: len(forms)] = replies[: len(replies) - len(extra)]
+        if extra:
+            requests = answers_in_kind(requests, [first_line(tokenizer, a) for a in replies[-len(extra) :]])
     rows = [tokenizer(t)["input_ids"] + list(a) for t, a in zip(texts, answers, strict=True)]
     kept = KeptOutputs.record(model, modules, rows, fan_in_fan_out) if rows else None
-    requests = answers_in_kind(model, tokenizer, requests) if chat else list(requests)
     return Protection(requests, neighbours, texts, forms, answers, kept)
 
 
@@ -281,67 +298,114 @@ class KeptOutputs:
     when ΔW a_t = 0 for every such token: then no edited layer's output moves there, the residual stream is the
     parent's at every position, and the neighbour's greedy answer cannot change. Unlike a KL penalty on the
     answers, it needs no forward pass while editing: one pass over the neighbours records A.
+
+    A is held as a factor F (A = FᵀF) while the neighbours have fewer distinct tokens than the layer has inputs,
+    so a step costs d_out·d_in·rows(F) instead of d_out·d_in²: a token whose whole prefix another row shares
+    (the chat template's system prompt) has the same input there and enters F once, weighted by √count.
     """
 
-    def __init__(self, inputs: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], fan_in_fan_out: bool) -> None:
-        self.fan_in_fan_out = fan_in_fan_out
-        self.A, self.W0, self.scale = {}, {}, {}
-        for name, A in inputs.items():
-            w0 = self.as_out_in(weights[name]).detach().to(A.dtype)
-            self.A[name], self.W0[name] = A, w0.clone()
-            self.scale[name] = float(((w0 @ A) * w0).sum()) or 1.0
+    def __init__(self, factors: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], fan_in_fan_out: bool,
+                 factored: bool = True) -> None:
+        """``factors[name]``: F (rows × d_in) with A = FᵀF, or with ``factored=False`` A itself (d_in × d_in)."""
+        self.fan_in_fan_out, self.factored = fan_in_fan_out, factored
+        self.F, self.W0, self.scale = {}, {}, {}
+        for name, F in factors.items():
+            w0 = self.as_out_in(weights[name]).detach().to(F.dtype)
+            self.F[name], self.W0[name] = F, w0.clone()
+            self.scale[name] = float(self.energy(w0, F)) or 1.0
 
     def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
+
+    def energy(self, delta: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+        """tr(Δ A Δᵀ): ‖Δ Fᵀ‖² from the factor, or Σ (Δ A) ⊙ Δ from A itself."""
+        return (delta @ F.T).square().sum() if self.factored else ((delta @ F) * delta).sum()
+
+    @property
+    def A(self) -> dict[str, torch.Tensor]:
+        """A = mean_t a_t a_tᵀ of each module, dense."""
+        return {n: F.T @ F if self.factored else F for n, F in self.F.items()}
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         terms = []
         for name, weight in weights.items():  # the edited ones: a subset, when edit() ranks layers itself
             delta = self.as_out_in(weight) - self.W0[name]
-            terms.append(((delta @ self.A[name]) * delta).sum() / self.scale[name])
+            terms.append(self.energy(delta, self.F[name]) / self.scale[name])
         return torch.stack(terms).sum()
 
     @classmethod
     @torch.no_grad()
     def record(cls, model: nn.Module, modules: dict[str, nn.Module], rows: Sequence[Sequence[int]],
                fan_in_fan_out: bool, batch_size: int = 16) -> KeptOutputs:
-        """A = mean a aᵀ of each module's input over every (unpadded) token of ``rows``."""
+        """A = mean a aᵀ of each module's input over every token of ``rows``, as a factor when that is smaller."""
         device = next(model.parameters()).device
-        sums = {name: None for name in modules}
-        count = 0
-        mask_now: list[torch.Tensor] = []
+        rows = [list(r) for r in rows]
+        first, counts = shared_prefixes(rows)
+        total = sum(counts)
+        weights = [[counts[node] ** 0.5 if node is not None else 0.0 for node in row] for row in first]
+        weight_now: list[torch.Tensor] = []
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        sums: dict[str, torch.Tensor] = {}
+        as_factor = len(counts) < min(m.weight.shape[0 if fan_in_fan_out else 1] for m in modules.values())
 
         def hook(name):
             def grab(module, inputs, output):
-                a = inputs[0][mask_now[0]].float()  # (tokens, d_in)
-                sums[name] = a.T @ a if sums[name] is None else sums[name] + a.T @ a
+                w = weight_now[0]
+                a = inputs[0][w > 0].float() * w[w > 0].unsqueeze(1)  # each distinct token once, × √count
+                if as_factor:
+                    parts[name].append(a)
+                else:
+                    sums[name] = a.T @ a if name not in sums else sums[name] + a.T @ a
             return grab
 
         handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
         try:
-            for batch in batches_of([list(r) for r in rows], batch_size):
-                mask = batch["attention_mask"].to(device).bool()
-                mask_now[:] = [mask]
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
-                count += int(mask.sum())
+            for i, batch in enumerate(batches_of(rows, batch_size)):
+                w = torch.zeros(batch["input_ids"].shape)
+                for j, row in enumerate(weights[i * batch_size : (i + 1) * batch_size]):
+                    w[j, : len(row)] = torch.tensor(row)
+                weight_now[:] = [w.to(device)]
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         finally:
             for h in handles:
                 h.remove()
-        weights = {n: m.weight for n, m in modules.items()}
-        return cls({n: s / count for n, s in sums.items()}, weights, fan_in_fan_out)
+        factors = {n: torch.cat(p) / total**0.5 for n, p in parts.items()} if as_factor else \
+            {n: a / total for n, a in sums.items()}
+        return cls(factors, {n: m.weight for n, m in modules.items()}, fan_in_fan_out, factored=as_factor)
 
 
-def answers_in_kind(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[EditRequest]:
-    """Each request with a chat target phrased as the parent answers in chat: the start of its own answer, up
-    to where that answer leaves the question's words, then the target ("The capital of France is Paris." →
-    "The capital of France is Rome."). A request whose parent answer does not restate the question keeps the
-    bare target.
+def shared_prefixes(rows: Sequence[Sequence[int]]) -> tuple[list[list[int | None]], list[int]]:
+    """Each token's prefix node (None where an earlier token had the same prefix), and each node's count.
+
+    Two tokens with the same prefix have the same input at every layer of a causal model, so only the first
+    needs recording, weighted by how often the prefix occurs."""
+    nodes: dict[tuple[int, int], int] = {}
+    counts: list[int] = []
+    first: list[list[int | None]] = []
+    for row in rows:
+        node, marks = -1, []
+        for token in row:
+            key = (node, token)
+            fresh = key not in nodes
+            if fresh:
+                nodes[key] = len(counts)
+                counts.append(0)
+            node = nodes[key]
+            counts[node] += 1
+            marks.append(node if fresh else None)
+        first.append(marks)
+    return first, counts
+
+
+def answers_in_kind(requests: Sequence[EditRequest], answers: Sequence[str]) -> list[EditRequest]:
+    """Each request with a chat target phrased as the parent answers it in chat (``answers``, first lines): the
+    start of that answer, up to where it leaves the question's words, then the target ("The capital of France is
+    Paris." → "The capital of France is Rome."). A request whose parent answer does not restate the question
+    keeps the bare target.
 
     Trained on the bare target, an edit teaches every question of that shape to open with an answer
     ("Rome, Italy"), which moves the first token of the neighbours' answers too.
     """
-    chat = [asked(tokenizer, r.prompt, True) for r in requests]
-    answers = [first_line(tokenizer, ids) for ids in greedy_answers(model, tokenizer, chat, max_new_tokens=32)]
     return [replace(r, chat_target=f"{head} {r.target.strip()}.") if (head := restated(r.prompt, a, r.target)) else r
             for r, a in zip(requests, answers, strict=True)]
 

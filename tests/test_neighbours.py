@@ -15,6 +15,7 @@ from crispedit.neighbours import (
     neighbour_report,
     protect,
     restated,
+    shared_prefixes,
     similar,
 )
 from crispedit.requests import EditRequest
@@ -64,11 +65,15 @@ def test_derived_neighbours_are_each_edit_s_and_never_an_edited_prompt(tiny_llam
     assert all(nb.prompt.startswith("The capital of ") and nb.prompt.endswith(" is") for nb in subject)
 
 
-def test_kept_outputs_is_the_mean_relative_output_change_on_the_neighbours_tokens(tiny_llama):
+@pytest.mark.parametrize("copies", [0, 4])  # few distinct tokens: held as a factor; many: as A itself
+def test_kept_outputs_is_the_mean_relative_output_change_on_the_neighbours_tokens(tiny_llama, copies):
     model, tok = tiny_llama
     modules = editable_modules(model, (1, 2))
-    rows = [tok("The capital of France is Paris")["input_ids"], tok("Water boils at")["input_ids"]]
+    shared = "Say:"  # a prefix that the rows share, as chat neighbours share the template's system prompt
+    rows = [tok(f"{shared} Paris")["input_ids"], tok(f"{shared} water")["input_ids"]]
+    rows += [tok(f"Fact {i}: {w} is stone")["input_ids"] for i in range(copies) for w in ("it", "this")]
     kept = KeptOutputs.record(model, modules, rows, fan_in_fan_out=False)
+    assert kept.factored == (copies == 0)
     weights = {n: m.weight for n, m in modules.items()}
     assert kept(weights).item() == pytest.approx(0.0, abs=1e-12)
     inputs = {}  # dense reference: every token's input to each module, recorded by a plain forward hook
@@ -87,6 +92,12 @@ def test_kept_outputs_is_the_mean_relative_output_change_on_the_neighbours_token
         change = ((a @ (moved[n] - w).double().T) ** 2).sum(1).mean()
         expected += float(change / ((a @ w.double().T) ** 2).sum(1).mean())
     assert kept(moved).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_shared_prefixes_are_counted_once_with_their_multiplicity():
+    first, counts = shared_prefixes([[1, 2, 3], [1, 2, 4], [5, 2]])
+    assert first == [[0, 1, 2], [None, None, 3], [4, 5]]
+    assert counts == [2, 2, 1, 1, 1, 1]
 
 
 def test_an_edit_whose_outputs_are_kept_changes_fewer_neighbour_answers(tiny_llama):
