@@ -1,0 +1,236 @@
+"""Variants of neighbour protection on facts of our own: the runs behind docs/neighbours.md ("Held out").
+
+Each variant edits the same facts on the same curvature cache (chat form, batch 4, one chunk) and is measured:
+- protected: the service's report, the share of the derived neighbours the edit was given that keep their
+  greedy chat answer (first line);
+- held out: another draw of derived neighbours (seed 11, 6 per kind) minus every protected prompt, plus the
+  questions of ``--probes``, asked in chat, the same measure;
+- loc: locality prompts of ZsRE's *train* file (records 500 on), asked raw, the same measure;
+- Rel TF on the raw prompts, chat answers that contain the target, edit seconds and optimizer steps.
+
+Variants (``--variants``, comma-separated NAME:VALUE):
+  beta:B       the KeptOutputs penalty at β = B (beta:0 is the paper's recipe, beta:300 the default)
+  nullspace:E  β 0; every Adam step projected off the neighbours' inputs (the eigen-directions of their
+               per-token normalised second moment that hold E of its energy)
+  ngd:S        β 0; normalised projected gradient descent with momentum 0.9 instead of Adam (relative step S)
+  scale:S      β 300, then the edit shrunk to W₀ + S·ΔW
+  stop:T       β 300 with early stop T instead of 0.01
+  solve:B      β 0, then per layer ΔW ← ΔW (C_E + εI)(C_E + B·C_N + εI)⁻¹ (C_E: the edit texts' inputs, C_N the
+               neighbours', each scaled to mean eigenvalue 1; ε = 1e-3)
+  common:B     β 300, the penalty also over the questions of ``--common`` (both forms, the parent's answers),
+               weighted B against the neighbours
+
+Usage: .venv/bin/python scripts/neighbour_variants.py CACHE [--facts scripts/tuning_facts.json]
+       [--variants beta:0,beta:300] [--per-kind 3,6] [--probes FILE.json] [--common FILE.txt] [--verbose]
+   (CACHE: e.g. `crispedit build-cache --corpus self --samples 32 --seq-len 256 --out CACHE`, the worker's default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from crispedit.arch import arch_spec, editable_modules
+from crispedit.cache import CurvatureCache
+from crispedit.corpus import batches_of
+from crispedit.datasets import load_edit_dataset, shared_data_dir
+from crispedit.edit import EditConfig, edit
+from crispedit.evaluate import edit_quality
+from crispedit.models import load_model
+from crispedit.neighbours import (
+    KeptOutputs,
+    Neighbour,
+    asked,
+    derive_neighbours,
+    first_line,
+    greedy_answers,
+    neighbour_report,
+    protect,
+)
+from crispedit.optim import ProjectedAdam
+from crispedit.requests import EditRequest
+
+FACTS = Path(__file__).with_name("tuning_facts.json")
+edit_module = importlib.import_module("crispedit.edit")  # the module: the package exports a function `edit`
+
+
+@torch.no_grad()
+def second_moments(model, modules, rows, normalise: bool) -> dict[str, torch.Tensor]:
+    """Σ a aᵀ of each module's input over every token of ``rows`` (each a scaled to unit norm if ``normalise``)."""
+    sums: dict[str, torch.Tensor] = {}
+    mask_now: list[torch.Tensor] = []
+
+    def hook(name):
+        def grab(module, inputs, output):
+            a = inputs[0][mask_now[0]].double()
+            a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12) if normalise else a
+            sums[name] = a.T @ a + sums.get(name, 0)
+        return grab
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    for batch in batches_of([list(r) for r in rows], 16):
+        mask_now[:] = [batch["attention_mask"].bool()]
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in handles:
+        h.remove()
+    return sums
+
+
+class OffNeighbours:
+    """CrispEdit's projector, then the step's rows taken off the top-energy directions U of the neighbours."""
+
+    def __init__(self, projector, U: torch.Tensor) -> None:
+        self.projector, self.U = projector, U
+        self.kept_fraction = getattr(projector, "kept_fraction", 1.0)
+
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        R = self.projector(Q) if self.projector is not None else Q
+        return R - (R @ self.U) @ self.U.T
+
+
+def top_energy(A: torch.Tensor, energy: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(A)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    k = int((torch.cumsum(values, 0) / values.sum() < energy).sum()) + 1
+    return vectors[:, :k].float()
+
+
+class NormalisedGD(ProjectedAdam):
+    """Projected gradient descent with momentum 0.9, each step ``relative`` × ‖W‖ long (lr/2e-3 scales it)."""
+
+    relative = 0.003
+
+    @torch.no_grad()
+    def step(self, closure=None, project: bool = True):
+        if project:
+            self.project_gradients()
+        for p in self.param_groups[0]["params"]:
+            if p.grad is not None:
+                state = self.state.setdefault(p, {})
+                state["m"] = p.grad.clone() if "m" not in state else 0.9 * state["m"] + p.grad
+                size = self.param_groups[0]["lr"] / 2e-3 * self.relative * p.norm()
+                p.sub_(size * state["m"] / state["m"].norm().clamp_min(1e-20))
+
+
+def localise(model, tok, modules, protection, original: dict, edited: dict, beta: float) -> None:
+    """ΔW ← ΔW (C_E + εI)(C_E + β C_N + εI)⁻¹ on each layer, in place (see the module docstring)."""
+    texts = [x.prompt + x.spaced_target for r in protection.requests for x in (r, r.in_chat_form(tok))]
+    C_E = second_moments(model, modules, [tok(t)["input_ids"] for t in texts], normalise=False)
+    params = dict(model.named_parameters())
+    for name in modules:
+        weight = f"{name}.weight"
+        delta = (edited[weight] - original[weight]).double()
+        d = delta.shape[1]
+        ce = C_E[name] / C_E[name].trace() * d
+        cn = protection.kept.A[name].double()
+        cn = cn / cn.trace() * d
+        eye = 1e-3 * torch.eye(d, dtype=torch.float64)
+        M = torch.linalg.solve((ce + beta * cn + eye).T, (ce + eye).T).T
+        params[weight].copy_((original[weight].double() + delta @ M).float())
+
+
+def with_common(kept: KeptOutputs, common: KeptOutputs, weight: float) -> KeptOutputs:
+    """One penalty over both sets: A = A_n / tr(W₀A_nW₀ᵀ) + weight · A_c / tr(W₀A_cW₀ᵀ)."""
+    A = {n: kept.A[n] / kept.scale[n] + weight * common.A[n] / common.scale[n] for n in kept.F}
+    merged = KeptOutputs(A, kept.W0, False, factored=False)  # W0 is already (out, in)
+    merged.fan_in_fan_out, merged.scale = kept.fan_in_fan_out, dict.fromkeys(A, 1.0)
+    return merged
+
+
+def unchanged(before: list[str], after: list[str]) -> float:
+    return sum(b == a for b, a in zip(before, after, strict=True)) / max(1, len(before))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cache")
+    parser.add_argument("--facts", default=str(FACTS))
+    parser.add_argument("--variants", default="beta:0,beta:300")
+    parser.add_argument("--per-kind", default="3")
+    parser.add_argument("--probes", help="a JSON list of more held-out questions")
+    parser.add_argument("--common", help="a text file of common questions, one a line (variant common:B)")
+    parser.add_argument("--loc", type=int, default=40, help="ZsRE train locality prompts measured")
+    parser.add_argument("--verbose", action="store_true", help="print each held-out neighbour that changed")
+    args = parser.parse_args()
+    model, tok = load_model("smollm2")
+    cache = CurvatureCache.load(args.cache, model=model)
+    requests = [EditRequest(p, t) for p, t in json.loads(Path(args.facts).read_text())]
+    modules = editable_modules(model, cache.layers)
+    fan_in_fan_out = arch_spec(model).fan_in_fan_out
+    started = time.perf_counter()
+    protections = {k: protect(model, tok, requests, True, modules, fan_in_fan_out, per_kind=k)
+                   for k in map(int, args.per_kind.split(","))}
+    print(f"protect: {time.perf_counter() - started:.1f} s", flush=True)
+    protected = {nb.prompt for p in protections.values() for nb in p.neighbours}
+    held = [nb for nb in derive_neighbours(model, tok, requests, 6, seed=11) if nb.prompt not in protected]
+    held += [Neighbour(q, "probe", 0) for q in json.loads(Path(args.probes).read_text())] if args.probes else []
+    held_texts = [asked(tok, nb.prompt, True) for nb in held]
+    loc_file = shared_data_dir() / "editing/zsre/zsre_mend_train_1k.json"
+    loc_texts = [r.locality_prompt for r in load_edit_dataset("zsre", loc_file, n=args.loc, offset=500)
+                 if r.locality_prompt]
+
+    def answers(texts: list[str]) -> list[str]:
+        return [first_line(tok, a) for a in greedy_answers(model, tok, texts)]
+
+    held_before, loc_before = answers(held_texts), answers(loc_texts)
+    common = None
+    if args.common:
+        questions = [q.strip() for q in Path(args.common).read_text().splitlines() if q.strip()]
+        skip = {nb.prompt.lower() for nb in held} | {r.prompt.lower() for r in requests}
+        texts = [asked(tok, q, form) for q in questions if q.lower() not in skip for form in (True, False)]
+        rows = [tok(t)["input_ids"] + a for t, a in zip(texts, greedy_answers(model, tok, texts), strict=True)]
+        common = KeptOutputs.record(model, modules, rows, fan_in_fan_out)
+    make_projectors = edit_module.make_projectors
+    for per_kind, protection in protections.items():
+        for variant in args.variants.split(","):
+            name, value = variant.split(":")
+            value = float(value)
+            beta = value if name in ("beta", "common") else 300.0 if name in ("scale", "stop") else 0.0
+            if name == "common":
+                beta, kept = 300.0, with_common(protection.kept, common, value)
+            else:
+                kept = protection.kept
+            config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
+                                edit_scale=value if name == "scale" else 1.0,
+                                early_stop=value if name == "stop" else 1e-2, project_update=name == "nullspace")
+            if name == "nullspace":
+                rows = [tok(t)["input_ids"] + a for t, a in zip(protection.texts, protection.answers, strict=True)]
+                bases = {n: top_energy(A, value) for n, A in second_moments(model, modules, rows, True).items()}
+                edit_module.make_projectors = lambda *a, bases=bases: [
+                    OffNeighbours(p, bases[n]) for n, p in zip(a[2], make_projectors(*a), strict=True)]
+            edit_module.ProjectedAdam = NormalisedGD if name == "ngd" else ProjectedAdam
+            NormalisedGD.relative = value
+            started = time.perf_counter()
+            result = edit(model, tok, protection.requests, cache, config, kept=kept)
+            seconds = time.perf_counter() - started
+            edit_module.make_projectors, edit_module.ProjectedAdam = make_projectors, ProjectedAdam
+            if name == "solve":
+                edited = {n: p.detach().clone() for n, p in model.named_parameters() if n in result.original}
+                with torch.no_grad():
+                    localise(model, tok, modules, protection, result.original, edited, value)
+            rel = edit_quality(model, tok, requests, generated=False)["rel_tf"]
+            report = neighbour_report(model, tok, requests, protection)
+            held_after, loc_after = answers(held_texts), answers(loc_texts)
+            chat = answers([asked(tok, r.prompt, True) for r in requests])
+            hits = sum(r.target.lower() in a.lower() for r, a in zip(requests, chat, strict=True))
+            print(f"per kind {per_kind} {variant}: protected {report['unchanged']:.2f}, held out "
+                  f"{unchanged(held_before, held_after):.2f} ({len(held)}), loc {unchanged(loc_before, loc_after):.2f}"
+                  f" ({len(loc_texts)}), Rel TF {rel:.2f}, chat answers with the target {hits}/{len(requests)}, edit "
+                  f"{seconds:.1f} s ({result.steps} steps)", flush=True)
+            if args.verbose:
+                for nb, b, a in zip(held, held_before, held_after, strict=True):
+                    if b != a:
+                        print(f"   CHANGED {nb.prompt} | {b[:60]} → {a[:60]}")
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for n, tensor in result.original.items():
+                    params[n].copy_(tensor)
+
+
+if __name__ == "__main__":
+    main()
