@@ -19,6 +19,8 @@ Variants (``--variants``, comma-separated NAME:VALUE):
                neighbours', each scaled to mean eigenvalue 1; ε = 1e-3)
   common:B     β 300, the penalty also over the questions of ``--common`` (both forms, the parent's answers),
                weighted B against the neighbours
+  prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
+               edit acts only where the whole question has been read
 
 Usage: .venv/bin/python scripts/neighbour_variants.py CACHE [--facts scripts/tuning_facts.json]
        [--variants beta:0,beta:300] [--per-kind 3,6] [--probes FILE.json] [--common FILE.txt] [--verbose]
@@ -49,6 +51,7 @@ from crispedit.neighbours import (
     derive_neighbours,
     first_line,
     greedy_answers,
+    infer_subject,
     neighbour_report,
     protect,
 )
@@ -142,6 +145,19 @@ def with_common(kept: KeptOutputs, common: KeptOutputs, weight: float) -> KeptOu
     return merged
 
 
+def with_prefixes(model, tok, modules, fan_in_fan_out, protection, requests) -> KeptOutputs:
+    """The neighbours' rows and each edit's prompt cut after its subject (chat and raw), in one KeptOutputs."""
+    rows = [tok(t)["input_ids"] + a for t, a in zip(protection.texts, protection.answers, strict=True)]
+    for r in requests:
+        subject = infer_subject(r)
+        for form in (True, False):
+            text = asked(tok, r.prompt, form)
+            end = text.rfind(subject) + len(subject) if subject and subject in text else -1
+            if end > 0:
+                rows.append(tok(text[:end])["input_ids"])
+    return KeptOutputs.record(model, modules, rows, fan_in_fan_out)
+
+
 def unchanged(before: list[str], after: list[str]) -> float:
     return sum(b == a for b, a in zip(before, after, strict=True)) / max(1, len(before))
 
@@ -193,6 +209,8 @@ def main() -> None:
             beta = value if name in ("beta", "common") else 300.0 if name in ("scale", "stop") else 0.0
             if name == "common":
                 beta, kept = 300.0, with_common(protection.kept, common, value)
+            elif name == "prefix":
+                beta, kept = value, with_prefixes(model, tok, modules, fan_in_fan_out, protection, requests)
             else:
                 kept = protection.kept
             config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
