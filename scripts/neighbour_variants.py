@@ -10,6 +10,7 @@ Each variant edits the same facts on the same curvature cache (chat form, batch 
 
 Variants (``--variants``, comma-separated NAME:VALUE):
   beta:B       the KeptOutputs penalty at β = B (beta:0 is the paper's recipe, beta:300 the default)
+  bare:B       β = B, the chat form trained on the bare target instead of the target in the model's phrasing
   nullspace:E  β 0; every Adam step projected off the neighbours' inputs (the eigen-directions of their
                per-token normalised second moment that hold E of its energy)
   ngd:S        β 0; normalised projected gradient descent with momentum 0.9 instead of Adam (relative step S)
@@ -206,7 +207,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             name, value = variant.split(":")
             value = float(value)
-            beta = value if name in ("beta", "common") else 300.0 if name in ("scale", "stop") else 0.0
+            beta = value if name in ("beta", "bare", "common") else 300.0 if name in ("scale", "stop") else 0.0
             if name == "common":
                 beta, kept = 300.0, with_common(protection.kept, common, value)
             elif name == "prefix":
@@ -224,7 +225,8 @@ def main() -> None:
             edit_module.ProjectedAdam = NormalisedGD if name == "ngd" else ProjectedAdam
             NormalisedGD.relative = value
             started = time.perf_counter()
-            result = edit(model, tok, protection.requests, cache, config, kept=kept)
+            trained = requests if name == "bare" else protection.requests
+            result = edit(model, tok, trained, cache, config, kept=kept)
             seconds = time.perf_counter() - started
             edit_module.make_projectors, edit_module.ProjectedAdam = make_projectors, ProjectedAdam
             if name == "solve":
