@@ -119,7 +119,7 @@ def sibling_subjects(model: nn.Module, tokenizer, subjects: Sequence[str], n: in
     if short:
         sampled = continuations(model, tokenizer, [texts[i] for i in short], 32, n=2, sample=True)
         for i, lines in zip(short, sampled, strict=True):
-            found[i] = distinct_items(subjects[i], [*(found[i] and [", ".join(found[i])]), *lines])
+            found[i] = distinct_items(subjects[i], [", ".join(found[i]), *lines])
     return [items[:n] for items in found]
 
 
