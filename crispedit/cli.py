@@ -76,9 +76,10 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                         "or dropping it at the γ threshold τ")
     p.add_argument("--edit-scale", type=float, default=1.0, metavar="S",
                    help="keep S·ΔW of the finished edit, 0 < S ≤ 1: drift falls as S², generality more slowly")
-    p.add_argument("--subject-key", action="store_true",
+    p.add_argument("--subject-key", action=argparse.BooleanOptionalAction, default=None,
                    help="the edit loss reaches the weights only through each prompt's last subject token (ROME's "
-                        "key; needs 'subject' in EDITS.jsonl, else every token counts)")
+                        "key; the 'subject' of EDITS.jsonl, else inferred with --neighbours; default: on with "
+                        "--neighbours)")
     p.add_argument("--auto-layers", type=int, default=None, metavar="K",
                    help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--seed", type=int, default=d.seed,
@@ -100,6 +101,7 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
     neighbour_weight = args.neighbour_weight
     if neighbour_weight is None:
         neighbour_weight = NEIGHBOUR_WEIGHT if getattr(args, "neighbours", False) else 0.0
+    subject_key = args.subject_key if args.subject_key is not None else getattr(args, "neighbours", False)
     text_weight = args.text_anchor_weight
     if text_weight is None:
         text_weight = TEXT_TUNED_WEIGHT if text_source else 0.0
@@ -114,7 +116,7 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
                       chat_form=args.chat_form, augment=augment, layers=layers,
                       auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
                       neighbour_weight=neighbour_weight,
-                      free_anchor_gradient=args.free_anchor_gradient, subject_key=args.subject_key,
+                      free_anchor_gradient=args.free_anchor_gradient, subject_key=subject_key,
                       adam_eps=args.adam_eps, edit_scale=args.edit_scale, soft_mask=args.soft_mask,
                       seed=args.seed)
 

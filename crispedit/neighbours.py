@@ -250,8 +250,9 @@ def protect(
 ) -> Protection:
     """Derive the neighbours of ``requests``, record the (parent) model's answers to them and the inputs of the
     edited ``modules`` over every token of each neighbour and its answer; with ``chat``, also phrase each
-    request's chat target as the parent answers (:func:`answers_in_kind`)."""
-    requests = list(requests)
+    request's chat target as the parent answers (:func:`answers_in_kind`). Each returned request carries its
+    subject (:func:`infer_subject` where the request names none), for the subject key (``crispedit.subject_key``)."""
+    requests = [replace(r, subject=infer_subject(r)) for r in requests]
     neighbours = derive_neighbours(model, tokenizer, requests, per_kind, seed)
     forms = (True, False) if chat else (False,)
     texts = [asked(tokenizer, nb.prompt, form) for nb in neighbours for form in forms]

@@ -20,6 +20,7 @@ Variants (``--variants``, comma-separated NAME:VALUE):
                neighbours', each scaled to mean eigenvalue 1; ε = 1e-3)
   common:B     β 300, the penalty also over the questions of ``--common`` (both forms, the parent's answers),
                weighted B against the neighbours
+  subject:B    β B with ROME's subject key: the edit loss reaches the weights only through the subject's last token
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
 
@@ -34,6 +35,7 @@ import argparse
 import importlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -207,7 +209,8 @@ def main() -> None:
         for variant in args.variants.split(","):
             name, value = variant.split(":")
             value = float(value)
-            beta = value if name in ("beta", "bare", "common") else 300.0 if name in ("scale", "stop") else 0.0
+            beta = (value if name in ("beta", "bare", "common", "subject")
+                    else 300.0 if name in ("scale", "stop") else 0.0)
             if name == "common":
                 beta, kept = 300.0, with_common(protection.kept, common, value)
             elif name == "prefix":
@@ -216,7 +219,8 @@ def main() -> None:
                 kept = protection.kept
             config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
                                 edit_scale=value if name == "scale" else 1.0,
-                                early_stop=value if name == "stop" else 1e-2, project_update=name == "nullspace")
+                                early_stop=value if name == "stop" else 1e-2, project_update=name == "nullspace",
+                                subject_key=name == "subject")
             if name == "nullspace":
                 rows = [tok(t)["input_ids"] + a for t, a in zip(protection.texts, protection.answers, strict=True)]
                 bases = {n: top_energy(A, value) for n, A in second_moments(model, modules, rows, True).items()}
@@ -226,6 +230,8 @@ def main() -> None:
             NormalisedGD.relative = value
             started = time.perf_counter()
             trained = requests if name == "bare" else protection.requests
+            if name == "subject":
+                trained = [replace(r, subject=infer_subject(r)) for r in trained]
             result = edit(model, tok, trained, cache, config, kept=kept)
             seconds = time.perf_counter() - started
             edit_module.make_projectors, edit_module.ProjectedAdam = make_projectors, ProjectedAdam
@@ -237,9 +243,11 @@ def main() -> None:
             report = neighbour_report(model, tok, requests, protection)
             held_after, loc_after = answers(held_texts), answers(loc_texts)
             chat = answers([asked(tok, r.prompt, True) for r in requests])
+            heads = ([" ".join(a.split()[:5]) for a in held_before], [" ".join(a.split()[:5]) for a in held_after])
             hits = sum(r.target.lower() in a.lower() for r, a in zip(requests, chat, strict=True))
             print(f"per kind {per_kind} {variant}: protected {report['unchanged']:.2f}, held out "
-                  f"{unchanged(held_before, held_after):.2f} ({len(held)}), loc {unchanged(loc_before, loc_after):.2f}"
+                  f"{unchanged(held_before, held_after):.2f} ({len(held)}; first 5 words {unchanged(*heads):.2f}), "
+                  f"loc {unchanged(loc_before, loc_after):.2f}"
                   f" ({len(loc_texts)}), Rel TF {rel:.2f}, chat answers with the target {hits}/{len(requests)}, edit "
                   f"{seconds:.1f} s ({result.steps} steps)", flush=True)
             if args.verbose:

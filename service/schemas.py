@@ -45,6 +45,9 @@ class Hyperparameters(Strict):
     neighbour_weight: float | None = Field(None, ge=0.0, le=1e6, description="β of the penalty that keeps the "
                                            "edited layers' outputs on each edit's derived neighbours; default "
                                            "CRISPEDIT_NEIGHBOUR_WEIGHT; 0: not kept (still reported)")
+    subject_key: bool | None = Field(None, description="let the edit loss reach the weights only through each "
+                                     "prompt's last subject token (ROME's key), so the same question about other "
+                                     "subjects keeps its answer; default: on with neighbour protection")
     text_anchor_weight: float | None = Field(None, ge=0.0, le=1000.0, description="β of the KL penalty on the "
                                              "server's capability text windows (CRISPEDIT_TEXT_ANCHORS); default "
                                              "CRISPEDIT_TEXT_ANCHOR_WEIGHT")

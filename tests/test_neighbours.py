@@ -123,6 +123,7 @@ def test_report_says_nothing_changed_until_the_model_does(tiny_llama):
     model, tok = tiny_llama
     requests = [EditRequest("The capital of France is", "Rome", locality_prompt="Water boils at")]
     protection = protect(model, tok, requests, False, editable_modules(model, (1, 2)), False)
+    assert protection.requests[0].subject == "France"  # inferred, for the subject key
     report = neighbour_report(model, tok, requests, protection)
     assert report["unchanged"] == 1.0 and report["changed"] == 0
     assert report["checked"] == len(protection.neighbours) >= 1

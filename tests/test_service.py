@@ -131,6 +131,7 @@ def test_edit_query_rollback_through_the_service(service):
     assert versions["data"][1]["hyperparameters"]["augment"] == ["paraphrase", "prefix", "qa"]  # 'auto' with anchors
     assert versions["data"][1]["hyperparameters"]["lr_schedule"] == "constant"  # the paper's, by default
     assert versions["data"][1]["hyperparameters"]["neighbour_weight"] == 0.1  # the server's protection
+    assert versions["data"][1]["hyperparameters"]["subject_key"] is True  # written through each subject, with it
     report = reader.get("/v1/registry/tiny/versions/v1").json()["metrics"]["neighbours"]  # what else changed
     assert report == jobs[0]["metrics"]["neighbours"] and report["checked"] >= 1
     assert [e["prompt"] for e in report["edits"]] == [EDIT["prompt"], "Hamlet was written by",

@@ -86,6 +86,8 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         hyper.setdefault("batch_size", rt.edit_batch_size)
         hyper.setdefault("anchor_weight", rt.settings.anchor_weight if rt.anchors is not None else 0.0)
         hyper.setdefault("neighbour_weight", rt.settings.neighbour_weight if rt.settings.protect_neighbours else 0.0)
+        # the local recipe writes each edit through its subject's last token, so other subjects keep their answers
+        hyper.setdefault("subject_key", rt.settings.protect_neighbours)
         hyper.setdefault("text_anchor_weight",
                          rt.settings.text_anchor_weight if rt.text_anchors is not None else 0.0)
         hyper.setdefault("augment", list(resolve_augment(rt.settings.augment, with_anchors=rt.anchors is not None)))
