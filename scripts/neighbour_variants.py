@@ -21,6 +21,10 @@ Variants (``--variants``, comma-separated NAME:VALUE):
   common:B     β 300, the penalty also over the questions of ``--common`` (both forms, the parent's answers),
                weighted B against the neighbours
   subject:B    β B with ROME's subject key: the edit loss reaches the weights only through the subject's last token
+  epochs:N     the subject key at β 300, at most N epochs
+  lr:X         the subject key at β 300, learning rate X
+  yield:B      the subject key at β B, the penalty yielding while the edit is stuck (crispedit.edit.YIELD_*);
+               every other variant runs with it off
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
 
@@ -205,12 +209,13 @@ def main() -> None:
         rows = [tok(t)["input_ids"] + a for t, a in zip(texts, greedy_answers(model, tok, texts), strict=True)]
         common = KeptOutputs.record(model, modules, rows, fan_in_fan_out)
     make_projectors = edit_module.make_projectors
+    yield_loss = edit_module.YIELD_LOSS
     for per_kind, protection in protections.items():
         for variant in args.variants.split(","):
             name, value = variant.split(":")
             value = float(value)
-            beta = (value if name in ("beta", "bare", "common", "subject")
-                    else 300.0 if name in ("scale", "stop") else 0.0)
+            beta = (value if name in ("beta", "bare", "common", "subject", "yield")
+                    else 300.0 if name in ("scale", "stop", "epochs", "lr") else 0.0)
             if name == "common":
                 beta, kept = 300.0, with_common(protection.kept, common, value)
             elif name == "prefix":
@@ -220,7 +225,9 @@ def main() -> None:
             config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
                                 edit_scale=value if name == "scale" else 1.0,
                                 early_stop=value if name == "stop" else 1e-2, project_update=name == "nullspace",
-                                subject_key=name == "subject")
+                                subject_key=name in ("subject", "epochs", "lr", "yield"),
+                                max_epochs=int(value) if name == "epochs" else 25,
+                                lr=value if name == "lr" else None)
             if name == "nullspace":
                 rows = [tok(t)["input_ids"] + a for t, a in zip(protection.texts, protection.answers, strict=True)]
                 bases = {n: top_energy(A, value) for n, A in second_moments(model, modules, rows, True).items()}
@@ -230,7 +237,8 @@ def main() -> None:
             NormalisedGD.relative = value
             started = time.perf_counter()
             trained = requests if name == "bare" else protection.requests
-            if name == "subject":
+            edit_module.YIELD_LOSS = yield_loss if name == "yield" else float("inf")
+            if name in ("subject", "epochs", "lr", "yield"):
                 trained = [replace(r, subject=infer_subject(r)) for r in trained]
             result = edit(model, tok, trained, cache, config, kept=kept)
             seconds = time.perf_counter() - started
@@ -249,7 +257,9 @@ def main() -> None:
                   f"{unchanged(held_before, held_after):.2f} ({len(held)}; first 5 words {unchanged(*heads):.2f}), "
                   f"loc {unchanged(loc_before, loc_after):.2f}"
                   f" ({len(loc_texts)}), Rel TF {rel:.2f}, chat answers with the target {hits}/{len(requests)}, edit "
-                  f"{seconds:.1f} s ({result.steps} steps)", flush=True)
+                  f"{seconds:.1f} s ({result.steps} steps, {len(result.epoch_losses)} epochs, final loss "
+                  f"{result.epoch_losses[-1]:.3f})", flush=True)
+            print("   epoch losses", " ".join(f"{x:.3f}" for x in result.epoch_losses), flush=True)
             if args.verbose:
                 for nb, b, a in zip(held, held_before, held_after, strict=True):
                     if b != a:

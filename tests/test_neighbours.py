@@ -1,5 +1,6 @@
 """Neighbours of an edit: derivation, the kept outputs, answers in kind, and the "what else changed" report."""
 
+import importlib
 from dataclasses import replace
 
 import pytest
@@ -19,6 +20,8 @@ from crispedit.neighbours import (
     similar,
 )
 from crispedit.requests import EditRequest
+
+edit_module = importlib.import_module("crispedit.edit")  # the package exports a function `edit`
 
 
 @pytest.mark.parametrize(("prompt", "subject"), [
@@ -136,3 +139,26 @@ def test_report_says_nothing_changed_until_the_model_does(tiny_llama):
     assert report["changed"] >= 1
     changed = [n for n in report["edits"][0]["neighbours"] if not n["unchanged"]]
     assert all(n["before"] != n["after"] for n in changed)
+
+
+def test_the_neighbours_penalty_yields_while_it_holds_the_edit(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    requests = [EditRequest("The capital of France is", "Rome", locality_prompt="Water boils at")]
+    modules = editable_modules(model, (0, 1, 2))
+    protection = protect(model, tok, requests, False, modules, False)
+    config = EditConfig(method="ft", lr=1e-3, max_epochs=15, layers=(0, 1, 2), neighbour_weight=1e4)
+    runs = []
+    for yield_loss in (float("inf"), edit_module.YIELD_LOSS):  # never yielding, then as shipped
+        monkeypatch.setattr(edit_module, "YIELD_LOSS", yield_loss)
+        events = []
+        result = edit(model, tok, requests, None, config, on_progress=events.append, kept=protection.kept)
+        with torch.no_grad():
+            for n, t in result.original.items():
+                dict(model.named_parameters())[n].copy_(t)
+        runs.append([(e["neighbour_weight"], e["loss"]) for e in events if e["event"] == "epoch"])
+    (held, yielded) = runs
+    assert {b for b, _ in held} == {1e4}
+    assert yielded[0][0] == 1e4 and yielded[-1][0] < 1e4  # the edit stalls under β 1e4, and the penalty gives way
+    for (_, l1), (b2, l2), (b3, _) in zip(yielded, yielded[1:], yielded[2:], strict=False):
+        stuck = l2 > edit_module.YIELD_LOSS and l2 > (1 - edit_module.YIELD_PROGRESS) * l1
+        assert b3 == (b2 / edit_module.YIELD_FACTOR if stuck else b2)
