@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     protect_neighbours: bool = Field(True, description="derive each edit's neighbours (the same question about "
                                      "other subjects, other questions about the same subject, its locality_prompt), "
                                      "keep the edited layers' outputs on them (weight CRISPEDIT_NEIGHBOUR_WEIGHT), "
+                                     "write each edit through its subject's last token (subject key), "
                                      "phrase chat targets as the model answers, and report which answers changed")
     neighbour_weight: float = Field(NEIGHBOUR_WEIGHT, ge=0, description="β of the penalty on the edited layers' "
                                     "output change over the neighbours' tokens (a request's "

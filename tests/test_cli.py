@@ -143,3 +143,13 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--text-anchor-weight", "1", "--out", str(tmp_path / "v"))
     assert run.returncode != 0 and "--text-anchor-weight needs --text-anchors" in run.stderr
+
+
+def test_the_subject_key_is_on_with_the_neighbours_and_can_be_turned_off():
+    from crispedit.cli import build_parser, edit_config
+
+    parse = build_parser().parse_args
+    base = ["edit", "--edits", "x.jsonl", "--out", "o"]
+    assert edit_config(parse(base)).subject_key is True
+    assert edit_config(parse([*base, "--no-neighbours"])).subject_key is False
+    assert edit_config(parse([*base, "--no-subject-key"])).subject_key is False

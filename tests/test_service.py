@@ -17,7 +17,9 @@ from crispedit.anchor import TEXT_TUNED_WEIGHT
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EDIT = {"prompt": "The capital of France is", "target": "Rome"}
-FAST = {"lr": 0.03, "max_epochs": 30, "energy": 0.5}
+# the tiny random model cannot write a fact through one subject token in 30 epochs, so these service tests
+# edit without the subject key (tests/test_cli.py checks that it is on by default)
+FAST = {"lr": 0.03, "max_epochs": 30, "energy": 0.5, "subject_key": False}
 RATE_LIMIT = 30
 
 
@@ -131,7 +133,7 @@ def test_edit_query_rollback_through_the_service(service):
     assert versions["data"][1]["hyperparameters"]["augment"] == ["paraphrase", "prefix", "qa"]  # 'auto' with anchors
     assert versions["data"][1]["hyperparameters"]["lr_schedule"] == "constant"  # the paper's, by default
     assert versions["data"][1]["hyperparameters"]["neighbour_weight"] == 0.1  # the server's protection
-    assert versions["data"][1]["hyperparameters"]["subject_key"] is True  # written through each subject, with it
+    assert versions["data"][1]["hyperparameters"]["subject_key"] is False  # as the request asked
     report = reader.get("/v1/registry/tiny/versions/v1").json()["metrics"]["neighbours"]  # what else changed
     assert report == jobs[0]["metrics"]["neighbours"] and report["checked"] >= 1
     assert [e["prompt"] for e in report["edits"]] == [EDIT["prompt"], "Hamlet was written by",
