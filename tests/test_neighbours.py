@@ -103,8 +103,9 @@ def test_shared_prefixes_are_counted_once_with_their_multiplicity():
     assert counts == [2, 2, 1, 1, 1, 1]
 
 
-def test_an_edit_whose_outputs_are_kept_changes_fewer_neighbour_answers(tiny_llama):
+def test_an_edit_whose_outputs_are_kept_changes_fewer_neighbour_answers(tiny_llama, monkeypatch):
     model, tok = tiny_llama
+    monkeypatch.setattr(edit_module, "YIELD_LOSS", float("inf"))  # the penalty as such, never yielding
     requests = [EditRequest("The capital of France is", "Rome", locality_prompt="Water boils at")]
     modules = editable_modules(model, (0, 1, 2))
     protection = protect(model, tok, requests, False, modules, False)
