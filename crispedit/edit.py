@@ -300,7 +300,7 @@ def run_epochs(
     epoch_losses: list[float] = []
     step_seconds: list[float] = []
     first_loss: float | None = None
-    beta = config.neighbour_weight  # yields while the edit is stuck against it (see below)
+    beta = config.neighbour_weight  # yields while the edit is stuck against it (YIELD_*)
     for epoch in range(config.max_epochs):
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr(config, epoch)
@@ -353,8 +353,6 @@ def run_epochs(
                          **({"neighbour_weight": beta} if kept is not None else {})})
         if epoch_losses[-1] < config.early_stop:
             break
-        # The neighbours' penalty gives way where it stops the edit: while the edit loss stands above
-        # YIELD_LOSS and fell by less than YIELD_PROGRESS in the last epoch, β shrinks by YIELD_FACTOR.
         stuck = len(epoch_losses) > 1 and epoch_losses[-1] > (1 - YIELD_PROGRESS) * epoch_losses[-2]
         if kept is not None and beta > 0 and epoch_losses[-1] > YIELD_LOSS and stuck:
             beta /= YIELD_FACTOR
