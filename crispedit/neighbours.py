@@ -271,12 +271,47 @@ def protect(
     return Protection(requests, neighbours, texts, forms, answers, kept)
 
 
+def through_first_line(tokenizer, ids: Sequence[int]) -> list[int]:
+    """The shortest head of an answer whose text reaches the end of its first line ("." or newline), else all."""
+    for k in range(1, len(ids) + 1):
+        if re.search(r"[.\n]", tokenizer.decode(ids[:k], skip_special_tokens=True)):
+            return list(ids[:k])
+    return list(ids)
+
+
+@torch.no_grad()
+def still_greedy(model: nn.Module, tokenizer, texts: Sequence[str], answers: Sequence[Sequence[int]],
+                 batch_size: int = 16) -> list[bool]:
+    """Whether each answer is still the model's greedy continuation of its text: every answer token the argmax
+    of the logits before it. One teacher-forced pass instead of a generation; where it holds, greedy decoding
+    would write the same tokens again."""
+    device = next(model.parameters()).device
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    rows = [p + list(a) for p, a in zip(prompts, answers, strict=True)]
+    out: list[bool] = []
+    for i, batch in enumerate(batches_of(rows, batch_size)):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for j, answer in enumerate(answers[i * batch_size : (i + 1) * batch_size]):
+            start = len(prompts[i * batch_size + j])
+            predicted = logits[j, start - 1 : start - 1 + len(answer)].argmax(-1).tolist()
+            out.append(predicted == list(answer))
+    return out
+
+
 def neighbour_report(model: nn.Module, tokenizer, requests: Sequence[EditRequest], protection: Protection) -> dict:
-    """What else changed: each neighbour's parent and new greedy answer (first line), and the share unchanged."""
+    """What else changed: each neighbour's parent and new greedy answer (first line), and the share unchanged.
+
+    An answer whose first line is still greedy token by token (:func:`still_greedy`) is unchanged without
+    generating it again; only the others are generated."""
     rows = protection.reported
     before = [first_line(tokenizer, protection.answers[j]) for j in rows]
-    now = greedy_answers(model, tokenizer, [protection.texts[j] for j in rows])
-    after = [first_line(tokenizer, ids) for ids in now]
+    texts = [protection.texts[j] for j in rows]
+    heads = [through_first_line(tokenizer, protection.answers[j]) for j in rows]
+    after = list(before)
+    moved = [k for k, same in enumerate(still_greedy(model, tokenizer, texts, heads)) if not same]
+    for k, ids in zip(moved, greedy_answers(model, tokenizer, [texts[k] for k in moved]), strict=True):
+        after[k] = first_line(tokenizer, ids)
     items = [{"edit": nb.edit, "prompt": nb.prompt, "kind": nb.kind, "before": b, "after": a, "unchanged": a == b}
              for nb, b, a in zip(protection.neighbours, before, after, strict=True)]
     per_edit = [{"prompt": r.prompt, "target": r.target,
@@ -361,10 +396,11 @@ class KeptOutputs:
 
         handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
         try:
-            for i, batch in enumerate(batches_of(rows, batch_size)):
+            for group in similar_lengths(rows, batch_size):
+                batch = next(batches_of([rows[i] for i in group], len(group)))
                 w = torch.zeros(batch["input_ids"].shape)
-                for j, row in enumerate(weights[i * batch_size : (i + 1) * batch_size]):
-                    w[j, : len(row)] = torch.tensor(row)
+                for j, i in enumerate(group):
+                    w[j, : len(weights[i])] = torch.tensor(weights[i])
                 weight_now[:] = [w.to(device)]
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         finally:
@@ -373,6 +409,18 @@ class KeptOutputs:
         factors = {n: torch.cat(p) / total**0.5 for n, p in parts.items()} if as_factor else \
             {n: a / total for n, a in sums.items()}
         return cls(factors, {n: m.weight for n, m in modules.items()}, fan_in_fan_out, factored=as_factor)
+
+
+def similar_lengths(rows: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices of ``rows`` in batches of at most ``batch_size``, shortest first, a batch ending before a row twice
+    as long as its first: a padded token costs a forward pass like any other (raw questions are a fifth as long
+    as chat ones)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(rows)), key=lambda i: len(rows[i])):
+        if not groups or len(groups[-1]) == batch_size or len(rows[i]) > 2 * len(rows[groups[-1][0]]):
+            groups.append([])
+        groups[-1].append(i)
+    return groups
 
 
 def shared_prefixes(rows: Sequence[Sequence[int]]) -> tuple[list[list[int | None]], list[int]]:
