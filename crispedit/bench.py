@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from crispedit.arch import default_energy, default_layers, editable_modules, num_layers
+from crispedit.arch import default_energy, default_layers, editable_modules
 from crispedit.cache import CurvatureCache, build_cache
 from crispedit.capability import (
     capability_report,
@@ -40,7 +40,7 @@ from crispedit.capability import (
     text_nlls,
 )
 from crispedit.datasets import load_edit_dataset, shared_data_dir
-from crispedit.edit import ENERGY_SCOPES, LR_SCHEDULES, EditConfig, edit, epoch_bar
+from crispedit.edit import EditConfig, edit, epoch_bar
 from crispedit.evaluate import edit_quality, locality_reference
 from crispedit.models import load_model
 
@@ -143,30 +143,25 @@ class Bench:
     def run(self, requests, cache, config: EditConfig, reference=None, generated=True, mc=True, anchors=None,
             text_anchors=None) -> dict:
         """Edit, measure, and put the base weights back."""
-        return self.run_scaled(requests, cache, config, (config.edit_scale,), reference, generated, mc, anchors,
-                               text_anchors)[0]
+        return self.run_scaled(requests, cache, config, (1.0,), reference, generated, mc, anchors, text_anchors)[0]
 
     def run_scaled(self, requests, cache, config: EditConfig, scales: tuple[float, ...], reference=None,
                    generated=True, mc=True, anchors=None, text_anchors=None) -> list[dict]:
-        """Edit once at full scale, measure W₀ + s·ΔW for each scale s (one row each, as ``edit_scale`` s
-        would have left it), and put the base weights back. A sequential edit scales each round as it ends
-        (the edit does it, as the service's jobs do), so it is measured at its own ``edit_scale`` only."""
-        per_round = config.sequential_chunk is not None
-        if per_round and scales != (config.edit_scale,):
-            raise ValueError(f"a sequential edit scales each round itself: measure it at {config.edit_scale} only")
+        """Edit once, measure W₀ + s·ΔW for each scale s (one row each), and put the base weights back. A
+        sequential edit is measured unscaled: later rounds were made on top of the earlier ones in full."""
+        if config.sequential_chunk is not None and scales != (1.0,):
+            raise ValueError("a sequential edit is measured unscaled (--edit-scale 1)")
         self.base_capability(mc=mc)  # before the edit: the paired changes below need the base model's terms
         gamma = "default" if config.energy is None else config.energy
         with epoch_bar(config, len(requests), desc=f"{config.method} γ={gamma}") as report:
-            run_config = config if per_round else replace(config, edit_scale=1.0)
-            result = edit(self.model, self.tok, requests, cache, run_config, on_progress=report, anchors=anchors,
+            result = edit(self.model, self.tok, requests, cache, config, on_progress=report, anchors=anchors,
                           text_anchors=text_anchors)
         params = dict(self.model.named_parameters())
         rows = []
         try:
             for scale in scales:
                 with torch.no_grad():
-                    scaled = result.changed if per_round else {n: torch.lerp(result.original[n], t, scale)
-                                                               for n, t in result.changed.items()}
+                    scaled = {n: torch.lerp(result.original[n], t, scale) for n, t in result.changed.items()}
                     for name, t in scaled.items():
                         params[name].copy_(t)
                 row = {"method": config.method, "energy": result.energy, "lr": result.lr, "edits": len(requests),
@@ -190,11 +185,8 @@ class Bench:
 
     def config(self, **overrides) -> EditConfig:
         a = self.args
-        options = dict(energy=a.energy, energy_scope=a.energy_scope, outlier_share=a.outlier_share, lr=a.lr,
-                       lr_schedule=a.lr_schedule, batch_size=a.batch_size, max_epochs=a.epochs,
-                       free_anchor_gradient=a.free_anchor_gradient, subject_key=a.subject_key,
-                       adam_eps=a.adam_eps, edit_scale=a.edit_scale[0], soft_mask=a.soft_mask,
-                       seed=a.seed)
+        options = dict(energy=a.energy, lr=a.lr, batch_size=a.batch_size, max_epochs=a.epochs,
+                       subject_key=a.subject_key, seed=a.seed)
         return EditConfig(**(options | overrides))
 
     def write(self, suite: str, payload: dict, table: str) -> None:
@@ -309,22 +301,6 @@ def suite_quality(b: Bench) -> None:
             rows.append({"dataset": dataset, "variant": name, **row})
     b.write("quality", {"mix": b.args.mix, "augment": augment, "rows": rows, "mixed_parts": mixed.meta["parts"]},
             markdown_table(rows, [("dataset", "data"), ("variant", "variant")]))
-
-
-def suite_layers(b: Bench) -> None:
-    """Issue 8: the fixed middle layers against the same number of layers ranked by edit-gradient norm."""
-    fixed, every = b.cache(), b.cache(layers=tuple(range(num_layers(b.model))))
-    test = b.args.split == "test"
-    rows = []
-    base = b.base_capability(mc=test)
-    for dataset in b.args.datasets.split(",") if test else ["zsre"]:
-        requests = b.requests(dataset, split=b.args.split)
-        reference = locality_reference(b.model, b.tok, requests, generated=test)
-        for name, cache, auto in (("fixed", fixed, None), ("ranked", every, len(b.layers))):
-            row = b.run(requests, cache, b.config(auto_layers=auto), reference, generated=test, mc=test)
-            rows.append({"dataset": dataset, "layer choice": name, **row})
-    b.write("layers", {"split": b.args.split, "base": base, "rows": rows},
-            markdown_table(rows, [("dataset", "data"), ("layer choice", "layers"), ("edited_layers", "edited")]))
 
 
 def anchor_pairs(data: Path, n: int) -> list[tuple[str, str]]:
@@ -459,7 +435,7 @@ def suite_fisher(b: Bench) -> None:
 
 def suite_sequential(b: Bench) -> None:
     """Alg. 2 on the first ``--rounds`` × ``--chunk`` ZsRE edits of ``--split``: a crispedit row for each text
-    β (``--text-anchor-weights``) and ``--edit-scale`` (each round scaled as it ends), then sequential ft.
+    β (``--text-anchor-weights``), then sequential ft.
     MC accuracy is scored on the test split only."""
     requests = b.requests("zsre", split=b.args.split)[: b.args.rounds * b.args.chunk]
     cache = b.cache(samples=b.args.seq_samples)
@@ -470,10 +446,10 @@ def suite_sequential(b: Bench) -> None:
     base = b.base_capability(mc=test)
     runs = []
     if "crispedit" in methods:
-        runs += [(cache, b.config(method="crispedit", sequential_chunk=b.args.chunk, text_anchor_weight=w,
-                                  edit_scale=s)) for w in text_weights for s in b.args.edit_scale]
-    if "ft" in methods:  # the plain baseline: no projector (so no mask), anchors or scaling
-        runs.append((None, b.config(method="ft", layers=b.layers, sequential_chunk=b.args.chunk, edit_scale=1.0)))
+        runs += [(cache, b.config(method="crispedit", sequential_chunk=b.args.chunk, text_anchor_weight=w))
+                 for w in text_weights]
+    if "ft" in methods:  # the plain baseline: no projector (so no mask) and no anchors
+        runs.append((None, b.config(method="ft", layers=b.layers, sequential_chunk=b.args.chunk)))
     rows = []
     for cache_, config in runs:
         row = b.run(requests, cache_, config, generated=False, mc=test, text_anchors=text)
@@ -481,7 +457,7 @@ def suite_sequential(b: Bench) -> None:
     b.write("sequential", {"split": b.args.split, "rounds": b.args.rounds, "chunk": b.args.chunk, "base": base,
                            "rows": rows},
             markdown_table(rows, [("method", "method"), ("energy", "γ"), ("samples", "cap. samples"),
-                                  ("text_beta", "text β"), ("edit_scale", "scale")]))
+                                  ("text_beta", "text β")]))
 
 
 CACHE_REPS = 5  # timed passes of the cache build and of the plain forward+backward, each
@@ -588,7 +564,7 @@ def suite_speed(b: Bench) -> None:
     b.write("speed", {"reps": reps, "row": row, "times": times}, "| quantity | value |\n|---|---|\n" + table)
 
 
-SUITES = {"main": suite_main, "quality": suite_quality, "combined": suite_combined, "layers": suite_layers,
+SUITES = {"main": suite_main, "quality": suite_quality, "combined": suite_combined,
           "anchor": suite_anchor, "sweep": suite_sweep, "fisher": suite_fisher, "sequential": suite_sequential,
           "speed": suite_speed}
 
@@ -614,13 +590,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--layers", default=None)
     p.add_argument("--energy", type=float, default=d.energy, help="γ (default: the model's, arch.default_energy)")
-    p.add_argument("--energy-scope", choices=ENERGY_SCOPES, default=d.energy_scope,
-                   help="layer: γ of each layer's energy (the paper's); global: one threshold over all edited layers")
-    p.add_argument("--outlier-share", type=float, default=d.outlier_share,
-                   help="leave factor eigendirections above this share of their trace out of γ's energy")
     p.add_argument("--gammas", default="0.5,0.7,0.8,0.9,0.95,0.99")
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--epochs", type=int, default=d.max_epochs)
     p.add_argument("--samples", type=int, default=40)
@@ -646,13 +617,8 @@ def add_bench_parser(sub) -> None:
                         "'text' (the paper recipe + text anchors), 'mixed' (section 8's mixed capability set, "
                         "+ text anchors at each β), 'mixed+' (the mixed set under the '+' recipe), 'ft+' (fine-tuning "
                         "under the '+' recipe), 'fine-tuning'")
-    p.add_argument("--free-anchor-gradient", action="store_true",
-                   help="combined: leave the anchors' KL gradient unprojected (BENCHMARKS.md §20)")
-    p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's ε of the edit (BENCHMARKS.md §27)")
-    p.add_argument("--soft-mask", action="store_true", help="the damped K-FAC preconditioner τ/(τ+c) in place of "
-                   "the boolean mask (soft_projector.py)")
     p.add_argument("--edit-scale", type=edit_scales, default=(1.0,), metavar="S[,S...]",
-                   help="keep this share of each finished edit (§28); combined: several, each measured on one edit")
+                   help="combined: also measure W₀ + S·ΔW of each edit, for each S")
     p.add_argument("--subject-key", action="store_true",
                    help="the edit loss's weight gradient only through each prompt's last subject token")
     p.add_argument("--seed", type=int, default=d.seed, help="the edits' seed (minibatch order, prompt variants)")

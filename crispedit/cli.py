@@ -27,27 +27,17 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 def add_edit_options(p: argparse.ArgumentParser) -> None:
     from crispedit.anchor import TEXT_TUNED_WEIGHT
-    from crispedit.edit import ENERGY_SCOPES, LR_SCHEDULES, EditConfig
+    from crispedit.edit import EditConfig
 
     d = EditConfig()
     p.add_argument("--method", choices=["crispedit", "nullspace", "ft"], default=d.method)
     p.add_argument("--energy", type=float, default=d.energy,
                    help="γ, fraction of curvature energy protected (default 0.8; per model in crispedit/arch.py)")
-    p.add_argument("--energy-scope", choices=ENERGY_SCOPES, default=d.energy_scope,
-                   help="layer: γ of each layer's own energy (the paper's); global: one curvature threshold over "
-                        "all edited layers")
-    p.add_argument("--outlier-share", type=float, default=d.outlier_share,
-                   help="leave A- or S-eigendirections holding more than this share of their factor's trace out of "
-                        "γ's energy, so one dominant direction cannot meet γ alone (off by default)")
     p.add_argument("--lr", type=float, default=d.lr,
                    help="Adam learning rate (default: 2e-3 scaled to the edited weights' RMS against SmolLM2's)")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
-                   help="cosine: decay the learning rate towards 0 over --epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--epochs", type=int, default=d.max_epochs)
     p.add_argument("--sequential-chunk", type=int, default=None, help="Alg. 2: fold curvature every K edits")
-    p.add_argument("--recompute-drift", type=float, default=None,
-                   help="recompute the capability curvature when an edited weight drifts past this relative norm")
     p.add_argument("--chat-form", action="store_true", help="also train each edit through the chat template")
     p.add_argument("--anchors", default=None, metavar="ANCHORS.jsonl",
                    help='{"prompt", "answer"} lines whose base-model predictions the edit keeps (with --anchor-weight)')
@@ -67,21 +57,10 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                         " 'cache' (default): the curvature cache's corpus when it is a text file; 'none': off")
     p.add_argument("--text-anchor-weight", type=float, default=None,
                    help=f"β of that penalty (default with --text-anchors: {TEXT_TUNED_WEIGHT:g}, BENCHMARKS.md §12)")
-    p.add_argument("--free-anchor-gradient", action="store_true",
-                   help="project only the edit loss's gradient, not the anchors' KL penalty's (BENCHMARKS.md §20)")
-    p.add_argument("--adam-eps", type=float, default=1e-8,
-                   help="Adam's ε; near the gradients' size it damps the steps of small-gradient coordinates")
-    p.add_argument("--soft-mask", action="store_true",
-                   help="scale each curvature direction by τ/(τ+c) (damped K-FAC preconditioner) instead of keeping "
-                        "or dropping it at the γ threshold τ")
-    p.add_argument("--edit-scale", type=float, default=1.0, metavar="S",
-                   help="keep S·ΔW of the finished edit, 0 < S ≤ 1: drift falls as S², generality more slowly")
     p.add_argument("--subject-key", action=argparse.BooleanOptionalAction, default=None,
                    help="the edit loss reaches the weights only through each prompt's last subject token (ROME's "
                         "key; the 'subject' of EDITS.jsonl, else inferred with --neighbours; default: on with "
                         "--neighbours)")
-    p.add_argument("--auto-layers", type=int, default=None, metavar="K",
-                   help="edit only the K layers of the cache with the largest edit-loss gradient norm")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the minibatch order and the model-written prompt variants of --augment")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
@@ -109,16 +88,10 @@ def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None,
         augment = resolve_augment(args.augment, with_anchors=bool(args.anchors))
     except ValueError as err:
         raise SystemExit(f"--augment: {err}") from err
-    return EditConfig(method=args.method, energy=args.energy, energy_scope=args.energy_scope,
-                      outlier_share=args.outlier_share, lr=args.lr,
-                      lr_schedule=args.lr_schedule, batch_size=args.batch_size, max_epochs=args.epochs,
-                      sequential_chunk=args.sequential_chunk, recompute_drift=args.recompute_drift,
-                      chat_form=args.chat_form, augment=augment, layers=layers,
-                      auto_layers=args.auto_layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
-                      neighbour_weight=neighbour_weight,
-                      free_anchor_gradient=args.free_anchor_gradient, subject_key=subject_key,
-                      adam_eps=args.adam_eps, edit_scale=args.edit_scale, soft_mask=args.soft_mask,
-                      seed=args.seed)
+    return EditConfig(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
+                      max_epochs=args.epochs, sequential_chunk=args.sequential_chunk, chat_form=args.chat_form,
+                      augment=augment, layers=layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
+                      neighbour_weight=neighbour_weight, subject_key=subject_key, seed=args.seed)
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:

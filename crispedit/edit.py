@@ -2,7 +2,7 @@
 
 Algorithm 1: epochs over shuffled minibatches of edits; each step projects the edit-loss gradient onto
 the γ-approximate null space of the capability curvature (Eq. 6) and takes an Adam step. A minibatch
-whose loss is already below ``early_stop`` is skipped; editing stops when an epoch's mean loss is.
+whose loss is already below ``EARLY_STOP`` is skipped; editing stops when an epoch's mean loss is.
 Algorithm 2: edits arrive in chunks; after each chunk, the K-FAC factors of its prompt+target text are
 folded into the cache (token-weighted), so later chunks also protect earlier edits.
 With ``augment``, each epoch also trains every edit on one of its model-written variants (other
@@ -25,22 +25,21 @@ import torch
 from torch import nn
 
 from crispedit.anchor import Anchors, anchor_kl
-from crispedit.arch import arch_spec, default_energy, default_layers, editable_modules, module_name, weight_name
+from crispedit.arch import arch_spec, default_energy, default_layers, editable_modules, weight_name
 from crispedit.augment import augmented_prompts, check_augmentations
 from crispedit.cache import CurvatureCache
 from crispedit.kfac import factors_from_features, token_features
-from crispedit.layer_choice import rank_layers
 from crispedit.neighbours import KeptOutputs
 from crispedit.optim import ProjectedAdam
-from crispedit.projector import METHODS, LayerProjector, build_projector, build_shared_projectors
+from crispedit.projector import METHODS, LayerProjector, build_projector
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
-from crispedit.soft_projector import SoftProjector, build_soft_projectors
 from crispedit.subject_key import subject_key_mask, weight_gradient_at
 
 log = logging.getLogger(__name__)
 
-LR_SCHEDULES = ("constant", "cosine")
-ENERGY_SCOPES = ("layer", "global")
+EARLY_STOP = 1e-2  # skip a batch / stop an epoch below this mean target NLL (paper Table 2)
+ANCHOR_BATCH = 16  # anchor questions drawn per step
+STATS_BATCH = 8  # sequences per batch of the K-FAC pass over an edit's own text when folding (Alg. 2)
 ProgressFn = Callable[[dict], None]
 # the neighbours' penalty yields (β / YIELD_FACTOR) after an epoch whose edit loss is above YIELD_LOSS and fell by
 # less than YIELD_PROGRESS: on 20 ZsRE edits under the subject key, β 300 held the loss at 1.3-1.5 for 25-50 epochs
@@ -70,79 +69,47 @@ class EditError(RuntimeError):
 
 @dataclass(frozen=True)
 class EditConfig:
-    """Hyperparameters of one edit. Defaults are tuned for SmolLM2-135M (see BENCHMARKS.md)."""
+    """Hyperparameters of one edit. Defaults are tuned for SmolLM2-135M (docs/research-log.md)."""
 
     method: str = "crispedit"  # crispedit | nullspace | ft
     energy: float | None = None  # γ: fraction of curvature energy protected; None: arch.default_energy (0.8)
-    # layer: γ of each layer's own energy (the paper's); global: one curvature threshold over all edited layers
-    energy_scope: str = "layer"
-    # leave factor eigen-directions holding more than this share of their trace out of γ's energy; None: off
-    outlier_share: float | None = None
     lr: float | None = None  # None: default_lr of the edited weights (2e-3 on SmolLM2, 1.7e-4 on Gemma 3 270M)
-    lr_schedule: str = "constant"  # constant (the paper's) | cosine: lr · ½(1 + cos(π · epoch / max_epochs))
     batch_size: int = 32
     max_epochs: int = 25
-    early_stop: float = 1e-2  # skip a batch / stop an epoch below this mean target NLL (paper Table 2)
     sequential_chunk: int | None = None  # Alg. 2 chunk size; None = one batch edit (Alg. 1)
-    stats_batch_size: int = 8  # batch size of the K-FAC pass over edit text when folding
-    recompute_drift: float | None = None  # recompute capability curvature past this relative weight drift
     chat_form: bool = False  # also train each edit through the chat template, so chat queries see it
-    augment: tuple[str, ...] = ()  # model-written variants to train on too: "paraphrase", "prefix"
+    augment: tuple[str, ...] = ()  # model-written variants to train on too: "paraphrase", "prefix", "qa"
     layers: tuple[int, ...] | None = None  # used only without a cache (ft); a cache fixes its own layers
-    auto_layers: int | None = None  # edit only the k layers (of the cache's) with the largest edit gradient
     anchor_weight: float = 0.0  # β of the KL penalty on anchor prompts (crispedit.anchor); 0 = off
-    anchor_batch: int = 16  # anchors drawn per step
     text_anchor_weight: float = 0.0  # β of the same penalty on capability text windows (text_anchors); 0 = off
-    text_anchor_batch: int = 4  # text windows drawn per step
     # β of the penalty that keeps the edited layers' outputs on the neighbours' tokens (neighbours.KeptOutputs)
     neighbour_weight: float = 0.0
-    project_update: bool = False  # also project Adam's step, so ΔW stays in the kept subspace (optim.py)
-    # leave the anchors' KL gradient unprojected, as a pull back along the high-curvature directions the
-    # projector removes; off by default: measured, its KL to the base is as large as fine-tuning's (§20)
-    free_anchor_gradient: bool = False
     # the edit loss's weight gradient only through each prompt's last subject token (ROME's key; subject_key.py)
     subject_key: bool = False
-    # Adam's ε; one near the gradients' size shrinks the steps of coordinates whose gradient is small (§27)
-    adam_eps: float = 1e-8
-    # scale each curvature direction by τ / (τ + c) instead of keeping or dropping it (soft_projector.py)
-    soft_mask: bool = False
-    # shrink the finished edit to W₀ + s·(W − W₀): KL to the base falls as s², generality more slowly (§28);
-    # in sequential mode each round's edit, as that round ends
-    edit_scale: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.energy is not None and not 0.0 <= self.energy <= 1.0:
             raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
-        if self.outlier_share is not None and not 0.0 < self.outlier_share <= 1.0:
-            raise ValueError(f"outlier_share must be in (0, 1], got {self.outlier_share}")
-        if self.energy_scope not in ENERGY_SCOPES:
-            raise ValueError(f"energy_scope must be one of {ENERGY_SCOPES}, got {self.energy_scope!r}")
         for name in ("anchor_weight", "text_anchor_weight", "neighbour_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not self.adam_eps > 0:
-            raise ValueError(f"adam_eps must be positive, got {self.adam_eps}")
-        if not 0.0 < self.edit_scale <= 1.0:
-            raise ValueError(f"edit_scale must be in (0, 1], got {self.edit_scale}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        for name in ("batch_size", "max_epochs", "anchor_batch", "text_anchor_batch"):
+        for name in ("batch_size", "max_epochs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.auto_layers is not None and self.auto_layers <= 0:
-            raise ValueError("auto_layers must be a positive number of layers")
         if self.sequential_chunk is not None and self.sequential_chunk <= 0:
             raise ValueError("sequential_chunk must be a positive number of edits")
-        if self.free_anchor_gradient and self.project_update:
-            raise ValueError("free_anchor_gradient needs project_update off: projecting the step would remove "
-                             "the anchors' unprojected gradient again")
         object.__setattr__(self, "augment", tuple(self.augment))
         check_augmentations(self.augment)
+
+    @property
+    def text_anchor_batch(self) -> int:
+        """Text windows drawn per step: 4 per 32 edits, in proportion to the edits of a step."""
+        return max(1, self.batch_size // 8)
 
 
 @dataclass
@@ -183,35 +150,24 @@ def edit_features(
 
 def make_projectors(
     cache: CurvatureCache | None, config: EditConfig, names: list[str], fan_in_fan_out: bool, device
-) -> list[LayerProjector | SoftProjector | None]:
+) -> list[LayerProjector | None]:
     if config.method == "ft":
         return [None] * len(names)
     if cache is None:
         raise EditError(f"method {config.method!r} needs a curvature cache; build one with `crispedit build-cache`")
     ekfac = cache.ekfac or {}
-    if config.soft_mask:
-        return build_soft_projectors([cache.factors[n] for n in names], config.energy, config.method, fan_in_fan_out,
-                                     [ekfac.get(n) for n in names], device, config.outlier_share,
-                                     shared=config.energy_scope == "global")
-    if config.energy_scope == "global":
-        return build_shared_projectors([cache.factors[n] for n in names], config.energy, config.method,
-                                       fan_in_fan_out, [ekfac.get(n) for n in names], device, config.outlier_share)
-    return [
-        build_projector(cache.factors[n], config.energy, config.method, fan_in_fan_out, ekfac.get(n), device,
-                        config.outlier_share)
-        for n in names
-    ]
+    return [build_projector(cache.factors[n], config.energy, config.method, fan_in_fan_out, ekfac.get(n), device)
+            for n in names]
 
 
-def warn_unconstrained(names: list[str], projectors: list[LayerProjector | SoftProjector | None], gamma: float) -> None:
+def warn_unconstrained(names: list[str], projectors: list[LayerProjector | None], gamma: float) -> None:
     """Log each layer whose projector removes almost nothing. When one direction (a massive activation in
     the layer input) holds γ of the curvature energy, protecting it meets the threshold, and the layer then
-    edits like fine-tuning (BENCHMARKS.md §13: SmolLM2 layer 11, +44 % perplexity)."""
+    edits like fine-tuning (on SmolLM2 layer 11 that cost +44 % perplexity)."""
     for name, projector in zip(names, projectors, strict=True):
         if projector is not None and projector.kept_fraction > UNCONSTRAINED:
             log.warning("%s: at γ=%s the projector keeps %.2f%% of the directions, so this layer is nearly "
-                        "unconstrained (one curvature direction holds the energy); edit other layers, raise γ or set "
-                        "outlier_share (--outlier-share)",
+                        "unconstrained (one curvature direction holds the energy); edit other layers or raise γ",
                         name, gamma, 100 * projector.kept_fraction)
 
 
@@ -225,13 +181,6 @@ def trainable(params: list[nn.Parameter]):
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-
-
-@torch.no_grad()
-def shrink_edit(params: Sequence[torch.Tensor], originals: Sequence[torch.Tensor], scale: float) -> None:
-    """W ← W₀ + s·(W − W₀) in place: to second order the KL to the base falls as s² (BENCHMARKS.md §17)."""
-    for p, p0 in zip(params, originals, strict=True):
-        p.copy_(torch.lerp(p0.to(p.dtype), p, scale))
 
 
 def check_requests(requests: Sequence[EditRequest], tokenizer) -> None:
@@ -260,22 +209,12 @@ def default_lr(weights: Sequence[torch.Tensor]) -> float:
     return float(f"{REFERENCE_LR * rms / REFERENCE_RMS:.2g}")
 
 
-def epoch_lr(config: EditConfig, epoch: int) -> float:
-    """The learning rate of ``epoch`` (0-based): constant, or cosine-decayed towards 0 over ``max_epochs``."""
-    if config.lr is None:
-        raise ValueError("config.lr is None: edit() sets it to default_lr of the edited weights first")
-    if config.lr_schedule == "constant":
-        return config.lr
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.max_epochs))
-
-
 def run_epochs(
     model: nn.Module,
     tokenizer,
     requests: Sequence[EditRequest],
     optimizer: ProjectedAdam,
     config: EditConfig,
-    on_step: Callable[[], None] | None = None,
     on_progress: ProgressFn | None = None,
     chunk: int = 0,
     variants: Sequence[Sequence[EditRequest]] = (),
@@ -302,8 +241,6 @@ def run_epochs(
     first_loss: float | None = None
     beta = config.neighbour_weight  # yields while the edit is stuck against it (YIELD_*)
     for epoch in range(config.max_epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = epoch_lr(config, epoch)
         order = list(requests) + [rng.choice(pool) for pool in variants if pool]
         rng.shuffle(order)
         losses = []
@@ -323,10 +260,10 @@ def run_epochs(
             if value > max(50.0, 10 * first_loss):
                 raise EditError(f"edit loss exploded ({first_loss:.3g} → {value:.3g}); lower the learning rate")
             losses.append(value)
-            if value < config.early_stop:
+            if value < EARLY_STOP:
                 continue
             penalty = None  # β · KL(base ‖ edited) over this step's anchors
-            for held, weight, size in ((anchors, config.anchor_weight, config.anchor_batch),
+            for held, weight, size in ((anchors, config.anchor_weight, ANCHOR_BATCH),
                                        (text_anchors, config.text_anchor_weight, config.text_anchor_batch)):
                 if held is not None and weight > 0:
                     rows = torch.randperm(len(held), generator=draw)[:size].to(device)
@@ -336,22 +273,14 @@ def run_epochs(
                 term = beta * kept()
                 penalty = term if penalty is None else penalty + term
             optimizer.zero_grad(set_to_none=True)
-            if penalty is not None and config.free_anchor_gradient:
-                loss.backward()
-                optimizer.project_gradients()  # P_γ ∇ edit loss
-                penalty.backward()  # + ∇ penalty, unprojected
-                optimizer.step(project=False)
-            else:
-                (loss if penalty is None else loss + penalty).backward()
-                optimizer.step()
+            (loss if penalty is None else loss + penalty).backward()
+            optimizer.step()
             step_seconds.append(time.perf_counter() - started)
-            if on_step is not None:
-                on_step()
         epoch_losses.append(sum(losses) / len(losses))
         if on_progress is not None:
             on_progress({"event": "epoch", "chunk": chunk, "epoch": epoch + 1, "loss": epoch_losses[-1],
                          **({"neighbour_weight": beta} if kept is not None else {})})
-        if epoch_losses[-1] < config.early_stop:
+        if epoch_losses[-1] < EARLY_STOP:
             break
         stuck = len(epoch_losses) > 1 and epoch_losses[-1] > (1 - YIELD_PROGRESS) * epoch_losses[-2]
         if kept is not None and beta > 0 and epoch_losses[-1] > YIELD_LOSS and stuck:
@@ -366,15 +295,12 @@ def edit(
     cache: CurvatureCache | None,
     config: EditConfig | None = None,
     on_progress: ProgressFn | None = None,
-    recompute_cache: Callable[[], CurvatureCache] | None = None,
     anchors: Anchors | None = None,
     text_anchors: Anchors | None = None,
     kept: KeptOutputs | None = None,
 ) -> EditResult:
     """Apply ``requests`` to ``model`` in place (Alg. 1, or Alg. 2 with ``config.sequential_chunk``).
 
-    ``recompute_cache`` (optional) rebuilds the capability curvature at the current weights; it is
-    called when an edited weight drifts past ``config.recompute_drift`` relative to the last build.
     ``anchors`` (from :func:`crispedit.anchor.base_anchors` on the unedited model) are used when
     ``config.anchor_weight`` > 0, ``text_anchors`` (:func:`crispedit.anchor.text_anchors`) when
     ``config.text_anchor_weight`` > 0, ``kept`` (:class:`crispedit.neighbours.KeptOutputs`) when
@@ -399,14 +325,6 @@ def edit(
     if on_progress and config.augment:
         on_progress({"event": "augment", "variants": sum(len(v) for v in variants)})
     layers = cache.layers if cache is not None else (config.layers or default_layers(model))
-    if config.auto_layers:
-        try:
-            layers = rank_layers(model, tokenizer, with_chat_form(requests), layers, config.auto_layers)
-        except ValueError as err:
-            raise EditError(str(err)) from err
-        cache = cache.subset(layers, [module_name(model, i) for i in layers]) if cache is not None else None
-        if on_progress:
-            on_progress({"event": "layers", "layers": list(layers)})
     modules = editable_modules(model, layers)
     fan_in_fan_out = arch_spec(model).fan_in_fan_out
     names = list(modules)
@@ -422,9 +340,7 @@ def edit(
     try:
         projectors = make_projectors(cache, config, names, fan_in_fan_out, device)
         warn_unconstrained(names, projectors, config.energy)
-        optimizer = ProjectedAdam(params, projectors, lr=config.lr, eps=config.adam_eps,
-                                  project_update=config.project_update)
-        reference = [p.detach().clone() for p in params]
+        optimizer = ProjectedAdam(params, projectors, lr=config.lr)
         capability, folded = cache, []  # Alg. 2: capability factors and each chunk's edit factors
         chunk_features: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
 
@@ -434,18 +350,6 @@ def edit(
                 result = result.folded(edit_factors)
             return result
 
-        def maybe_recompute() -> None:
-            nonlocal capability, reference
-            drift = max(float((p.detach() - r).norm() / r.norm()) for p, r in zip(params, reference, strict=True))
-            if drift <= config.recompute_drift:
-                return
-            capability = recompute_cache()
-            reference = [p.detach().clone() for p in params]
-            optimizer.set_projectors(make_projectors(current_cache(), config, names, fan_in_fan_out, device))
-            if on_progress:
-                on_progress({"event": "recompute", "drift": drift})
-
-        on_step = maybe_recompute if (config.recompute_drift and recompute_cache and config.method != "ft") else None
         chunk_size = config.sequential_chunk or len(requests)
         epoch_losses: list[float] = []
         step_seconds: list[float] = []
@@ -453,17 +357,14 @@ def edit(
             chunk = with_chat_form(requests[start : start + chunk_size])
             pools = variants[start : start + chunk_size]
             keyed = (modules, fan_in_fan_out) if config.subject_key else None
-            chunk_start = [p.detach().clone() for p in params] if config.edit_scale != 1.0 else None
             outputs = (lambda: kept(dict(zip(names, params, strict=True)))) if kept is not None else None
             with trainable(params):
-                losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_step, on_progress, k, pools,
+                losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_progress, k, pools,
                                              anchors, text_anchors, keyed, outputs)
-            if chunk_start is not None:  # each round is scaled as it ends, before later rounds build on it
-                shrink_edit(params, chunk_start, config.edit_scale)
             epoch_losses += losses
             step_seconds += seconds
             if config.sequential_chunk and capability is not None:
-                chunk_features.append(edit_features(model, tokenizer, chunk, modules, config.stats_batch_size))
+                chunk_features.append(edit_features(model, tokenizer, chunk, modules, STATS_BATCH))
                 folded.append({n: factors_from_features(*ag) for n, ag in chunk_features[-1].items()})
                 state = current_cache()
                 if start + chunk_size < len(requests):  # later chunks are projected to protect this one

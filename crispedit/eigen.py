@@ -32,29 +32,11 @@ def energy_rank(sorted_desc: torch.Tensor, gamma: float) -> int:
 def energy_threshold(curvatures: list[torch.Tensor], gamma: float) -> float | None:
     """τ = the k-th largest value over all the given curvature arrays together (Eq. 3 over their union).
 
-    One array gives the paper's per-layer split; several give one threshold shared by their layers, the
-    split of the block-diagonal curvature of all of them. None when k = 0 (γ = 0 or no curvature at all).
+    One array is the paper's per-layer split. None when k = 0 (γ = 0 or no curvature at all).
     """
     sorted_desc = torch.cat([c.double().flatten() for c in curvatures]).sort(descending=True).values
     k = energy_rank(sorted_desc, gamma)
     return None if k == 0 else float(sorted_desc[k - 1])
-
-
-def outlier_directions(eigenvalues: torch.Tensor, share: float | None) -> torch.Tensor:
-    """1 for each eigen-direction of a factor holding more than ``share`` of its trace; none when share is None."""
-    if share is None:
-        return torch.zeros_like(eigenvalues, dtype=torch.bool)
-    if not 0.0 < share <= 1.0:
-        raise ValueError(f"outlier share must be in (0, 1], got {share}")
-    return eigenvalues.double() > share * eigenvalues.double().sum()
-
-
-def bulk_products(outlier_out: torch.Tensor | None, outlier_in: torch.Tensor) -> torch.Tensor:
-    """1 for each product λ^S_i λ^A_j that involves no outlier direction of either factor (d_out, d_in),
-    or each λ^A_j that is no outlier (d_in,) when there is no S side (the null-space baseline)."""
-    if outlier_out is None:
-        return ~outlier_in
-    return ~(outlier_out.view(-1, 1) | outlier_in.view(1, -1))
 
 
 def mask_below(curvature: torch.Tensor, threshold: float | None) -> torch.Tensor:

@@ -3,10 +3,6 @@
 Each step replaces a weight's gradient Q by its projection P_γ Q (Eq. 6), then takes a standard Adam
 step. When the projector changes (a new sequential chunk, or a curvature recompute), the first moment
 is projected onto the new subspace; the second moment and step count are kept, as in the paper's code.
-
-Adam divides each coordinate by its own sqrt(v), so its step P m / sqrt(v) leaves the subspace that P m lies
-in. With ``project_update`` the step itself is projected too, so the weights move only inside the
-low-curvature subspace, as the paper's PGD (Algorithm 1) does; the paper's code does not (BENCHMARKS.md §17).
 """
 
 from __future__ import annotations
@@ -16,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-# a LayerProjector (Eq. 6) or a SoftProjector (its damped form): maps a weight-shaped tensor to its projection
+# a LayerProjector (Eq. 6): maps a weight-shaped tensor to its projection
 Projector = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -30,13 +26,11 @@ class ProjectedAdam(torch.optim.Adam):
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        project_update: bool = False,
     ) -> None:
         if len(params) != len(projectors):
             raise ValueError("one projector (or None) per parameter")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         self.projectors = list(projectors)
-        self.project_update = project_update
 
     @torch.no_grad()
     def project_gradients(self) -> None:
@@ -46,20 +40,14 @@ class ProjectedAdam(torch.optim.Adam):
                 p.grad.copy_(projector(p.grad))
 
     @torch.no_grad()
-    def step(self, closure: Callable | None = None, project: bool = True):
-        """Project the gradients (unless the caller already did, ``project=False``), then take Adam's step."""
+    def step(self, closure: Callable | None = None):
+        """Project the gradients (Eq. 6), then take Adam's step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self.param_groups[0]["params"]
-        if project:
-            self.project_gradients()
-        before = {i: p.detach().clone() for i, (p, projector) in enumerate(zip(params, self.projectors, strict=True))
-                  if self.project_update and projector is not None and p.grad is not None}
+        self.project_gradients()
         super().step()
-        for i, old in before.items():
-            params[i].copy_(old + self.projectors[i](params[i] - old))
         return loss
 
     @torch.no_grad()

@@ -11,14 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crispedit.eigen import (
-    bulk_products,
-    eigh_psd,
-    energy_threshold,
-    kronecker_eigenvalues,
-    mask_below,
-    outlier_directions,
-)
+from crispedit.eigen import eigh_psd, energy_mask, kronecker_eigenvalues
 from crispedit.kfac import KFACFactors
 
 METHODS = ("crispedit", "nullspace", "ft")
@@ -182,31 +175,19 @@ def complement_form(
 
 def layer_spectrum(
     factors: KFACFactors, method: str = "crispedit", corrected_eigenvalues: torch.Tensor | None = None,
-    outlier_share: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(curvature of each eigen-direction, U_S, U_A, bulk): the products λ^S_i λ^A_j (or EK-FAC's λ̃_ij), and
-    which of them count towards γ's energy: those free of an outlier direction (all when outlier_share is None).
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(curvature of each eigen-direction, U_S, U_A): the products λ^S_i λ^A_j, or EK-FAC's λ̃_ij.
 
     ``method="nullspace"`` gives λ^A alone and no U_S: the null space of A (Prop. 1: a subset of CrispEdit's).
     """
     eig_in, U_in = eigh_psd(factors.A)
     if method == "nullspace":
-        return eig_in, None, U_in, bulk_products(None, outlier_directions(eig_in, outlier_share))
+        return eig_in, None, U_in
     if method != "crispedit":
         raise ValueError(f"no projector for method {method!r}; projected methods are crispedit and nullspace")
     eig_out, U_out = eigh_psd(factors.S)
     curvature = corrected_eigenvalues if corrected_eigenvalues is not None else kronecker_eigenvalues(eig_out, eig_in)
-    bulk = bulk_products(outlier_directions(eig_out, outlier_share), outlier_directions(eig_in, outlier_share))
-    return curvature, U_out, U_in, bulk
-
-
-def layer_spectra(
-    factors: list[KFACFactors], method: str, corrected_eigenvalues: list[torch.Tensor | None] | None,
-    outlier_share: float | None,
-) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]:
-    """:func:`layer_spectrum` of each layer (EK-FAC's corrected eigenvalues where given)."""
-    corrected = corrected_eigenvalues or [None] * len(factors)
-    return [layer_spectrum(f, method, c, outlier_share) for f, c in zip(factors, corrected, strict=True)]
+    return curvature, U_out, U_in
 
 
 def build_projector(
@@ -216,37 +197,7 @@ def build_projector(
     fan_in_fan_out: bool = False,
     corrected_eigenvalues: torch.Tensor | None = None,
     device: torch.device | str | None = None,
-    outlier_share: float | None = None,
 ) -> LayerProjector:
-    """Eigendecompose A and S and mask by energy γ over all products λ^S_i λ^A_j of this layer (Eq. 3, Eq. 6).
-
-    With ``outlier_share``, the threshold τ is γ of the energy of the products that involve no outlier
-    direction (one eigenvalue above that share of its factor's trace), and then masks every product, outliers'
-    included: one direction can no longer meet γ on its own and leave the rest unprotected (BENCHMARKS.md §23).
-    """
-    return build_shared_projectors([factors], gamma, method, fan_in_fan_out, [corrected_eigenvalues], device,
-                                   outlier_share)[0]
-
-
-def build_shared_projectors(
-    factors: list[KFACFactors],
-    gamma: float,
-    method: str = "crispedit",
-    fan_in_fan_out: bool = False,
-    corrected_eigenvalues: list[torch.Tensor | None] | None = None,
-    device: torch.device | str | None = None,
-    outlier_share: float | None = None,
-) -> list[LayerProjector]:
-    """One curvature threshold τ for every layer: γ of the energy of all their products together.
-
-    Eq. 3 applied to the block-diagonal curvature of all edited layers instead of to each block: a
-    direction is protected when its own curvature is high, whichever layer it is in, so a layer of low
-    curvature keeps more of its directions and one of high curvature fewer. One layer is the paper's split.
-    ``outlier_share`` leaves outlier directions out of the energy that sets τ, as in :func:`build_projector`.
-    """
-    spectra = layer_spectra(factors, method, corrected_eigenvalues, outlier_share)
-    tau = energy_threshold([curvature[bulk] for curvature, _, _, bulk in spectra], gamma)
-    return [
-        complement_form(U_out, U_in, mask_below(curvature, tau), fan_in_fan_out, device or f.A.device)
-        for f, (curvature, U_out, U_in, _) in zip(factors, spectra, strict=True)
-    ]
+    """Eigendecompose A and S and mask by energy γ over all products λ^S_i λ^A_j of this layer (Eq. 3, Eq. 6)."""
+    curvature, U_out, U_in = layer_spectrum(factors, method, corrected_eigenvalues)
+    return complement_form(U_out, U_in, energy_mask(curvature, gamma), fan_in_fan_out, device or factors.A.device)

@@ -44,8 +44,7 @@ def main() -> None:
 
     def run(batch: list, batch_size: int, with_text: bool = False) -> dict:
         config = EditConfig(batch_size=batch_size, chat_form=True, sequential_chunk=len(batch),
-                            text_anchor_weight=TEXT_TUNED_WEIGHT if with_text else 0.0,
-                            text_anchor_batch=max(1, batch_size // 8))
+                            text_anchor_weight=TEXT_TUNED_WEIGHT if with_text else 0.0)
         started = time.perf_counter()
         result = edit(model, tok, batch, cache, config, text_anchors=text if with_text else None)
         seconds = time.perf_counter() - started

@@ -24,7 +24,8 @@ Variants (``--variants``, comma-separated NAME:VALUE):
   epochs:N     the subject key at β 300, at most N epochs
   lr:X         the subject key at β 300, learning rate X
   yield:B      the subject key at β B, the penalty yielding while the edit is stuck (crispedit.edit.YIELD_*);
-               every other variant runs with it off
+               every other variant but until runs with it off
+  until:T      the default recipe (subject key, β 300 yielding) with early stop T instead of 0.01
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
 
@@ -116,15 +117,27 @@ class NormalisedGD(ProjectedAdam):
     relative = 0.003
 
     @torch.no_grad()
-    def step(self, closure=None, project: bool = True):
-        if project:
-            self.project_gradients()
+    def step(self, closure=None):
+        self.project_gradients()
         for p in self.param_groups[0]["params"]:
             if p.grad is not None:
                 state = self.state.setdefault(p, {})
                 state["m"] = p.grad.clone() if "m" not in state else 0.9 * state["m"] + p.grad
                 size = self.param_groups[0]["lr"] / 2e-3 * self.relative * p.norm()
                 p.sub_(size * state["m"] / state["m"].norm().clamp_min(1e-20))
+
+
+class StepProjectedAdam(ProjectedAdam):
+    """Adam whose step, not only its gradient, is projected: the weights move only inside the kept subspace."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = self.param_groups[0]["params"]
+        before = [p.detach().clone() for p in params]
+        super().step()
+        for p, old, projector in zip(params, before, self.projectors, strict=True):
+            if projector is not None:
+                p.copy_(old + projector(p - old))
 
 
 def localise(model, tok, modules, protection, original: dict, edited: dict, beta: float) -> None:
@@ -209,13 +222,13 @@ def main() -> None:
         rows = [tok(t)["input_ids"] + a for t, a in zip(texts, greedy_answers(model, tok, texts), strict=True)]
         common = KeptOutputs.record(model, modules, rows, fan_in_fan_out)
     make_projectors = edit_module.make_projectors
-    yield_loss = edit_module.YIELD_LOSS
+    yield_loss, early_stop = edit_module.YIELD_LOSS, edit_module.EARLY_STOP
     for per_kind, protection in protections.items():
         for variant in args.variants.split(","):
             name, value = variant.split(":")
             value = float(value)
             beta = (value if name in ("beta", "bare", "common", "subject", "yield")
-                    else 300.0 if name in ("scale", "stop", "epochs", "lr") else 0.0)
+                    else 300.0 if name in ("scale", "stop", "epochs", "lr", "until") else 0.0)
             if name == "common":
                 beta, kept = 300.0, with_common(protection.kept, common, value)
             elif name == "prefix":
@@ -223,9 +236,7 @@ def main() -> None:
             else:
                 kept = protection.kept
             config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
-                                edit_scale=value if name == "scale" else 1.0,
-                                early_stop=value if name == "stop" else 1e-2, project_update=name == "nullspace",
-                                subject_key=name in ("subject", "epochs", "lr", "yield"),
+                                subject_key=name in ("subject", "epochs", "lr", "yield", "until"),
                                 max_epochs=int(value) if name == "epochs" else 25,
                                 lr=value if name == "lr" else None)
             if name == "nullspace":
@@ -233,16 +244,22 @@ def main() -> None:
                 bases = {n: top_energy(A, value) for n, A in second_moments(model, modules, rows, True).items()}
                 edit_module.make_projectors = lambda *a, bases=bases: [
                     OffNeighbours(p, bases[n]) for n, p in zip(a[2], make_projectors(*a), strict=True)]
-            edit_module.ProjectedAdam = NormalisedGD if name == "ngd" else ProjectedAdam
+            edit_module.ProjectedAdam = {"ngd": NormalisedGD, "nullspace": StepProjectedAdam}.get(name, ProjectedAdam)
+            edit_module.EARLY_STOP = value if name in ("stop", "until") else early_stop
             NormalisedGD.relative = value
             started = time.perf_counter()
             trained = requests if name == "bare" else protection.requests
-            edit_module.YIELD_LOSS = yield_loss if name == "yield" else float("inf")
-            if name in ("subject", "epochs", "lr", "yield"):
+            edit_module.YIELD_LOSS = yield_loss if name in ("yield", "until") else float("inf")
+            if name in ("subject", "epochs", "lr", "yield", "until"):
                 trained = [replace(r, subject=infer_subject(r)) for r in trained]
             result = edit(model, tok, trained, cache, config, kept=kept)
             seconds = time.perf_counter() - started
             edit_module.make_projectors, edit_module.ProjectedAdam = make_projectors, ProjectedAdam
+            if name == "scale":  # W₀ + s·ΔW
+                with torch.no_grad():
+                    params = dict(model.named_parameters())
+                    for n, tensor in result.original.items():
+                        params[n].copy_(torch.lerp(tensor, params[n], value))
             if name == "solve":
                 edited = {n: p.detach().clone() for n, p in model.named_parameters() if n in result.original}
                 with torch.no_grad():

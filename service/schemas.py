@@ -34,8 +34,6 @@ class Hyperparameters(Strict):
                                  "default: the model's (0.8; measured per model in crispedit/arch.py)")
     lr: float | None = Field(None, gt=0.0, le=1.0, description="Adam learning rate; default: 2e-3 scaled to the "
                              "edited weights' RMS against SmolLM2's (2e-3 on SmolLM2, 1.7e-4 on Gemma 3 270M)")
-    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay lr towards 0 over "
-                                                       "max_epochs (less drift, less generality; BENCHMARKS.md §14)")
     batch_size: int | None = Field(None, ge=1, le=512, description="edits per optimizer step; default: the server's "
                                    "CRISPEDIT_EDIT_BATCH_SIZE")
     max_epochs: int = Field(25, ge=1, le=200)

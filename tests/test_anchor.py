@@ -1,6 +1,5 @@
 """The anchor penalty is KL(base ‖ edited) on the anchored positions, and editing with it keeps those predictions."""
 
-from dataclasses import replace
 
 import pytest
 import torch
@@ -106,7 +105,7 @@ def test_editing_with_the_penalty_keeps_anchor_predictions():
     for weight in (0.0, 3.0):
         model, tok = make_tiny("llama")
         anchors = base_anchors(model, tok, PAIRS)
-        config = EditConfig(method="ft", lr=3e-2, max_epochs=20, layers=(1, 2), anchor_weight=weight, anchor_batch=4)
+        config = EditConfig(method="ft", lr=3e-2, max_epochs=20, layers=(1, 2), anchor_weight=weight)
         edit(model, tok, FACTS, None, config, anchors=anchors)
         drift[weight] = float(anchor_kl(model, anchors, torch.arange(len(PAIRS))))
     assert drift[3.0] < 0.5 * drift[0.0], drift
@@ -142,8 +141,8 @@ def test_text_anchor_source_takes_the_cache_corpus_only_when_it_is_a_text_file(t
     assert text_anchor_source("self", str(corpus)) == "self"  # asked for explicitly
 
 
-def test_free_anchor_gradient_projects_only_the_edit_loss(corpus_file):
-    """With ``free_anchor_gradient`` Adam sees P ∇edit + ∇penalty, otherwise P(∇edit + ∇penalty)."""
+def test_the_anchor_penalty_is_projected_with_the_edit_loss(corpus_file):
+    """Adam sees P(∇edit + ∇penalty): the anchors' gradient is projected like the edit loss's (Eq. 6)."""
     from test_edit import small_cache
 
     from crispedit.arch import editable_modules
@@ -152,11 +151,10 @@ def test_free_anchor_gradient_projects_only_the_edit_loss(corpus_file):
     from crispedit.requests import target_nll, tokenize_edit_batch
 
     class Spy(ProjectedAdam):
-        def step(self, closure=None, project=True):
-            if project:
-                self.project_gradients()
+        def step(self, closure=None):
+            self.project_gradients()
             self.seen = [p.grad.clone() for p in self.param_groups[0]["params"]]
-            return super().step(closure, project=False)
+            return torch.optim.Adam.step(self, closure)
 
     model, tok = make_tiny("llama")
     cache = small_cache(model, tok, corpus_file)
@@ -166,7 +164,8 @@ def test_free_anchor_gradient_projects_only_the_edit_loss(corpus_file):
     with torch.no_grad():  # move off the base model, so the penalty has a gradient
         for p in params:
             p.add_(0.05 * torch.randn_like(p))
-    config = EditConfig(energy=0.5, lr=1e-3, max_epochs=1, text_anchor_weight=3.0, text_anchor_batch=len(PAIRS))
+    config = EditConfig(energy=0.5, lr=1e-3, max_epochs=1, text_anchor_weight=3.0)
+    assert config.text_anchor_batch == len(PAIRS)  # every window in the one step
     projectors = make_projectors(cache, config, list(modules), False, "cpu")
     for p in params:
         p.requires_grad_(True)
@@ -176,19 +175,8 @@ def test_free_anchor_gradient_projects_only_the_edit_loss(corpus_file):
         model.zero_grad(set_to_none=True)
         loss().backward()
         grads[name] = [p.grad.clone() for p in params]
-    seen = {}
-    for free in (False, True):
-        snapshot = [p.detach().clone() for p in params]
-        spy = Spy(params, projectors, lr=1e-3)
-        run_epochs(model, tok, FACTS, spy, replace(config, free_anchor_gradient=free),
-                   text_anchors=anchors)
-        seen[free] = spy.seen
-        with torch.no_grad():
-            for p, old in zip(params, snapshot, strict=True):
-                p.copy_(old)
-    for P, e, a, fixed, free in zip(projectors, grads["edit"], grads["penalty"], seen[False], seen[True], strict=True):
-        torch.testing.assert_close(fixed, P(e + a), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(free, P(e) + a, rtol=1e-4, atol=1e-6)
-        assert (free - fixed).norm() > 1e-3 * a.norm()  # the penalty's removed part is what differs
-    with pytest.raises(ValueError, match="project_update off"):
-        EditConfig(free_anchor_gradient=True, project_update=True)
+    spy = Spy(params, projectors, lr=1e-3)
+    run_epochs(model, tok, FACTS, spy, config, text_anchors=anchors)
+    for P, e, a, seen in zip(projectors, grads["edit"], grads["penalty"], spy.seen, strict=True):
+        torch.testing.assert_close(seen, P(e + a), rtol=1e-4, atol=1e-6)
+        assert (seen - P(e)).norm() > 1e-3 * a.norm()  # the penalty takes part

@@ -50,12 +50,11 @@ def test_build_cache_edit_eval(tiny_dir, tmp_path):
     # the defaults: text anchors from the cache's own text file (β 10); no augmentation without --anchors
     assert report["config"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT and report["config"]["augment"] == []
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(cache), "--edits", str(FIXTURES / "facts.jsonl"),
-                    "--epochs", "1", "--text-anchors", "none", "--augment", "", "--energy-scope", "global",
-                    "--outlier-share", "0.2", "--out", str(tmp_path / "paper"))
+                    "--epochs", "1", "--text-anchors", "none", "--augment", "", "--energy", "0.9",
+                    "--out", str(tmp_path / "paper"))
     assert run.returncode == 0, run.stderr
     config = json.loads((tmp_path / "paper" / "crispedit_edit.json").read_text())["config"]
-    assert config["text_anchor_weight"] == 0 and config["energy_scope"] == "global"
-    assert config["outlier_share"] == 0.2
+    assert config["text_anchor_weight"] == 0 and config["energy"] == 0.9
 
     run = crispedit("eval", "--model", str(out), "--base", str(tiny_dir), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--no-generate")
@@ -89,9 +88,9 @@ def test_clear_errors(tiny_dir, tmp_path):
                     "--out", str(tmp_path / "y"))
     assert run.returncode == 2 and "bad.jsonl:1" in run.stderr and "target" in run.stderr
     assert not (tmp_path / "y").exists()
-    run = crispedit("edit", "--model", str(tiny_dir), "--method", "ft", "--edits", edits, "--edit-scale", "0",
+    run = crispedit("edit", "--model", str(tiny_dir), "--method", "ft", "--edits", edits, "--epochs", "0",
                     "--out", str(tmp_path / "z"))
-    assert run.returncode == 2 and "edit_scale must be in (0, 1]" in run.stderr
+    assert run.returncode == 2 and "max_epochs must be positive" in run.stderr
     assert not (tmp_path / "z").exists()
 
 
@@ -121,18 +120,14 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
     anchors.write_text('{"prompt": "Who wrote Hamlet?", "answer": "Shakespeare"}\n')
     bad.write_text('{"prompt": "Who wrote Hamlet?"}\n')
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
-                    "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--auto-layers", "1",
-                    "--anchors", str(anchors), "--text-anchors", corpus, "--subject-key", "--adam-eps", "1e-6",
-                    "--edit-scale", "0.9", "--soft-mask", "--seed", "3", "--out", str(out))
+                    "--lr", "0.03", "--epochs", "3", "--augment", "prefix", "--anchors", str(anchors),
+                    "--text-anchors", corpus, "--subject-key", "--seed", "3", "--out", str(out))
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "crispedit_edit.json").read_text())
-    assert report["config"]["augment"] == ["prefix"] and report["config"]["auto_layers"] == 1
-    assert report["config"]["subject_key"] is True and report["config"]["adam_eps"] == 1e-6
-    assert report["config"]["edit_scale"] == 0.9 and report["config"]["soft_mask"] is True
+    assert report["config"]["augment"] == ["prefix"] and report["config"]["subject_key"] is True
     assert report["config"]["seed"] == 3
     assert report["config"]["anchor_weight"] == 1.0  # the tuned β, since --anchors was given
     assert report["config"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT  # likewise for --text-anchors
-    assert len(report["layers"]) == 1 and report["layers"][0] in (1, 2)
     assert [int(n.split(".")[2]) for n in report["changed"]] == report["layers"]
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--augment", "backtranslate", "--out", str(tmp_path / "z"))

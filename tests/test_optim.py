@@ -25,20 +25,16 @@ def test_first_moment_lies_in_the_projected_subspace():
     assert not torch.allclose(m, 0.1 * raw)
 
 
-def test_adam_step_leaves_the_subspace_unless_projected():
+def test_adam_step_leaves_the_subspace_as_in_the_papers_code():
+    """Only the gradient is projected: Adam's P m / sqrt(v) rescales coordinates, so the step leaves P's subspace."""
     projector = build_projector(KFACFactors(A=psd(6, 0), S=psd(4, 1), num_tokens=1), 0.8)
-    steps = {}
-    for project_update in (False, True):
-        W = torch.nn.Parameter(torch.zeros(4, 6))
-        opt = ProjectedAdam([W], [projector], lr=1e-2, project_update=project_update)
-        for seed in range(3):
-            W.grad = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
-            opt.step()
-        steps[project_update] = W.detach().clone()
-    leaked = steps[False] - projector(steps[False])
-    assert leaked.norm() > 0.1 * steps[False].norm()  # sqrt(v) rescales coordinates: the step leaves the subspace
-    torch.testing.assert_close(projector(steps[True]), steps[True], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(steps[True], projector(steps[False]), atol=1e-6, rtol=1e-5)
+    W = torch.nn.Parameter(torch.zeros(4, 6))
+    opt = ProjectedAdam([W], [projector], lr=1e-2)
+    for seed in range(3):
+        W.grad = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+        opt.step()
+    step = W.detach()
+    assert (step - projector(step)).norm() > 0.1 * step.norm()
 
 
 def test_set_projectors_projects_the_first_moment_only():

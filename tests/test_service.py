@@ -131,7 +131,7 @@ def test_edit_query_rollback_through_the_service(service):
     assert versions["data"][1]["hyperparameters"]["anchor_weight"] == 1.0  # the server's anchors were used
     assert versions["data"][1]["hyperparameters"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT  # and its text anchors
     assert versions["data"][1]["hyperparameters"]["augment"] == ["paraphrase", "prefix", "qa"]  # 'auto' with anchors
-    assert versions["data"][1]["hyperparameters"]["lr_schedule"] == "constant"  # the paper's, by default
+    assert versions["data"][1]["hyperparameters"]["method"] == "crispedit"  # the paper's, by default
     assert versions["data"][1]["hyperparameters"]["neighbour_weight"] == 0.1  # the server's protection
     assert versions["data"][1]["hyperparameters"]["subject_key"] is False  # as the request asked
     report = reader.get("/v1/registry/tiny/versions/v1").json()["metrics"]["neighbours"]  # what else changed
@@ -177,8 +177,8 @@ def test_bad_input_gets_a_clear_4xx(service):
     assert r.status_code == 404 and "available: ['tiny']" in r.json()["detail"]
     r = c.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": {"lr": -1}})
     assert r.status_code == 422 and "lr" in r.json()["detail"]
-    r = c.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": {"lr_schedule": "linear"}})
-    assert r.status_code == 422 and "lr_schedule" in r.json()["detail"]
+    r = c.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": {"method": "rome"}})
+    assert r.status_code == 422 and "method" in r.json()["detail"]
     r = c.post("/v1/completions", json={"model": "tiny@v99", "prompt": "x"})
     assert r.status_code == 404 and "v99" in r.json()["detail"]
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10**6})

@@ -91,8 +91,6 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         hyper.setdefault("text_anchor_weight",
                          rt.settings.text_anchor_weight if rt.text_anchors is not None else 0.0)
         hyper.setdefault("augment", list(resolve_augment(rt.settings.augment, with_anchors=rt.anchors is not None)))
-        # text windows per step in proportion to the edits (4 per 32, as measured in BENCHMARKS.md §12)
-        hyper.setdefault("text_anchor_batch", max(1, hyper["batch_size"] // 8))
         config = EditConfig(**{"sequential_chunk": len(requests), **hyper})
         for attempt in range(2):  # once more if the head moved under us (e.g. a rollback)
             parent = rt.registry.resolve(name, payload.get("base_version") or "latest")
