@@ -2,7 +2,7 @@
 
 CrispEdit constrains the quadratic (Gauss-Newton) model of the capability loss's Bregman divergence,
 which for softmax cross-entropy is KL(p_base ‖ p_edited) of next-token distributions (paper §3). Text
-curvature does not protect question answering well (BENCHMARKS.md §8: locality agreement ≈ 0.4), so
+curvature does not protect question answering well (locality agreement ≈ 0.4 on ZsRE), so
 this adds the divergence itself, on a set of anchor (prompt, continuation) pairs, to the edit loss:
 
     L = L_edit + β · mean over anchored positions of KL(p_base ‖ p_edited),
@@ -31,8 +31,8 @@ from crispedit.augment import QA_FORMS
 from crispedit.corpus import batches_of, capability_windows, read_documents, token_windows
 from crispedit.requests import IGNORE, EditRequest, tokenize_edit_batch
 
-TUNED_WEIGHT = 1.0  # β chosen on the ZsRE train file (BENCHMARKS.md §9)
-TEXT_TUNED_WEIGHT = 10.0  # β of text anchors, chosen on the ZsRE train file (BENCHMARKS.md §12)
+TUNED_WEIGHT = 1.0  # β chosen on the ZsRE train file
+TEXT_TUNED_WEIGHT = 10.0  # β of text anchors, chosen on the ZsRE train file
 
 
 @dataclass
@@ -124,8 +124,8 @@ def load_text_anchors(model: nn.Module, tokenizer, source: str, n_windows: int =
 
 def text_anchor_source(spec: str | None, corpus: str | None) -> str | None:
     """Where text anchors come from: ``spec`` itself, nothing for ``none`` or '', or for ``cache`` the
-    curvature cache's capability corpus when that is a text file (what BENCHMARKS.md §12 measured; not
-    ``self``, whose text protects less, §6, and costs minutes of sampling, nor a mixture)."""
+    curvature cache's capability corpus when that is a text file (not ``self``, whose text protects less and
+    costs minutes of sampling, nor a mixture)."""
     if not spec or spec == "none":
         return None
     if spec != "cache":

@@ -49,16 +49,16 @@ def num_layers(model: nn.Module) -> int:
 
 # Measured per checkpoint, keyed by (model_type, layers, hidden size). SmolLM2-135M: layers 4-8 beat the
 # middle block 12-16 on generality and locality for ZsRE and CounterFact alike, at similar drift; layers 2,
-# 9 and 11 carry a massive activation that leaves their projector unconstrained (BENCHMARKS.md §13).
+# 9 and 11 carry a massive activation that leaves their projector unconstrained.
 MEASURED_LAYERS: dict[tuple[str, int, int], tuple[int, ...]] = {
     ("llama", 30, 576): (4, 5, 6, 7, 8),  # SmolLM2-135M(-Instruct)
 }
 
 
-# γ, the fraction of curvature energy protected (arXiv 2602.15823, Eq. 3). 0.8 on SmolLM2 (BENCHMARKS.md §1).
+# γ, the fraction of curvature energy protected (arXiv 2602.15823, Eq. 3). 0.8 on SmolLM2, as in the paper.
 # Gemma 3 270M's K-FAC factors are concentrated (its mean layer input alone holds 22-39 % of A's trace, and
-# S's spectrum is steep beyond its top direction, §23), so at 0.8 its projector keeps > 99 % of the
-# directions and the edit drifts like fine-tuning (§22).
+# S's spectrum is steep beyond its top direction), so at 0.8 its projector keeps > 99 % of the
+# directions and the edit drifts like fine-tuning.
 DEFAULT_ENERGY = 0.8
 MEASURED_ENERGY: dict[tuple[str, int, int], float] = {
     ("gemma3_text", 18, 640): 0.999,  # Gemma 3 270M

@@ -1,4 +1,4 @@
-"""Edit-time augmentation: more wordings of each edit prompt, written by the base model itself (issue 8).
+"""Edit-time augmentation: more wordings of each edit prompt, written by the base model itself.
 
 - ``paraphrase``: the model rewrites each prompt, prompted with a few examples (few-shot completion).
   A rewrite is kept when it is non-empty, differs from the prompt, has the prompt's form (a question
@@ -119,7 +119,7 @@ def check_augmentations(kinds: Sequence[str]) -> None:
 
 def resolve_augment(spec: str, with_anchors: bool) -> tuple[str, ...]:
     """A comma list of AUGMENTATIONS, or ``auto``: all of them when question anchors keep locality (the recipe
-    that met issue 8's targets, BENCHMARKS.md §12), none without anchors (alone it costs capability, §8)."""
+    that kept locality and generality on ZsRE train), none without anchors (alone it costs capability)."""
     if spec.strip() == "auto":
         return AUGMENTATIONS if with_anchors else ()
     kinds = tuple(a.strip() for a in spec.split(",") if a.strip())

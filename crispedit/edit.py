@@ -193,7 +193,7 @@ def check_requests(requests: Sequence[EditRequest], tokenizer) -> None:
 
 
 # SmolLM2-135M's tuned learning rate and the RMS of its edited down_proj weights (layers 4-8). The paper's
-# 5e-4 does not converge within 25 epochs there (BENCHMARKS.md §1).
+# 5e-4 does not converge within 25 epochs there.
 REFERENCE_LR, REFERENCE_RMS = 2e-3, 0.1863
 
 
@@ -201,8 +201,8 @@ def default_lr(weights: Sequence[torch.Tensor]) -> float:
     """REFERENCE_LR scaled by the weights' RMS against SmolLM2's, to two significant digits.
 
     Adam moves every weight by about lr per step whatever its size, so the same lr is a 12× larger relative
-    step on Gemma 3 270M, whose down_proj weights are 12× smaller; there 2e-3 wrecks the model (BENCHMARKS.md
-    §22). Scaling keeps the step a fixed fraction (≈ 1.1 %) of the weights.
+    step on Gemma 3 270M, whose down_proj weights are 12× smaller; there 2e-3 wrecks the model. Scaling keeps
+    the step a fixed fraction (≈ 1.1 %) of the weights.
     """
     squares = sum(float(torch.linalg.vector_norm(w.detach(), dtype=torch.float32)) ** 2 for w in weights)
     rms = math.sqrt(squares / sum(w.numel() for w in weights))  # one weight at a time: no copy of all of them

@@ -75,7 +75,7 @@ def staircase_blocks(removed: torch.Tensor, n_blocks: int = 6, grid: int = 256) 
     A block's cost is its rows times the columns it needs: up to its last removed column (removed side) or
     from its first kept column (kept side). The split is the dynamic programme over ≤ ``grid`` row bounds.
     More blocks cover fewer surplus products but make thinner matmuls; on a CPU 4–8 were fastest for
-    576 × 1536 weights (BENCHMARKS.md §2).
+    576 × 1536 weights.
     """
     n, d = removed.shape
     if n == 0:

@@ -13,11 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from redis import Redis
 
+from core.notify import AliasFollower
+from core.settings import Settings, get_settings
 from service.deps import State
-from service.notify import AliasFollower
 from service.routes import console, edits, openai, registry
 from service.serving import BadPrompt, ModelServer
-from service.settings import Settings, get_settings
 
 log = logging.getLogger("crispedit.service")
 

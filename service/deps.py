@@ -9,12 +9,12 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from core.jobs import JobStore
+from core.notify import announce_aliases
+from core.settings import Settings
 from registry import Registry
 from service.auth import AuditLog, KeyRing
-from service.jobs import JobStore
-from service.notify import announce_aliases
 from service.serving import ModelServer
-from service.settings import Settings
 
 
 class State:

@@ -40,7 +40,7 @@ class ModelServer:
 
     def __init__(self, name: str, base: str, registry: Registry, device: str = "auto", slots: int = 4) -> None:
         self.name = name
-        # at most `slots` forward passes at once: beyond a few, CPU threads only thrash (BENCHMARKS.md, load)
+        # at most `slots` forward passes at once: beyond a few, CPU threads only thrash
         self.slots = threading.BoundedSemaphore(slots)
         self.model, self.tokenizer = load_model(base, device=device)
         self.registry = registry

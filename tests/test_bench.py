@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import save_tiny_checkpoint
 
-from crispedit.bench import (
+from crispedit.cache import build_cache
+from crispedit.requests import EditRequest
+from lab.bench import (
     CACHE_REPS,
     DATASET_FILES,
     HELDOUT_TEXT,
@@ -18,9 +20,7 @@ from crispedit.bench import (
     suite_sequential,
     suite_speed,
 )
-from crispedit.cache import build_cache
-from crispedit.capability import MC_TASKS
-from crispedit.requests import EditRequest
+from lab.multiple_choice import MC_TASKS
 
 FACTS = [EditRequest("The capital of France is", "Rome"), EditRequest("Hamlet was written by", "Madrid")]
 MC_RECORDS = {

@@ -9,19 +9,14 @@ import math
 import pytest
 import torch
 
-from crispedit.capability import (
+from crispedit.capability import heldout_texts, mean_kl, perplexity, perplexity_change, swapped_weights, text_nlls
+from lab.multiple_choice import (
     MC_TASKS,
     capability_report,
-    heldout_texts,
     mc_drop,
-    mean_kl,
     multiple_choice_accuracy,
-    perplexity,
-    perplexity_change,
     score_continuations,
     select_records,
-    swapped_weights,
-    text_nlls,
 )
 
 TEXTS = [

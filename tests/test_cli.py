@@ -13,7 +13,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def crispedit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crispedit.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
 
 
 def test_the_subject_key_is_on_with_the_neighbours_and_can_be_turned_off():
-    from crispedit.cli import build_parser, edit_config
+    from cli.main import build_parser, edit_config
 
     parse = build_parser().parse_args
     base = ["edit", "--edits", "x.jsonl", "--out", "o"]

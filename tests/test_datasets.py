@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from crispedit.datasets import DEFAULT_PATHS, load_edit_dataset, shared_data_dir
 from crispedit.requests import EditRequest
+from lab.edit_sets import DEFAULT_PATHS, load_edit_dataset, shared_data_dir
 
 ZSRE = [
     {

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import yaml
 
-from service.settings import Settings
+from core.settings import Settings
 
 ROOT = Path(__file__).parent.parent
 
 
 def cli_subcommands() -> set[str]:
-    from crispedit.cli import build_parser
+    from cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return set(sub.choices)

@@ -22,7 +22,7 @@ import redis
 from conftest import save_tiny_checkpoint, wait_ready
 from test_service import EDIT, FAST, FIXTURES, api, free_port, wait_done
 
-from service.launcher import die_with_parent, redis_server_binary
+from cli.serve import die_with_parent, redis_server_binary
 
 KEYS = "admin-key:admin,editor-key:editor,reader-key:reader"
 TERMINAL = {"succeeded", "rejected", "failed", "cancelled"}
@@ -74,7 +74,7 @@ class Stack:
         assert self.redis.wait(timeout=30) == 0
 
     def start_api(self) -> None:
-        self.api = self.spawn([sys.executable, "-m", "crispedit.cli", "serve", "--no-worker", "--port",
+        self.api = self.spawn([sys.executable, "-m", "cli.main", "serve", "--no-worker", "--port",
                                str(self.api_port)], "api.log")
         try:
             wait_ready(self.url)
@@ -88,7 +88,7 @@ class Stack:
 
     def start_worker(self) -> None:
         assert self.worker is None, "one worker per model"
-        self.worker = self.spawn([sys.executable, "-m", "crispedit.cli", "worker", "--model", "tiny"], "worker.log")
+        self.worker = self.spawn([sys.executable, "-m", "cli.main", "worker", "--model", "tiny"], "worker.log")
 
     def stop_worker(self) -> None:
         if self.worker is not None:

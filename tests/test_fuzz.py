@@ -30,7 +30,7 @@ def api_url(tmp_path_factory, redis_db):
            "CRISPEDIT_MAX_NEW_TOKENS": "32", "CRISPEDIT_EDIT_POSTS_PER_MINUTE": "0"}
     port = free_port()
     log = open(tmp / "api.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--no-worker", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--no-worker", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -90,7 +90,7 @@ def test_registry_cli(store, tmp_path):
     reg, base_dir, tok, expected = store
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "crispedit.cli", "registry", *args, "--root", str(reg.root),
+        return subprocess.run([sys.executable, "-m", "cli.main", "registry", *args, "--root", str(reg.root),
                                "--model", "tiny"], capture_output=True, text=True, timeout=120)
 
     log = run("log")

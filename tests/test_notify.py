@@ -10,8 +10,8 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from core.notify import AliasFollower, announce_aliases
 from registry import Registry
-from service.notify import AliasFollower, announce_aliases
 from service.serving import ModelServer
 
 NAME = "model.layers.1.mlp.down_proj.weight"

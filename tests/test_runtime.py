@@ -2,10 +2,10 @@
 
 from conftest import CORPUS, save_tiny_checkpoint
 
+from core.settings import Settings
 from crispedit.arch import default_layers
 from crispedit.cache import CurvatureCache, build_cache
 from crispedit.models import load_model
-from service.settings import Settings
 from worker.runtime import curvature_path, load_runtime
 
 

@@ -25,7 +25,7 @@ def test_one_command_serve(tmp_path):
                 "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"), "CRISPEDIT_CACHE_SAMPLES": "4",
                 "CRISPEDIT_CACHE_SEQ_LEN": "32", "CRISPEDIT_MIN_RELIABILITY": "0", "CRISPEDIT_KL_BUDGET": "10",
                 "CRISPEDIT_MIN_NEIGHBOURS_UNCHANGED": "0", "CRISPEDIT_NEIGHBOUR_WEIGHT": "10"})
-    proc = subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port),
                              "--model", f"tiny={tmp_path / 'tiny'}"], env=env)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer k"}, timeout=30)
     try:

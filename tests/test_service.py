@@ -46,7 +46,7 @@ def service(tmp_path_factory, redis_db):
            "CRISPEDIT_EDIT_POSTS_PER_MINUTE": str(RATE_LIMIT)}
     port = free_port()
     logs = tmp / "api.log"
-    command = [sys.executable, "-m", "crispedit.cli", "serve", "--no-worker", "--port", str(port)]
+    command = [sys.executable, "-m", "cli.main", "serve", "--no-worker", "--port", str(port)]
     api = subprocess.Popen(command, env=env, stdout=open(logs, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     try:
@@ -57,7 +57,7 @@ def service(tmp_path_factory, redis_db):
         raise
 
     def start_worker():
-        return subprocess.Popen([sys.executable, "-m", "crispedit.cli", "worker", "--model", "tiny"], env=env,
+        return subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--model", "tiny"], env=env,
                                 stdout=open(tmp / "worker.log", "a"), stderr=subprocess.STDOUT)
 
     yield {"url": url, "env": env, "start_worker": start_worker, "tmp": tmp, "db": db}

@@ -24,7 +24,7 @@ def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path, redis_db):
            "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
            "CRISPEDIT_KEY_PREFIX": f"s{uuid.uuid4().hex[:8]}", "CRISPEDIT_CORPUS": str(FIXTURES / "corpus.txt"),
            "CRISPEDIT_CACHE_SAMPLES": "4", "CRISPEDIT_CACHE_SEQ_LEN": "64", "CRISPEDIT_API_KEYS": "k:admin"}
-    procs = [subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(port)], env=env)]
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port)], env=env)]
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer k"}, timeout=60)
         wait_ready(f"http://127.0.0.1:{port}", timeout=300)

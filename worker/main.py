@@ -8,8 +8,8 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from service.jobs import JobStore
-from service.settings import get_settings
+from core.jobs import JobStore
+from core.settings import get_settings
 from worker.runtime import runtime
 
 log = logging.getLogger("crispedit.worker")

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from core.settings import Settings, get_settings
 from crispedit.anchor import Anchors, load_anchors, load_text_anchors
 from crispedit.arch import default_layers
 from crispedit.cache import CurvatureCache, build_cache
 from crispedit.corpus import sample_from_model
 from crispedit.models import load_model, model_fingerprint
 from registry import HotSwapModel, Registry
-from service.settings import Settings, get_settings
 
 log = logging.getLogger("crispedit.worker")
 

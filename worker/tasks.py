@@ -10,6 +10,8 @@ from dataclasses import replace
 import torch
 from rq import get_current_job
 
+from core.jobs import JobStore
+from core.notify import announce_aliases
 from crispedit.arch import arch_spec, editable_modules
 from crispedit.augment import resolve_augment
 from crispedit.capability import mean_kl
@@ -19,8 +21,6 @@ from crispedit.neighbours import neighbour_report, protect
 from crispedit.requests import EditRequest
 from registry import Conflict
 from registry.curvature import contribution, version_cache
-from service.jobs import JobStore
-from service.notify import announce_aliases
 from worker.lease import ModelLease
 from worker.runtime import ModelRuntime, runtime
 

@@ -8,13 +8,13 @@ import json
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
+from core.jobs import TERMINAL
+from core.settings import Settings
 from service.auth import Editor, Reader
 from service.deps import StateDep, split_model
-from service.jobs import TERMINAL
 from service.ratelimit import EditorWithinLimit
 from service.schemas import EditAccepted, EditJob, EditPost
 from service.serving import UnknownModel
-from service.settings import Settings
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
 

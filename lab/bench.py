@@ -29,22 +29,14 @@ import torch
 
 from crispedit.arch import default_energy, default_layers, editable_modules
 from crispedit.cache import CurvatureCache, build_cache
-from crispedit.capability import (
-    capability_report,
-    heldout_texts,
-    mc_drop,
-    mean_kl,
-    perplexity_change,
-    perplexity_of,
-    swapped_weights,
-    text_nlls,
-)
-from crispedit.datasets import load_edit_dataset, shared_data_dir
+from crispedit.capability import heldout_texts, mean_kl, perplexity_change, perplexity_of, swapped_weights, text_nlls
 from crispedit.edit import EditConfig, edit, epoch_bar
 from crispedit.evaluate import edit_quality, locality_reference
 from crispedit.models import load_model
+from lab.edit_sets import load_edit_dataset, shared_data_dir
+from lab.multiple_choice import capability_report, mc_drop
 
-log = logging.getLogger("crispedit.bench")
+log = logging.getLogger("lab.bench")
 
 TRAIN_CORPUS = "capability/wikitext2/wiki.train.raw_excerpt.txt"  # curvature: disjoint from the test text
 HELDOUT_TEXT = "capability/wikitext2/wiki.test.raw"  # perplexity and KL
@@ -201,7 +193,7 @@ def write_train_prompts(data: Path, path: Path) -> Path:
     """Questions and sentence starts for the answer-style capability corpus, from data that is never tested:
     ZsRE train (each record's question and NQ locality question) and CounterFact records 1000-2999 (the
     benchmark tests records 0-99); interleaved so any prefix of the file mixes both."""
-    from crispedit.datasets import load_edit_dataset
+    from lab.edit_sets import load_edit_dataset
 
     zsre = load_edit_dataset("zsre", data / "editing/zsre/zsre_mend_train_1k.json")
     cf = load_edit_dataset("counterfact", data / DATASET_FILES["counterfact"], offset=1000)

@@ -11,7 +11,7 @@ teacher-forced target accuracy on four prompt families, for the base and the edi
 - ``reworded``: the rephrase without its prefix (only the wording changes);
 - ``rephrase``: the whole rephrase (generality as the benchmark counts it).
 
-Usage: .venv/bin/python scripts/cf_generality.py CACHE.safetensors [--n 50] [--energy 0.8]
+Usage: .venv/bin/python -m lab.cf_generality CACHE.safetensors [--n 50] [--energy 0.8]
        [--augment prefix,paraphrase] [--text-anchors FILE --text-anchor-weight 100] [--out FILE.json]
 """
 

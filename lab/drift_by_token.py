@@ -6,7 +6,7 @@ the share carried by positions whose true next token is a token of some edit tar
 the largest summed change. If CounterFact's counterfactual targets ("English", "Microsoft", ...) are
 common words of Wikipedia text, raising them everywhere shows up here as drift on exactly those tokens.
 
-Usage: .venv/bin/python scripts/drift_by_token.py CACHE.safetensors [--dataset counterfact] [--n 100]
+Usage: .venv/bin/python -m lab.drift_by_token CACHE.safetensors [--dataset counterfact] [--n 100]
        [--energy 0.8] [--texts 40] [--top 15]
 """
 
@@ -19,12 +19,12 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from crispedit.bench import DATASET_FILES, HELDOUT_TEXT
 from crispedit.cache import CurvatureCache
 from crispedit.capability import heldout_texts, swapped_weights
-from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import EditConfig, edit
 from crispedit.models import load_model
+from lab.bench import DATASET_FILES, HELDOUT_TEXT
+from lab.edit_sets import load_edit_dataset, shared_data_dir
 
 
 @torch.no_grad()

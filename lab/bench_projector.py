@@ -3,7 +3,7 @@ U_S rotations alone, one plain matmul of the same shape (the machine's matmul sp
 per layer how many eigenvectors take part in a removed direction, and the staircase against its form before
 2026-12-01 (16 equal row blocks, each over the columns it removes) and at other row-block counts, alternated.
 
-Usage: .venv/bin/python scripts/bench_projector.py CACHE.safetensors [--energy 0.8] [--reps 20] [--blocks 2,4,6,8,16]
+Usage: .venv/bin/python -m lab.bench_projector CACHE.safetensors [--energy 0.8] [--reps 20] [--blocks 2,4,6,8,16]
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     augment: str = Field("auto", description="edits also train on other wordings: 'paraphrase', 'prefix' "
                                              "(both written by the base model), 'qa' (framed as a question), "
                                              "comma-separated, '' (none) or 'auto' (all three when anchors are "
-                                             "configured, none without; BENCHMARKS.md sections 8 and 12); a "
+                                             "configured, none without); a "
                                              "request's hyperparameters.augment overrides it")
     protect_neighbours: bool = Field(True, description="derive each edit's neighbours (the same question about "
                                      "other subjects, other questions about the same subject, its locality_prompt), "
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     cache_seq_len: int = Field(256, description="curvature cache: tokens per sequence")
     coalesce_max: int = Field(32, description="at most this many queued edit requests of a model form one batch")
     edit_batch_size: int = Field(0, ge=0, description="edits per optimizer step of a (coalesced) batch; 0 = auto: "
-                                                      "4 on a CPU (faster there, same quality; BENCHMARKS.md), "
+                                                      "4 on a CPU (faster there, same quality), "
                                                       "32 on a GPU (the paper's)")
     lease_seconds: float = Field(15.0, gt=0, description="a worker editing a model renews its lease on it; one "
                                                          "killed is replaced by another after at most this long")

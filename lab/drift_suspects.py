@@ -15,7 +15,7 @@ generality of the edit with one suspect part removed at a time:
   and shrinks it where capability inputs are large (MEMIT's trade, applied after the edit);
 - ``scaled s``: s · ΔW, to see how generality depends on the edit's size.
 
-Usage: .venv/bin/python scripts/drift_suspects.py CACHE.safetensors [--n 50] [--texts 40] [--out FILE.json]
+Usage: .venv/bin/python -m lab.drift_suspects CACHE.safetensors [--n 50] [--texts 40] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from cf_tuning import emit, tuning_setup
 from torch import nn
 
-from crispedit.bench import HELDOUT_TEXT
 from crispedit.capability import _encode, _pad_right, heldout_texts, mean_kl, swapped_weights
 from crispedit.edit import EditConfig, edit, edit_features
 from crispedit.eigen import eigh_psd
 from crispedit.evaluate import edit_quality
+from lab.bench import HELDOUT_TEXT
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@
 3. ``/v1/completions`` (official openai client, sequential, greedy) against ``ModelServer.generate``
    called directly in this process on the same version, in alternating rounds.
 
-Usage: .venv/bin/python scripts/bench_service.py [--edits 32] [--queries 16] [--max-tokens 32] [--out DIR]
+Usage: .venv/bin/python -m lab.bench_service [--edits 32] [--queries 16] [--max-tokens 32] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
-from crispedit.datasets import load_edit_dataset
-from service.launcher import free_port
+from cli.serve import free_port
+from lab.edit_sets import load_edit_dataset
 
 KEY = "bench-key"
 DONE = {"succeeded", "rejected", "failed", "cancelled"}
@@ -46,7 +46,7 @@ class Stack:
         env.update(CRISPEDIT_HOME=str(home), CRISPEDIT_REGISTRY_ROOT=str(root / "registry"),
                    CRISPEDIT_API_KEYS=f"{KEY}:admin", CRISPEDIT_COALESCE_MAX=str(coalesce_max))
         self.log = root / "serve.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(self.port)],
                                      env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600)
         self.openai = OpenAI(base_url=f"{self.url}/v1", api_key=KEY)

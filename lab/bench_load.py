@@ -4,7 +4,7 @@ Each level sends a fixed number of greedy completions of ``--max-tokens`` tokens
 one client object per thread) and reports p50/p99 latency and throughput. The API runs alone
 (`crispedit serve --no-worker`, embedded Redis), so the figures are the serving path only.
 
-Usage: .venv/bin/python scripts/bench_load.py [--levels 1,4,16] [--requests 32] [--max-tokens 16] [--out DIR]
+Usage: .venv/bin/python -m lab.bench_load [--levels 1,4,16] [--requests 32] [--max-tokens 16] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 
-from service.launcher import free_port
+from cli.serve import free_port
 
 PROMPTS = ["The capital of France is", "Water boils at", "The author of Hamlet is", "The largest planet is",
            "Photosynthesis is the process", "The speed of light is", "In 1492, Columbus", "A prime number is"]
@@ -45,7 +45,7 @@ def main() -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "CRISPEDIT_REDIS_URL"}
     env.update(CRISPEDIT_REGISTRY_ROOT=str(out / "registry"), CRISPEDIT_API_KEYS="load-key:reader")
-    proc = subprocess.Popen([sys.executable, "-m", "crispedit.cli", "serve", "--no-worker", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--no-worker", "--port", str(port)],
                             env=env, stdout=open(out / "serve.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     try:

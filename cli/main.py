@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 
 log = logging.getLogger("crispedit")
 
-DEFAULT_AUGMENT = "auto"  # all augmentations with --anchors, none without (BENCHMARKS.md sections 8 and 12)
-DEFAULT_TEXT_ANCHORS = "cache"  # the cache's own corpus: less drift on every row measured (BENCHMARKS.md §12)
+DEFAULT_AUGMENT = "auto"  # all augmentations with --anchors, none without (alone they cost capability)
+DEFAULT_TEXT_ANCHORS = "cache"  # the cache's own corpus: less drift on every row measured
 DEFAULT_SAMPLES = 40  # capability windows of --seq-len tokens; the paper finds n ≥ 100 docs enough (Table 7)
+
+
+def lab(name: str) -> ModuleType:
+    """A module of the lab: the evaluation harness in the checkout's lab/ folder, which is not installed."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "lab").is_dir() and str(root) not in sys.path:
+        sys.path.append(str(root))
+    try:
+        return importlib.import_module(f"lab.{name}")
+    except ModuleNotFoundError as err:
+        if err.name not in ("lab", f"lab.{name}"):  # a dependency of the lab module is missing: say which
+            raise
+        raise SystemExit(f"this needs lab/{name}.py from a source checkout of CrispEdit Service") from err
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -49,14 +65,14 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                    help="β of the penalty on the edited layers' output change over the neighbours' tokens "
                         "(default with --neighbours: NEIGHBOUR_WEIGHT of crispedit/neighbours.py; 0: not kept)")
     p.add_argument("--anchor-weight", type=float, default=None,
-                   help="β of the KL(base‖edited) penalty on the anchors (default with --anchors: 1, tuned in "
-                        "BENCHMARKS.md §9; 0: off, the paper's recipe)")
+                   help="β of the KL(base‖edited) penalty on the anchors (default with --anchors: 1, tuned on "
+                        "ZsRE train; 0: off, the paper's recipe)")
     p.add_argument("--text-anchors", default=DEFAULT_TEXT_ANCHORS, metavar="CORPUS",
                    help="capability text (.txt/.jsonl or 'self') whose base-model predictions the edit keeps: "
                         "KL(base‖edited) at every position of 256 windows of 128 tokens (with --text-anchor-weight);"
                         " 'cache' (default): the curvature cache's corpus when it is a text file; 'none': off")
     p.add_argument("--text-anchor-weight", type=float, default=None,
-                   help=f"β of that penalty (default with --text-anchors: {TEXT_TUNED_WEIGHT:g}, BENCHMARKS.md §12)")
+                   help=f"β of that penalty (default with --text-anchors: {TEXT_TUNED_WEIGHT:g})")
     p.add_argument("--subject-key", action=argparse.BooleanOptionalAction, default=None,
                    help="the edit loss reaches the weights only through each prompt's last subject token (ROME's "
                         "key; the 'subject' of EDITS.jsonl, else inferred with --neighbours; default: on with "
@@ -66,7 +82,7 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
                    help="comma-separated: 'paraphrase', 'prefix' (model-written variants of each prompt) and/or 'qa' "
                         "(the prompt and its paraphrases framed as a question); '' for none (the paper's recipe); "
-                        "'auto' (default): all three with --anchors, none without (BENCHMARKS.md sections 8, 12)")
+                        "'auto' (default): all three with --anchors, none without")
 
 
 def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None, text_source: str | None = None):
@@ -192,10 +208,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tok = load_model(args.model, device=args.device)
     metrics = edit_quality(model, tok, requests, reference, generated=not args.no_generate)
     if args.capability:
-        from crispedit.capability import capability_report, heldout_texts, perplexity
-        from crispedit.datasets import shared_data_dir
+        from crispedit.capability import heldout_texts, perplexity
 
-        data = Path(args.data) if args.data else shared_data_dir()
+        capability_report = lab("multiple_choice").capability_report
+        data = Path(args.data) if args.data else lab("edit_sets").shared_data_dir()
         texts = heldout_texts(data / "capability/wikitext2/wiki.test.raw", args.ppl_texts)
         metrics["perplexity"] = perplexity(model, tok, texts)
         metrics.update(capability_report(model, tok, data_dir=data, limit=args.mc_limit))
@@ -203,13 +219,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from service.launcher import serve
+    from cli.serve import serve
 
     serve(args.host, args.port, args.model, worker=not args.no_worker)
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from service.settings import Settings
+    from core.settings import Settings
 
     current = Settings()
     for env, default, meaning in Settings.describe():
@@ -274,9 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
-    from crispedit.bench import add_bench_parser
-
-    add_bench_parser(sub)
+    with contextlib.suppress(SystemExit):  # an installed copy without the checkout's lab/ has no bench command
+        lab("bench").add_bench_parser(sub)
     from registry.cli import add_registry_parser
 
     add_registry_parser(sub)

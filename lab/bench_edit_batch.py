@@ -5,7 +5,7 @@ folded), once per batch size, then a few of them alone; each row: seconds, epoch
 reliability and KL(base‖edited) on held-out WikiText-2. With ``--text-anchors FILE`` every row runs twice,
 without and with the worker's text anchors (β 10, one window per 8 edits of a step), side by side.
 
-Usage: .venv/bin/python scripts/bench_edit_batch.py CACHE.safetensors [--batch-sizes 32,8,4] [--n 30] [--singles 2]
+Usage: .venv/bin/python -m lab.bench_edit_batch CACHE.safetensors [--batch-sizes 32,8,4] [--n 30] [--singles 2]
        [--text-anchors FILE]
 """
 
@@ -20,10 +20,10 @@ import torch
 from crispedit.anchor import TEXT_TUNED_WEIGHT, load_text_anchors
 from crispedit.cache import CurvatureCache
 from crispedit.capability import heldout_texts, mean_kl
-from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import EditConfig, edit
 from crispedit.evaluate import edit_quality
 from crispedit.models import load_model
+from lab.edit_sets import load_edit_dataset, shared_data_dir
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Hot-swap latency between two SmolLM2 versions (5 edited layers) vs a plain in-memory copy; bytes per version.
 
-Usage: .venv/bin/python scripts/bench_hotswap.py [--reps 50] [--root DIR]
+Usage: .venv/bin/python -m lab.bench_hotswap [--reps 50] [--root DIR]
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ held out. The worker's code applies it (`process_pending_leased`: real Redis job
 
 `--timing 3` instead times one fact ("What is the capital of France?" → "Rome") by both recipes, interleaved.
 
-Usage: .venv/bin/python scripts/bench_neighbours.py --datasets zsre,counterfact --n 100 [--paper]
+Usage: .venv/bin/python -m lab.bench_neighbours --datasets zsre,counterfact --n 100 [--paper]
        [--out runs/neighbours]   (needs the Redis at 127.0.0.1:6379 and ../shared/data)
-       .venv/bin/python scripts/bench_neighbours.py --timing 3 --out runs/neighbours
+       .venv/bin/python -m lab.bench_neighbours --timing 3 --out runs/neighbours
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from pathlib import Path
 import redis
 import torch
 
+from core.jobs import JobStore
+from core.settings import Settings
 from crispedit.capability import heldout_texts, perplexity
-from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.evaluate import edit_quality
 from crispedit.neighbours import asked, derive_neighbours, first_line, greedy_answers
-from service.jobs import JobStore
-from service.settings import Settings
+from lab.edit_sets import load_edit_dataset, shared_data_dir
 from worker.runtime import load_runtime
 from worker.tasks import process_pending_leased
 

@@ -29,7 +29,7 @@ Variants (``--variants``, comma-separated NAME:VALUE):
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
 
-Usage: .venv/bin/python scripts/neighbour_variants.py CACHE [--facts scripts/tuning_facts.json]
+Usage: .venv/bin/python -m lab.neighbour_variants CACHE [--facts lab/tuning_facts.json]
        [--variants beta:0,beta:300] [--per-kind 3,6] [--probes FILE.json] [--common FILE.txt] [--verbose]
    (CACHE: e.g. `crispedit build-cache --corpus self --samples 32 --seq-len 256 --out CACHE`, the worker's default)
 """
@@ -48,7 +48,6 @@ import torch
 from crispedit.arch import arch_spec, editable_modules
 from crispedit.cache import CurvatureCache
 from crispedit.corpus import batches_of
-from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.edit import EditConfig, edit
 from crispedit.evaluate import edit_quality
 from crispedit.models import load_model
@@ -65,6 +64,7 @@ from crispedit.neighbours import (
 )
 from crispedit.optim import ProjectedAdam
 from crispedit.requests import EditRequest
+from lab.edit_sets import load_edit_dataset, shared_data_dir
 
 FACTS = Path(__file__).with_name("tuning_facts.json")
 edit_module = importlib.import_module("crispedit.edit")  # the module: the package exports a function `edit`

@@ -11,7 +11,7 @@ each succeeded job is in exactly the version it reports and no other job is in a
 linear (v0..vN, each the child of the previous, ``latest`` the last); ``registry.verify`` finds nothing;
 no job is left pending or processing.
 
-Usage: .venv/bin/python scripts/fault_trials.py [--trials 20] [--seed 0] [--smollm2] [--out runs/fault-trials]
+Usage: .venv/bin/python -m lab.fault_trials [--trials 20] [--seed 0] [--smollm2] [--out runs/fault-trials]
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from rq.serializers import JSONSerializer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from cli.serve import die_with_parent, free_port, redis_server_binary  # noqa: E402
+from core.jobs import TERMINAL, JobStore  # noqa: E402
 from registry import Registry, verify  # noqa: E402
-from service.jobs import TERMINAL, JobStore  # noqa: E402
-from service.launcher import die_with_parent, free_port, redis_server_binary  # noqa: E402
 from service.schemas import EditPost  # noqa: E402
 
 PHASES = ("before-start", "mid-epoch", "guard", "commit")
@@ -123,7 +123,7 @@ class Trial:
         self.post(REJECT, {**(self.profile.guard or {}), "kl_budget": 1e-9})
 
     def spawn_worker(self) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "crispedit.cli", "worker", "--model", self.profile.model],
+        return subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--model", self.profile.model],
                                 env=self.env, cwd=ROOT, stdout=open(self.folder / "worker.log", "a"),  # noqa: SIM115
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGKILL))
 

@@ -2,7 +2,7 @@
 
 Run with the project's venv (it imports crispedit); lm-eval runs as a subprocess from its own venv:
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python scripts/lm_eval_check/crosscheck.py --limit 40
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m lab.lm_eval_check.crosscheck --limit 40
 
 lm-eval reads the shared data files through the local task YAMLs in ./tasks (``dataset_path: json``), so
 no hub access is needed. Both sides score the same records: for every task but mmlu these are the first
@@ -32,9 +32,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from crispedit import capability as cap  # noqa: E402
-from crispedit.datasets import shared_data_dir  # noqa: E402
 from crispedit.models import load_model, resolve_checkpoint  # noqa: E402
+from lab import multiple_choice as cap  # noqa: E402
+from lab.edit_sets import shared_data_dir  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

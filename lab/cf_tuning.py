@@ -12,11 +12,11 @@ from pathlib import Path
 from torch import nn
 
 from crispedit.arch import module_name
-from crispedit.bench import DATASET_FILES
 from crispedit.cache import CurvatureCache
-from crispedit.datasets import load_edit_dataset, shared_data_dir
 from crispedit.models import load_model
 from crispedit.requests import EditRequest
+from lab.bench import DATASET_FILES
+from lab.edit_sets import load_edit_dataset, shared_data_dir
 
 
 def tuning_setup(cache_path: str, n: int, offset: int, layers: str = "") -> tuple[Path, nn.Module, object,

@@ -78,7 +78,7 @@ def serve(host: str, port: int, model: str | None, worker: bool) -> None:
 
     if model:
         os.environ["CRISPEDIT_MODELS"] = model
-    from service.settings import get_settings
+    from core.settings import get_settings
 
     get_settings.cache_clear()
     settings = get_settings()
@@ -92,7 +92,7 @@ def serve(host: str, port: int, model: str | None, worker: bool) -> None:
             settings = get_settings()
         if worker:
             for name in settings.model_bases():
-                children.append(subprocess.Popen([sys.executable, "-m", "crispedit.cli", "worker", "--model", name],
+                children.append(subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--model", name],
                                                  preexec_fn=die_with_parent(signal.SIGKILL)))
         from service.app import create_app
 
