@@ -42,7 +42,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 
 def add_edit_options(p: argparse.ArgumentParser) -> None:
-    from crispedit.anchor import TEXT_TUNED_WEIGHT
+    """The options of an edit; one left out takes the model's recipe (``crispedit.recipe.recommended_config``)."""
     from crispedit.edit import EditConfig
 
     d = EditConfig()
@@ -51,10 +51,11 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                    help="γ, fraction of curvature energy protected (default 0.8; per model in crispedit/arch.py)")
     p.add_argument("--lr", type=float, default=d.lr,
                    help="Adam learning rate (default: 2e-3 scaled to the edited weights' RMS against SmolLM2's)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=None, help="edits per step (default: 4 on a CPU, 32 on a GPU)")
     p.add_argument("--epochs", type=int, default=d.max_epochs)
     p.add_argument("--sequential-chunk", type=int, default=None, help="Alg. 2: fold curvature every K edits")
-    p.add_argument("--chat-form", action="store_true", help="also train each edit through the chat template")
+    p.add_argument("--chat-form", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train each edit through the chat template (default: when the model has one)")
     p.add_argument("--anchors", default=None, metavar="ANCHORS.jsonl",
                    help='{"prompt", "answer"} lines whose base-model predictions the edit keeps (with --anchor-weight)')
     p.add_argument("--neighbours", action=argparse.BooleanOptionalAction, default=True,
@@ -63,7 +64,7 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                         "phrase chat targets as the model answers, and report which answers changed (default: on)")
     p.add_argument("--neighbour-weight", type=float, default=None,
                    help="β of the penalty on the edited layers' output change over the neighbours' tokens "
-                        "(default with --neighbours: NEIGHBOUR_WEIGHT of crispedit/neighbours.py; 0: not kept)")
+                        "(default with --neighbours: the model's recipe in crispedit/arch.py, 300; 0: not kept)")
     p.add_argument("--anchor-weight", type=float, default=None,
                    help="β of the KL(base‖edited) penalty on the anchors (default with --anchors: 1, tuned on "
                         "ZsRE train; 0: off, the paper's recipe)")
@@ -72,7 +73,7 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                         "KL(base‖edited) at every position of 256 windows of 128 tokens (with --text-anchor-weight);"
                         " 'cache' (default): the curvature cache's corpus when it is a text file; 'none': off")
     p.add_argument("--text-anchor-weight", type=float, default=None,
-                   help=f"β of that penalty (default with --text-anchors: {TEXT_TUNED_WEIGHT:g})")
+                   help="β of that penalty (default with --text-anchors: 10)")
     p.add_argument("--subject-key", action=argparse.BooleanOptionalAction, default=None,
                    help="the edit loss reaches the weights only through each prompt's last subject token (ROME's "
                         "key; the 'subject' of EDITS.jsonl, else inferred with --neighbours; default: on with "
@@ -85,29 +86,23 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                         "'auto' (default): all three with --anchors, none without")
 
 
-def edit_config(args: argparse.Namespace, layers: tuple[int, ...] | None = None, text_source: str | None = None):
-    """The EditConfig of the edit options; ``text_source`` is where the text anchors come from (None: none)."""
-    from crispedit.anchor import TEXT_TUNED_WEIGHT, TUNED_WEIGHT
-    from crispedit.augment import resolve_augment
-    from crispedit.edit import EditConfig
-    from crispedit.neighbours import NEIGHBOUR_WEIGHT
+def edit_config(args: argparse.Namespace, model, tokenizer, layers: tuple[int, ...] | None = None,
+                text_source: str | None = None):
+    """The EditConfig of the edit options around the model's recipe; ``text_source`` is where the text anchors
+    come from (None: none)."""
+    from crispedit.recipe import recommended_config
 
-    anchor_weight = args.anchor_weight if args.anchor_weight is not None else (TUNED_WEIGHT if args.anchors else 0.0)
-    neighbour_weight = args.neighbour_weight
-    if neighbour_weight is None:
-        neighbour_weight = NEIGHBOUR_WEIGHT if getattr(args, "neighbours", False) else 0.0
-    subject_key = args.subject_key if args.subject_key is not None else getattr(args, "neighbours", False)
-    text_weight = args.text_anchor_weight
-    if text_weight is None:
-        text_weight = TEXT_TUNED_WEIGHT if text_source else 0.0
+    given = dict(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
+                 max_epochs=args.epochs, sequential_chunk=args.sequential_chunk, chat_form=args.chat_form,
+                 layers=layers, anchor_weight=args.anchor_weight, text_anchor_weight=args.text_anchor_weight,
+                 neighbour_weight=args.neighbour_weight, subject_key=args.subject_key, seed=args.seed)
     try:
-        augment = resolve_augment(args.augment, with_anchors=bool(args.anchors))
+        return recommended_config(model, tokenizer, given, protect=getattr(args, "neighbours", False),
+                                  anchors=bool(args.anchors), text_anchors=bool(text_source), augment=args.augment)
     except ValueError as err:
-        raise SystemExit(f"--augment: {err}") from err
-    return EditConfig(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
-                      max_epochs=args.epochs, sequential_chunk=args.sequential_chunk, chat_form=args.chat_form,
-                      augment=augment, layers=layers, anchor_weight=anchor_weight, text_anchor_weight=text_weight,
-                      neighbour_weight=neighbour_weight, subject_key=subject_key, seed=args.seed)
+        if "augment" in str(err):
+            raise SystemExit(f"--augment: {err}") from err
+        raise
 
 
 def cmd_build_cache(args: argparse.Namespace) -> None:
@@ -152,7 +147,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     if args.text_anchors == "cache" and text_source is None:
         log.info("no text anchors: %s", f"the cache's corpus {cache.meta.get('corpus')!r} is not a text file"
                  if cache else "no --cache")
-    config = edit_config(args, parse_layers(args.layers), text_source)
+    config = edit_config(args, model, tok, parse_layers(args.layers), text_source)
     if config.anchor_weight > 0 and not args.anchors:
         raise SystemExit("--anchor-weight needs --anchors ANCHORS.jsonl")
     if config.text_anchor_weight > 0 and not text_source:

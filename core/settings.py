@@ -11,10 +11,10 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from crispedit.anchor import TEXT_TUNED_WEIGHT, TUNED_WEIGHT, text_anchor_source
+from crispedit.anchor import text_anchor_source
 from crispedit.augment import resolve_augment
 from crispedit.models import crispedit_home
-from crispedit.neighbours import NEIGHBOUR_GUARD, NEIGHBOUR_WEIGHT
+from crispedit.neighbours import NEIGHBOUR_GUARD
 
 
 class Settings(BaseSettings):
@@ -41,25 +41,28 @@ class Settings(BaseSettings):
                                      "keep the edited layers' outputs on them (weight CRISPEDIT_NEIGHBOUR_WEIGHT), "
                                      "write each edit through its subject's last token (subject key), "
                                      "phrase chat targets as the model answers, and report which answers changed")
-    neighbour_weight: float = Field(NEIGHBOUR_WEIGHT, ge=0, description="β of the penalty on the edited layers' "
-                                    "output change over the neighbours' tokens (a request's "
-                                    "hyperparameters.neighbour_weight overrides it; 0: not kept, still reported)")
+    neighbour_weight: float | None = Field(None, ge=0, description="β of the penalty on the edited layers' "
+                                           "output change over the neighbours' tokens; unset: the model's recipe "
+                                           "(crispedit/arch.py, 300); a request's hyperparameters.neighbour_weight "
+                                           "overrides it; 0: not kept, still reported")
     anchors: str = Field("", description="ANCHORS.jsonl of {\"prompt\", \"answer\"} pairs (unrelated questions) whose "
                                          "base-model predictions every edit keeps, by a KL penalty; '' = none")
-    anchor_weight: float = Field(TUNED_WEIGHT, ge=0, description="β of that penalty when anchors are configured "
-                                 "(a request's hyperparameters.anchor_weight overrides it; 0 = off)")
+    anchor_weight: float | None = Field(None, ge=0, description="β of that penalty when anchors are configured; "
+                                        "unset: the model's recipe (1); a request's hyperparameters.anchor_weight "
+                                        "overrides it; 0 = off")
     text_anchors: str = Field("cache", description="capability text ('self' or a .txt/.jsonl file) whose base-"
                                                    "model next-token predictions every edit keeps, by a KL penalty "
                                                    "at each position of 256 windows of 128 tokens; 'cache': "
                                                    "CRISPEDIT_CORPUS when that is a text file; '' = none")
-    text_anchor_weight: float = Field(TEXT_TUNED_WEIGHT, ge=0, description="β of that penalty when text anchors are "
-                                      "configured (a request's hyperparameters.text_anchor_weight overrides it)")
+    text_anchor_weight: float | None = Field(None, ge=0, description="β of that penalty when text anchors are "
+                                             "configured; unset: the model's recipe (10); a request's "
+                                             "hyperparameters.text_anchor_weight overrides it")
     cache_samples: int = Field(32, description="curvature cache: number of sequences (the paper uses more; this "
                                                  "default builds in about a minute on a laptop CPU)")
     cache_seq_len: int = Field(256, description="curvature cache: tokens per sequence")
     coalesce_max: int = Field(32, description="at most this many queued edit requests of a model form one batch")
-    edit_batch_size: int = Field(0, ge=0, description="edits per optimizer step of a (coalesced) batch; 0 = auto: "
-                                                      "4 on a CPU (faster there, same quality), "
+    edit_batch_size: int = Field(0, ge=0, description="edits per optimizer step of a (coalesced) batch; 0 = the "
+                                                      "model's recipe: 4 on a CPU (faster there, same quality), "
                                                       "32 on a GPU (the paper's)")
     lease_seconds: float = Field(15.0, gt=0, description="a worker editing a model renews its lease on it; one "
                                                          "killed is replaced by another after at most this long")

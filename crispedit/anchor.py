@@ -31,9 +31,6 @@ from crispedit.augment import QA_FORMS
 from crispedit.corpus import batches_of, capability_windows, read_documents, token_windows
 from crispedit.requests import IGNORE, EditRequest, tokenize_edit_batch
 
-TUNED_WEIGHT = 1.0  # β chosen on the ZsRE train file
-TEXT_TUNED_WEIGHT = 10.0  # β of text anchors, chosen on the ZsRE train file
-
 
 @dataclass
 class Anchors:

@@ -47,21 +47,31 @@ def num_layers(model: nn.Module) -> int:
     return int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
 
 
-# Measured per checkpoint, keyed by (model_type, layers, hidden size). SmolLM2-135M: layers 4-8 beat the
-# middle block 12-16 on generality and locality for ZsRE and CounterFact alike, at similar drift; layers 2,
-# 9 and 11 carry a massive activation that leaves their projector unconstrained.
-MEASURED_LAYERS: dict[tuple[str, int, int], tuple[int, ...]] = {
-    ("llama", 30, 576): (4, 5, 6, 7, 8),  # SmolLM2-135M(-Instruct)
-}
+@dataclass(frozen=True)
+class Recipe:
+    """The recommended edit of one checkpoint: every tuned default, each with its reason."""
+
+    layers: tuple[int, ...] | None = None  # None: five consecutive middle layers (the paper: 19-23 of 32)
+    energy: float = 0.8  # γ of Eq. 3, the paper's
+    batch_size_cpu: int = 4  # edits per step on a CPU, where a step costs in proportion to its edits
+    batch_size_gpu: int = 32  # the paper's; a GPU step costs about the same for 4 or 32 edits
+    # β of the kept outputs on each edit's neighbours (neighbours.KeptOutputs); 1000 kept more on 8 facts of our
+    # own but left 20 ZsRE edits unlearnt
+    neighbour_weight: float = 300.0
+    anchor_weight: float = 1.0  # β of the KL on question anchors, when a server has them (ZsRE train)
+    text_anchor_weight: float = 10.0  # β of the KL on capability text windows, when a server has them (ZsRE train)
 
 
-# γ, the fraction of curvature energy protected (arXiv 2602.15823, Eq. 3). 0.8 on SmolLM2, as in the paper.
-# Gemma 3 270M's K-FAC factors are concentrated (its mean layer input alone holds 22-39 % of A's trace, and
-# S's spectrum is steep beyond its top direction), so at 0.8 its projector keeps > 99 % of the
-# directions and the edit drifts like fine-tuning.
-DEFAULT_ENERGY = 0.8
-MEASURED_ENERGY: dict[tuple[str, int, int], float] = {
-    ("gemma3_text", 18, 640): 0.999,  # Gemma 3 270M
+# Measured per checkpoint, keyed by (model_type, layers, hidden size); any other checkpoint gets Recipe().
+RECIPES: dict[tuple[str, int, int], Recipe] = {
+    # SmolLM2-135M(-Instruct): layers 4-8 beat the middle block 12-16 on generality and locality for ZsRE and
+    # CounterFact alike, at similar drift; layers 2, 9 and 11 carry a massive activation that leaves their
+    # projector unconstrained
+    ("llama", 30, 576): Recipe(layers=(4, 5, 6, 7, 8)),
+    # Gemma 3 270M: its K-FAC factors are concentrated (the mean layer input alone holds 22-39 % of A's trace,
+    # and S's spectrum is steep beyond its top direction), so at γ 0.8 its projector keeps > 99 % of the
+    # directions and the edit drifts like fine-tuning
+    ("gemma3_text", 18, 640): Recipe(energy=0.999),
 }
 
 
@@ -70,9 +80,13 @@ def checkpoint_key(model: nn.Module) -> tuple[str, int, int]:
     return cfg.model_type, num_layers(model), int(getattr(cfg, "hidden_size", 0) or 0)
 
 
+def recipe(model: nn.Module) -> Recipe:
+    """The measured recipe of a known checkpoint, else the generic one."""
+    return RECIPES.get(checkpoint_key(model), Recipe())
+
+
 def default_energy(model: nn.Module) -> float:
-    """The measured γ of a known checkpoint, else DEFAULT_ENERGY."""
-    return MEASURED_ENERGY.get(checkpoint_key(model), DEFAULT_ENERGY)
+    return recipe(model).energy
 
 
 def default_layers(model: nn.Module) -> tuple[int, ...]:
@@ -81,7 +95,7 @@ def default_layers(model: nn.Module) -> tuple[int, ...]:
     spec = arch_spec(model)
     if spec.default_layers is not None:
         return spec.default_layers
-    measured = MEASURED_LAYERS.get(checkpoint_key(model))
+    measured = recipe(model).layers
     if measured is not None:
         return measured
     n = num_layers(model)

@@ -60,7 +60,6 @@ STOPWORDS = CONNECTORS | {"a", "an", "is", "was", "are", "were", "what", "which"
                           "it", "its", "his", "her", "their", "name"}
 SIMILAR = 0.5  # a relation candidate sharing this share of the prompt's other words may be a rewording
 ANSWER_TOKENS = 24  # a reference answer is the parent's greedy first line, at most this many tokens
-NEIGHBOUR_WEIGHT = 300.0  # β of KeptOutputs; 1000 kept more on 8 facts of our own but left 20 ZsRE edits unlearnt
 NEIGHBOUR_GUARD = 0.1  # the guard rejects an edit keeping fewer of its neighbours' answers (the paper recipe: 0-0.03)
 
 

@@ -328,7 +328,10 @@ def suite_anchor(b: Bench) -> None:
 def suite_combined(b: Bench) -> None:
     """Issue 8: what helped, together: augmentation (``--augment``) and β = 1 anchors, raw and QA-framed,
     with the KL penalty on WikiText-2 windows at each ``--text-anchor-weights`` β (0: without)."""
-    from crispedit.anchor import TUNED_WEIGHT, base_anchors, with_question_forms
+    from crispedit.anchor import base_anchors, with_question_forms
+    from crispedit.arch import Recipe
+
+    anchor_beta = Recipe().anchor_weight
 
     cache = b.cache()
     anchors = base_anchors(b.model, b.tok, with_question_forms(anchor_pairs(b.data, b.args.anchors)))
@@ -336,7 +339,7 @@ def suite_combined(b: Bench) -> None:
     text = b.text_anchors() if any(text_weights) else None
     augment = tuple(b.args.augment.split(","))
     variants = [("paper recipe", cache, b.config())]
-    variants += [("+ augmentation + anchors", cache, b.config(augment=augment, anchor_weight=TUNED_WEIGHT,
+    variants += [("+ augmentation + anchors", cache, b.config(augment=augment, anchor_weight=anchor_beta,
                                                               text_anchor_weight=w)) for w in text_weights]
     variants += [("text anchors (paper recipe + text KL)", cache, b.config(text_anchor_weight=w))
                  for w in text_weights if w > 0]
@@ -346,11 +349,11 @@ def suite_combined(b: Bench) -> None:
                      for w in text_weights]
     if "mixed+" in chosen:  # the mixed capability set under the "+" recipe (augmentation + anchors + text KL)
         variants += [("mixed+ (mixed capability set, augmentation, anchors)", b.mixed_cache(),
-                      b.config(augment=augment, anchor_weight=TUNED_WEIGHT, text_anchor_weight=w))
+                      b.config(augment=augment, anchor_weight=anchor_beta, text_anchor_weight=w))
                      for w in text_weights]
     if "ft+" in chosen:  # fine-tuning under the "+" recipe: is the projector what keeps capability there?
         variants += [("ft+ (fine-tuning, augmentation, anchors)", None,
-                      b.config(method="ft", layers=b.layers, augment=augment, anchor_weight=TUNED_WEIGHT,
+                      b.config(method="ft", layers=b.layers, augment=augment, anchor_weight=anchor_beta,
                                text_anchor_weight=w)) for w in text_weights]
     variants += [("fine-tuning", None, b.config(method="ft", layers=b.layers))]
     test = b.args.split == "test"

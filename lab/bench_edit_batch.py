@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from crispedit.anchor import TEXT_TUNED_WEIGHT, load_text_anchors
+from crispedit.anchor import load_text_anchors
+from crispedit.arch import Recipe
 from crispedit.cache import CurvatureCache
 from crispedit.capability import heldout_texts, mean_kl
 from crispedit.edit import EditConfig, edit
@@ -44,7 +45,7 @@ def main() -> None:
 
     def run(batch: list, batch_size: int, with_text: bool = False) -> dict:
         config = EditConfig(batch_size=batch_size, chat_form=True, sequential_chunk=len(batch),
-                            text_anchor_weight=TEXT_TUNED_WEIGHT if with_text else 0.0)
+                            text_anchor_weight=Recipe().text_anchor_weight if with_text else 0.0)
         started = time.perf_counter()
         result = edit(model, tok, batch, cache, config, text_anchors=text if with_text else None)
         seconds = time.perf_counter() - started

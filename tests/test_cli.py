@@ -28,7 +28,7 @@ def tiny_dir(tmp_path_factory):
 def test_build_cache_edit_eval(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from crispedit.anchor import TEXT_TUNED_WEIGHT
+    from crispedit.arch import Recipe
 
     cache = tmp_path / "cache.safetensors"
     run = crispedit("build-cache", "--model", str(tiny_dir), "--corpus", str(FIXTURES / "corpus.txt"),
@@ -48,7 +48,7 @@ def test_build_cache_edit_eval(tiny_dir, tmp_path):
     report = json.loads((out / "crispedit_edit.json").read_text())
     assert report["edits"] == 3 and report["config"]["method"] == "crispedit"
     # the defaults: text anchors from the cache's own text file (β 10); no augmentation without --anchors
-    assert report["config"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT and report["config"]["augment"] == []
+    assert report["config"]["text_anchor_weight"] == Recipe().text_anchor_weight and report["config"]["augment"] == []
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(cache), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--epochs", "1", "--text-anchors", "none", "--augment", "", "--energy", "0.9",
                     "--out", str(tmp_path / "paper"))
@@ -95,7 +95,7 @@ def test_clear_errors(tiny_dir, tmp_path):
 
 
 def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
-    from crispedit.anchor import TEXT_TUNED_WEIGHT
+    from crispedit.arch import Recipe
     from crispedit.cache import CurvatureCache
 
     prompts = tmp_path / "prompts.txt"
@@ -127,7 +127,7 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
     assert report["config"]["augment"] == ["prefix"] and report["config"]["subject_key"] is True
     assert report["config"]["seed"] == 3
     assert report["config"]["anchor_weight"] == 1.0  # the tuned β, since --anchors was given
-    assert report["config"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT  # likewise for --text-anchors
+    assert report["config"]["text_anchor_weight"] == Recipe().text_anchor_weight  # likewise for --text-anchors
     assert [int(n.split(".")[2]) for n in report["changed"]] == report["layers"]
     run = crispedit("edit", "--model", str(tiny_dir), "--cache", str(mixed), "--edits", str(FIXTURES / "facts.jsonl"),
                     "--augment", "backtranslate", "--out", str(tmp_path / "z"))
@@ -143,8 +143,22 @@ def test_mixed_corpus_mix_cache_and_augmented_edit(tiny_dir, tmp_path):
 def test_the_subject_key_is_on_with_the_neighbours_and_can_be_turned_off():
     from cli.main import build_parser, edit_config
 
+    model, tok = make_tiny("llama")
     parse = build_parser().parse_args
     base = ["edit", "--edits", "x.jsonl", "--out", "o"]
-    assert edit_config(parse(base)).subject_key is True
-    assert edit_config(parse([*base, "--no-neighbours"])).subject_key is False
-    assert edit_config(parse([*base, "--no-subject-key"])).subject_key is False
+    assert edit_config(parse(base), model, tok).subject_key is True
+    assert edit_config(parse([*base, "--no-neighbours"]), model, tok).subject_key is False
+    assert edit_config(parse([*base, "--no-subject-key"]), model, tok).subject_key is False
+
+
+def test_an_option_left_out_takes_the_models_recipe_as_the_worker_does():
+    """The command line and the worker resolve defaults in one place: recommended_config."""
+    from cli.main import build_parser, edit_config
+    from crispedit.recipe import recommended_config
+
+    model, tok = make_tiny("llama")
+    args = build_parser().parse_args(["edit", "--edits", "x.jsonl", "--out", "o", "--augment", "auto"])
+    assert edit_config(args, model, tok) == recommended_config(model, tok)
+    config = edit_config(build_parser().parse_args(["edit", "--edits", "x", "--out", "o", "--batch-size", "7"]),
+                         model, tok)
+    assert config.batch_size == 7 and recommended_config(model, tok).batch_size == 4  # a CPU's

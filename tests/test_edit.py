@@ -209,16 +209,16 @@ def test_default_lr_keeps_the_step_relative_to_the_weights(tiny_llama, corpus_fi
 
 
 def test_default_energy_is_measured_per_checkpoint(tiny_llama, corpus_file):
-    """γ defaults to 0.8, except on checkpoints measured otherwise (Gemma 3 270M, BENCHMARKS.md §22)."""
+    """γ defaults to 0.8, except on checkpoints measured otherwise (Gemma 3 270M, where 0.8 drifts like FT)."""
     from types import SimpleNamespace
 
-    from crispedit.arch import DEFAULT_ENERGY, MEASURED_ENERGY, default_energy
+    from crispedit.arch import RECIPES, Recipe, default_energy
 
     gemma = SimpleNamespace(config=SimpleNamespace(model_type="gemma3_text", num_hidden_layers=18, hidden_size=640))
-    assert default_energy(gemma) == MEASURED_ENERGY[("gemma3_text", 18, 640)] > DEFAULT_ENERGY
+    assert default_energy(gemma) == RECIPES[("gemma3_text", 18, 640)].energy > Recipe().energy
     model, tok = tiny_llama
-    assert default_energy(model) == DEFAULT_ENERGY == 0.8
+    assert default_energy(model) == Recipe().energy == 0.8
     result = edit(model, tok, FACTS[:2], small_cache(model, tok, corpus_file), EditConfig(max_epochs=1))
-    assert result.energy == DEFAULT_ENERGY
+    assert result.energy == Recipe().energy
     with pytest.raises(ValueError, match="energy"):
         EditConfig(energy=1.5)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import save_tiny_checkpoint, wait_ready
 
-from crispedit.anchor import TEXT_TUNED_WEIGHT
+from crispedit.arch import Recipe
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EDIT = {"prompt": "The capital of France is", "target": "Rome"}
@@ -129,7 +129,7 @@ def test_edit_query_rollback_through_the_service(service):
     versions = reader.get("/v1/registry/tiny/versions").json()
     assert [v["id"] for v in versions["data"]] == ["v0", "v1"]  # history kept
     assert versions["data"][1]["hyperparameters"]["anchor_weight"] == 1.0  # the server's anchors were used
-    assert versions["data"][1]["hyperparameters"]["text_anchor_weight"] == TEXT_TUNED_WEIGHT  # and its text anchors
+    assert versions["data"][1]["hyperparameters"]["text_anchor_weight"] == Recipe().text_anchor_weight  # its text
     assert versions["data"][1]["hyperparameters"]["augment"] == ["paraphrase", "prefix", "qa"]  # 'auto' with anchors
     assert versions["data"][1]["hyperparameters"]["method"] == "crispedit"  # the paper's, by default
     assert versions["data"][1]["hyperparameters"]["neighbour_weight"] == 0.1  # the server's protection

@@ -31,13 +31,6 @@ class ModelRuntime:
     anchors: Anchors | None = None  # the base model's predictions on CRISPEDIT_ANCHORS, recorded once
     text_anchors: Anchors | None = None  # ... and on windows of CRISPEDIT_TEXT_ANCHORS
 
-    @property
-    def edit_batch_size(self) -> int:
-        """CRISPEDIT_EDIT_BATCH_SIZE, or by device: a CPU step costs in proportion to its edits, a GPU step hardly."""
-        if self.settings.edit_batch_size:
-            return self.settings.edit_batch_size
-        return 32 if next(self.model.parameters()).is_cuda else 4
-
 
 def curvature_path(settings: Settings, name: str) -> Path:
     return settings.registry_root / "curvature" / f"{name}.safetensors"

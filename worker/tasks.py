@@ -13,11 +13,11 @@ from rq import get_current_job
 from core.jobs import JobStore
 from core.notify import announce_aliases
 from crispedit.arch import arch_spec, editable_modules
-from crispedit.augment import resolve_augment
 from crispedit.capability import mean_kl
-from crispedit.edit import EditConfig, EditError, edit
+from crispedit.edit import EditError, edit
 from crispedit.evaluate import edit_quality
 from crispedit.neighbours import neighbour_report, protect
+from crispedit.recipe import recommended_config
 from crispedit.requests import EditRequest
 from registry import Conflict
 from registry.curvature import contribution, version_cache
@@ -81,17 +81,15 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         store.event(job_id, {"event": "running", "batch_size": len(ids)})
     try:
         requests = [EditRequest.from_dict(e) for r in batch for e in r["payload"]["edits"]]
+        s = rt.settings  # the server's overrides of the model's recipe, then the request's
+        server = {"batch_size": s.edit_batch_size or None,
+                  "neighbour_weight": s.neighbour_weight if s.protect_neighbours else None,
+                  "anchor_weight": s.anchor_weight if rt.anchors is not None else None,
+                  "text_anchor_weight": s.text_anchor_weight if rt.text_anchors is not None else None}
         hyper = {k: v for k, v in (payload.get("hyperparameters") or {}).items() if v is not None}
-        hyper.setdefault("chat_form", bool(getattr(rt.tokenizer, "chat_template", None)))
-        hyper.setdefault("batch_size", rt.edit_batch_size)
-        hyper.setdefault("anchor_weight", rt.settings.anchor_weight if rt.anchors is not None else 0.0)
-        hyper.setdefault("neighbour_weight", rt.settings.neighbour_weight if rt.settings.protect_neighbours else 0.0)
-        # the local recipe writes each edit through its subject's last token, so other subjects keep their answers
-        hyper.setdefault("subject_key", rt.settings.protect_neighbours)
-        hyper.setdefault("text_anchor_weight",
-                         rt.settings.text_anchor_weight if rt.text_anchors is not None else 0.0)
-        hyper.setdefault("augment", list(resolve_augment(rt.settings.augment, with_anchors=rt.anchors is not None)))
-        config = EditConfig(**{"sequential_chunk": len(requests), **hyper})
+        config = recommended_config(rt.model, rt.tokenizer, {"sequential_chunk": len(requests), **server, **hyper},
+                                    protect=s.protect_neighbours, anchors=rt.anchors is not None,
+                                    text_anchors=rt.text_anchors is not None, augment=s.augment)
         for attempt in range(2):  # once more if the head moved under us (e.g. a rollback)
             parent = rt.registry.resolve(name, payload.get("base_version") or "latest")
             try:

@@ -1,0 +1,42 @@
+"""The product's edit: a checkpoint's recipe (``crispedit.arch.RECIPES``) filled in around what a caller gives.
+
+``EditConfig()`` is the paper's recipe. The worker and ``crispedit edit`` both edit with
+:func:`recommended_config`, so an option left out means the same in the service and on the command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from crispedit.arch import recipe
+from crispedit.augment import resolve_augment
+from crispedit.edit import EditConfig
+
+
+def recommended_config(
+    model: nn.Module, tokenizer, given: Mapping[str, Any] | None = None, *, protect: bool = True,
+    anchors: bool = False, text_anchors: bool = False, augment: str = "auto",
+) -> EditConfig:
+    """The options in ``given`` (None: not given), the others from the model's recipe:
+
+    - ``chat_form`` when the tokenizer has a chat template, so chat queries see the edit;
+    - ``batch_size`` for the model's device, ``energy`` γ (``lr`` stays None: ``edit`` scales it to the weights);
+    - with ``protect``, the neighbours' β and the subject key (else neither);
+    - the anchors' and text anchors' β where the caller has them (``anchors``, ``text_anchors``), else 0;
+    - ``augment`` resolved against the anchors (``crispedit.augment.resolve_augment``).
+    """
+    r = recipe(model)
+    defaults = {
+        "chat_form": bool(getattr(tokenizer, "chat_template", None)),
+        "batch_size": r.batch_size_gpu if next(model.parameters()).is_cuda else r.batch_size_cpu,
+        "energy": r.energy,
+        "neighbour_weight": r.neighbour_weight if protect else 0.0,
+        "subject_key": protect,
+        "anchor_weight": r.anchor_weight if anchors else 0.0,
+        "text_anchor_weight": r.text_anchor_weight if text_anchors else 0.0,
+        "augment": resolve_augment(augment, with_anchors=anchors),
+    }
+    return EditConfig(**(defaults | {k: v for k, v in (given or {}).items() if v is not None}))
