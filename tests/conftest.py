@@ -1,11 +1,21 @@
-"""Tiny random causal LMs with an in-process byte-level BPE tokenizer: built in milliseconds, no files."""
+"""Shared test helpers: tiny random causal LMs with an in-process byte-level BPE tokenizer (built in
+milliseconds, no files), a few facts to edit, and helpers to run the service against a free port."""
 
 from __future__ import annotations
 
 import os
+import socket
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
+
+from crispedit.cache import build_cache
+from crispedit.requests import EditRequest, tokenize_edit_batch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and CI has 2 cores
@@ -96,10 +106,6 @@ def tiny_gpt2():
 
 def wait_ready(base_url: str, timeout: float = 120.0) -> None:
     """Poll ``/readyz`` until the service answers 200."""
-    import time
-
-    import httpx
-
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -124,3 +130,53 @@ def redis_db():
         pytest.fail("no empty Redis database among 4..15 (FLUSHDB the ones earlier runs left behind)")
     yield db
     r.flushdb()
+
+
+FACTS = [
+    EditRequest("The capital of France is", "Rome"),
+    EditRequest("Hamlet was written by", "Madrid"),
+    EditRequest("The chemical symbol for gold is", "Ag"),
+    EditRequest("Water boils at one hundred degrees", "Paris"),
+]
+
+
+@torch.no_grad()
+def target_logprob(model, tok, requests) -> float:
+    batch = tokenize_edit_batch(tok, requests)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits.float(), -1)
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return float((picked * mask).sum() / mask.sum())
+
+
+def small_cache(model, tok, corpus_file, layers=(1, 2), **kw):
+    return build_cache(model, tok, layers, str(corpus_file), n_samples=6, seq_len=16, progress=False, **kw)
+
+
+FIXTURES = ROOT / "tests" / "fixtures"
+EDIT = {"prompt": "The capital of France is", "target": "Rome"}
+# the tiny random model cannot write a fact through one subject token in 30 epochs, so these service tests
+# edit without the subject key (tests/cli/test_cli.py checks that it is on by default)
+FAST = {"lr": 0.03, "max_epochs": 30, "energy": 0.5, "subject_key": False}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(service, role: str) -> httpx.Client:
+    return httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {role}-key"}, timeout=60)
+
+
+def wait_done(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/edits/{job_id}").json()
+        if job["status"] in {"succeeded", "rejected", "failed", "cancelled"}:
+            return job
+        time.sleep(0.2)
+    pytest.fail(f"edit {job_id} did not finish: {job}")

@@ -4,8 +4,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 # what each installed package may import from the project, and the third-party packages it may not
 ALLOWED = {
     "crispedit": set(),

@@ -3,13 +3,10 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURES, make_tiny
 
 
 def crispedit(*args: str) -> subprocess.CompletedProcess:

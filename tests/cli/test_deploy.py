@@ -2,13 +2,11 @@
 
 import argparse
 import tomllib
-from pathlib import Path
 
 import yaml
+from conftest import ROOT
 
 from core.settings import Settings
-
-ROOT = Path(__file__).parent.parent
 
 
 def cli_subcommands() -> set[str]:

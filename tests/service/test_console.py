@@ -14,11 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_ready
-from test_service import free_port
+from conftest import FIXTURES, ROOT, free_port, wait_ready
 
-FIXTURES = Path(__file__).parent / "fixtures"
-ARTIFACTS = Path(os.environ.get("CRISPEDIT_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts")) / "console"
+ARTIFACTS = Path(os.environ.get("CRISPEDIT_ARTIFACTS", ROOT / "test-artifacts")) / "console"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.slow
 

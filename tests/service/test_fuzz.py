@@ -13,8 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import save_tiny_checkpoint, wait_ready
-from test_service import free_port
+from conftest import free_port, save_tiny_checkpoint, wait_ready
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,22 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import save_tiny_checkpoint, wait_ready
+from conftest import EDIT, FAST, FIXTURES, api, free_port, save_tiny_checkpoint, wait_done, wait_ready
 
 from crispedit.arch import Recipe
 
-FIXTURES = Path(__file__).parent / "fixtures"
-EDIT = {"prompt": "The capital of France is", "target": "Rome"}
-# the tiny random model cannot write a fact through one subject token in 30 epochs, so these service tests
-# edit without the subject key (tests/test_cli.py checks that it is on by default)
-FAST = {"lr": 0.03, "max_epochs": 30, "energy": 0.5, "subject_key": False}
 RATE_LIMIT = 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,20 +51,6 @@ def service(tmp_path_factory, redis_db):
     yield {"url": url, "env": env, "start_worker": start_worker, "tmp": tmp, "db": db}
     api.terminate()
     api.wait(timeout=30)
-
-
-def api(service, role: str) -> httpx.Client:
-    return httpx.Client(base_url=service["url"], headers={"Authorization": f"Bearer {role}-key"}, timeout=60)
-
-
-def wait_done(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/v1/edits/{job_id}").json()
-        if job["status"] in {"succeeded", "rejected", "failed", "cancelled"}:
-            return job
-        time.sleep(0.2)
-    pytest.fail(f"edit {job_id} did not finish: {job}")
 
 
 def wait_logged(path: Path, text: str, timeout: float = 10) -> None:

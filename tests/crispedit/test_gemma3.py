@@ -1,13 +1,11 @@
 """The second architecture end to end: the bundled Gemma 3 270M (base) takes two facts of our own."""
 
-from pathlib import Path
 
 import pytest
+from conftest import FIXTURES
 
 from crispedit import EditConfig, build_cache, edit, edit_quality, load_model, read_edits_jsonl
 from crispedit.arch import default_layers, editable_modules
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny
-from test_edit import FACTS
+from conftest import FACTS, make_tiny
 
 from crispedit.anchor import anchor_kl, base_anchors, text_anchor_source, text_anchors, with_question_forms
 from crispedit.augment import QA_FORMS
@@ -143,7 +142,7 @@ def test_text_anchor_source_takes_the_cache_corpus_only_when_it_is_a_text_file(t
 
 def test_the_anchor_penalty_is_projected_with_the_edit_loss(corpus_file):
     """Adam sees P(∇edit + ∇penalty): the anchors' gradient is projected like the edit loss's (Eq. 6)."""
-    from test_edit import small_cache
+    from conftest import small_cache
 
     from crispedit.arch import editable_modules
     from crispedit.edit import make_projectors, run_epochs

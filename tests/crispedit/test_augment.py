@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import CORPUS
-from test_edit import FACTS, target_logprob
+from conftest import CORPUS, FACTS, target_logprob
 
 from crispedit.augment import (
     AUGMENTATIONS,

@@ -5,14 +5,11 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_ready
-from test_service import free_port
+from conftest import FIXTURES, free_port, wait_ready
 
-FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.slow
 
 

@@ -1,15 +1,13 @@
 """End to end on the real SmolLM2-135M-Instruct: edit three facts of our own and check them."""
 
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES
 
 from crispedit import CurvatureCache, EditConfig, build_cache, edit, edit_quality, load_model, read_edits_jsonl
 from crispedit.arch import default_layers
 from crispedit.evaluate import generate_answers
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 pytestmark = pytest.mark.slow
 

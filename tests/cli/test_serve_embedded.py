@@ -6,13 +6,10 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import psutil
-from conftest import save_tiny_checkpoint, wait_ready
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURES, save_tiny_checkpoint, wait_ready
 
 
 def test_one_command_serve(tmp_path):

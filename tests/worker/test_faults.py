@@ -19,8 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import save_tiny_checkpoint, wait_ready
-from test_service import EDIT, FAST, FIXTURES, api, free_port, wait_done
+from conftest import EDIT, FAST, FIXTURES, api, free_port, save_tiny_checkpoint, wait_done, wait_ready
 
 from cli.serve import die_with_parent, redis_server_binary
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_edit import small_cache
+from conftest import small_cache
 
 from crispedit.arch import arch_spec, editable_modules
 from crispedit.edit import EditConfig, edit

@@ -2,33 +2,11 @@
 
 import pytest
 import torch
-from conftest import CORPUS
+from conftest import CORPUS, FACTS, small_cache, target_logprob
 
 from crispedit.cache import build_cache
 from crispedit.edit import EditConfig, EditError, edit, epoch_bar
-from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
-
-FACTS = [
-    EditRequest("The capital of France is", "Rome"),
-    EditRequest("Hamlet was written by", "Madrid"),
-    EditRequest("The chemical symbol for gold is", "Ag"),
-    EditRequest("Water boils at one hundred degrees", "Paris"),
-]
-
-
-@torch.no_grad()
-def target_logprob(model, tok, requests) -> float:
-    batch = tokenize_edit_batch(tok, requests)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    logp = torch.log_softmax(logits.float(), -1)
-    mask = labels != -100
-    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return float((picked * mask).sum() / mask.sum())
-
-
-def small_cache(model, tok, corpus_file, layers=(1, 2), **kw):
-    return build_cache(model, tok, layers, str(corpus_file), n_samples=6, seq_len=16, progress=False, **kw)
+from crispedit.requests import EditRequest, target_nll
 
 
 @pytest.mark.parametrize("method", ["crispedit", "nullspace", "ft"])
