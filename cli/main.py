@@ -1,4 +1,4 @@
-"""``crispedit`` command line: build-cache, mix-cache, edit, eval, bench."""
+"""``crispedit`` command line: build-cache, mix-cache, edit, eval, registry, serve, worker, config, and bench (lab/)."""
 
 from __future__ import annotations
 

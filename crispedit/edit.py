@@ -69,7 +69,8 @@ class EditError(RuntimeError):
 
 @dataclass(frozen=True)
 class EditConfig:
-    """Hyperparameters of one edit. Defaults are tuned for SmolLM2-135M (docs/research-log.md)."""
+    """Hyperparameters of one edit. The defaults are the paper's recipe; ``crispedit.recipe.recommended_config``
+    gives a model's recommended one (the service's and the command line's)."""
 
     method: str = "crispedit"  # crispedit | nullspace | ft
     energy: float | None = None  # γ: fraction of curvature energy protected; None: arch.default_energy (0.8)

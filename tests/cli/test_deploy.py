@@ -48,6 +48,17 @@ def test_dockerfile_runs_as_non_root_with_the_model_converted_at_build():
         assert env in {e for e, _, _ in Settings.describe()}
 
 
+def test_the_image_holds_every_installed_package_and_not_the_lab():
+    """The Dockerfile copies each package that pyproject installs (a missing one fails only at run time)."""
+    import re
+    import tomllib
+
+    installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {p.rstrip("*") for p in installed["include"]}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), flags=re.M))
+    assert packages == copied and "lab" not in packages
+
+
 def test_readme_lists_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [env for env, _, _ in Settings.describe() if f"`{env}`" not in readme]
