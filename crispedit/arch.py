@@ -53,6 +53,9 @@ class Recipe:
 
     layers: tuple[int, ...] | None = None  # None: five consecutive middle layers (the paper: 19-23 of 32)
     energy: float = 0.8  # γ of Eq. 3, the paper's
+    # Adam's lr; None: 2e-3 (tuned on SmolLM2, where the paper's 5e-4 does not converge in 25 epochs) scaled to
+    # the edited weights' RMS, so a step is the same fraction of the weights on every model (edit.default_lr)
+    lr: float | None = None
     batch_size_cpu: int = 4  # edits per step on a CPU, where a step costs in proportion to its edits
     batch_size_gpu: int = 32  # the paper's; a GPU step costs about the same for 4 or 32 edits
     # β of the kept outputs on each edit's neighbours (neighbours.KeptOutputs); 1000 kept more on 8 facts of our

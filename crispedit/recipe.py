@@ -23,7 +23,7 @@ def recommended_config(
     """The options in ``given`` (None: not given), the others from the model's recipe:
 
     - ``chat_form`` when the tokenizer has a chat template, so chat queries see the edit;
-    - ``batch_size`` for the model's device, ``energy`` γ (``lr`` stays None: ``edit`` scales it to the weights);
+    - ``batch_size`` for the model's device, ``energy`` γ and ``lr`` (None: ``edit`` scales it to the weights);
     - with ``protect``, the neighbours' β and the subject key (else neither);
     - the anchors' and text anchors' β where the caller has them (``anchors``, ``text_anchors``), else 0;
     - ``augment`` resolved against the anchors (``crispedit.augment.resolve_augment``).
@@ -33,6 +33,7 @@ def recommended_config(
         "chat_form": bool(getattr(tokenizer, "chat_template", None)),
         "batch_size": r.batch_size_gpu if next(model.parameters()).is_cuda else r.batch_size_cpu,
         "energy": r.energy,
+        "lr": r.lr,
         "neighbour_weight": r.neighbour_weight if protect else 0.0,
         "subject_key": protect,
         "anchor_weight": r.anchor_weight if anchors else 0.0,
