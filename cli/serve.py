@@ -99,7 +99,8 @@ def serve(host: str, port: int, model: str | None, worker: bool) -> None:
         # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception, so the children
         # below are stopped instead of the process dying before the `finally`
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        # open streams (a stalled client) do not hold a shutdown past a few seconds
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         for child in reversed(children):
             child.terminate()

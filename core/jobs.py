@@ -10,6 +10,7 @@ model's lease (``worker/lease.py``) touches its processing list, so what it find
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -29,6 +30,10 @@ class EditStatus(StrEnum):
     cancelled = "cancelled"
 
 
+class IdempotencyConflict(ValueError):
+    """An Idempotency-Key posted again with a different request body."""
+
+
 class JobStore:
     def __init__(self, redis: Redis, prefix: str) -> None:
         self.redis = redis
@@ -41,14 +46,21 @@ class JobStore:
         return self.key("edits", model)
 
     # ---------------------------------------------------------------- records
-    def create(self, model: str, payload: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
-        """(record, created): with an Idempotency-Key already seen, the existing record and False."""
+    def create(self, model: str, payload: dict, idempotency_key: str | None = None, owner: str = "",
+               request: dict | None = None) -> tuple[dict, bool]:
+        """(record, created). An Idempotency-Key belongs to its ``owner`` (the posting API key) and to its
+        ``request`` (the body as posted): the same key again with the same body gives the existing record and
+        False; with another body it raises :class:`IdempotencyConflict`, so a different edit is never lost."""
         job_id = "edit-" + uuid.uuid4().hex[:16]
-        idem = self.key("idem", idempotency_key) if idempotency_key else None
-        if idem and not self.redis.set(idem, job_id, nx=True, ex=7 * 86400):
-            existing = self.redis.get(idem).decode()
+        idem = self.key("idem", owner, idempotency_key) if idempotency_key else None
+        digest = hashlib.sha256(json.dumps(request or payload, sort_keys=True).encode()).hexdigest()
+        if idem and not self.redis.set(idem, json.dumps({"job": job_id, "request": digest}), nx=True, ex=7 * 86400):
+            held = json.loads(self.redis.get(idem))
+            if held["request"] != digest:
+                raise IdempotencyConflict(f"Idempotency-Key {idempotency_key!r} was used for a different request "
+                                          f"(job {held['job']}); use a new key for a new edit")
             for _ in range(50):  # the first request may still be writing its record
-                if (record := self.get(existing)) is not None:
+                if (record := self.get(held["job"])) is not None:
                     return record, False
                 time.sleep(0.02)
             raise RuntimeError(f"Idempotency-Key {idempotency_key!r} is held by a request that did not finish")

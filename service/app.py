@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from redis import Redis
 
 from core.notify import AliasFollower
@@ -20,6 +20,9 @@ from service.routes import console, edits, openai, registry
 from service.serving import BadPrompt, ModelServer
 
 log = logging.getLogger("crispedit.service")
+
+
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -55,7 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                 status_code=413)
         response = await call_next(request)
         route = request.scope.get("route")
-        requests_total[(request.method, getattr(route, "path", "unmatched"), response.status_code)] += 1
+        method = request.method if request.method in HTTP_METHODS else "other"  # any token is a method: bound it
+        requests_total[(method, getattr(route, "path", "unmatched"), response.status_code)] += 1
         return response
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
@@ -76,9 +80,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"detail": "; ".join(problems), "errors": jsonable_encoder(exc.errors())}, status_code=422)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        """422 naming each problem. The input is not echoed: it may be NaN or a lone surrogate, which JSON
+        cannot carry, or huge; the reply is ASCII JSON, so any name in ``loc`` is written escaped."""
+        errors = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        problems = [f"{'.'.join(p for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors]
+        body = json.dumps({"detail": "; ".join(problems), "errors": errors}, ensure_ascii=True)
+        return Response(body, status_code=422, media_type="application/json")
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

@@ -2,21 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def lone_surrogate(value: Any) -> bool:
+    """Whether any text in a JSON value holds a lone surrogate (JSON's "\\ud800"), which no encoder can write."""
+    if isinstance(value, str):
+        return bool(SURROGATE.search(value))
+    if isinstance(value, dict):
+        return any(lone_surrogate(k) or lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(lone_surrogate(v) for v in value)
+    return False
+
+
+class Body(BaseModel):
+    """Every request body: finite numbers only (no NaN or Infinity) and text that is valid Unicode."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data: Any) -> Any:
+        if lone_surrogate(data):
+            raise ValueError("text must be valid Unicode: a lone surrogate (\\ud800-\\udfff) cannot be encoded")
+        return data
+
+
+class Strict(Body):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class EditIn(Strict):
     prompt: str = Field(min_length=1, max_length=2000, examples=["The capital of Zubrowka is"])
     target: str = Field(min_length=1, max_length=500, examples=["Lutz"])
-    rephrases: list[str] = Field(default_factory=list, max_length=20)
-    locality_prompt: str | None = None
-    locality_answer: str | None = None
+    rephrases: list[Annotated[str, Field(max_length=2000)]] = Field(default_factory=list, max_length=20)
+    locality_prompt: str | None = Field(None, max_length=2000)
+    locality_answer: str | None = Field(None, max_length=500)
     subject: str | None = Field(None, max_length=500, description="what the prompt is about; paraphrase "
                                 "augmentation keeps it in every rewrite")
 
@@ -90,7 +117,7 @@ class EditJob(BaseModel):
     batch: list[str] | None = None
 
 
-class Sampling(BaseModel):
+class Sampling(Body):
     """The OpenAI sampling fields both generation routes share (temperature 0 = greedy)."""
 
     model: str = Field(examples=["smollm2@latest"])
@@ -107,7 +134,7 @@ class CompletionRequest(Sampling):
     max_tokens: int = Field(16, ge=1)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
     content: str
 

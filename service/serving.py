@@ -7,16 +7,22 @@ rollback or a promotion done anywhere takes effect at once, without a restart.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
+from queue import Empty, Full, Queue
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from crispedit.models import load_model, model_fingerprint
 from registry import HotSwapModel, NotFound, Registry, RegistryError
+
+QUEUED_PIECES = 64  # text pieces a stream runs ahead of its reader
+STALL_SECONDS = 10.0  # a reader that takes no piece for this long, with the queue full, has its generation ended
 
 
 class UnknownModel(LookupError):
@@ -33,6 +39,108 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+
+
+class Cancelled(StoppingCriteria):
+    """Ends a generation at its next token once ``event`` is set."""
+
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self.event = event or threading.Event()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class PieceStreamer(BaseStreamer):
+    """Decoded text pieces into a bounded queue. A reader that takes none for ``stall_seconds`` while the queue
+    is full cancels the generation: a stalled client must not hold a generation slot."""
+
+    def __init__(self, tokenizer, queue: Queue, cancelled: Cancelled, stall_seconds: float) -> None:
+        self.tokenizer, self.queue, self.cancelled, self.stall_seconds = tokenizer, queue, cancelled, stall_seconds
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already queued
+        self.prompt_seen = False
+        self.tokens = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        self.ids += value.flatten().tolist()
+        self.tokens += value.numel()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        self._queue(text[self.sent:])
+        self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._queue(text[self.sent:])
+        self.sent = len(text)
+
+    def _queue(self, piece: str) -> None:
+        if not piece or self.cancelled.event.is_set():
+            return
+        try:
+            self.queue.put(piece, timeout=self.stall_seconds)
+        except Full:
+            self.cancelled.event.set()
+
+
+class Stream:
+    """A generation's text pieces as they come, with stop sequences applied; ``close`` ends the generation.
+
+    Iterating blocks (call it from a worker thread); ``finish_reason`` is known once the pieces end."""
+
+    def __init__(self, tokenizer, max_tokens: int, stop: list[str], stall_seconds: float) -> None:
+        self.queue: Queue = Queue(maxsize=QUEUED_PIECES)
+        self.cancelled = Cancelled()
+        self.streamer = PieceStreamer(tokenizer, self.queue, self.cancelled, stall_seconds)
+        self.max_tokens, self.stop, self.tokenizer = max_tokens, stop, tokenizer
+        self.done = threading.Event()
+        self.error: Exception | None = None
+        self.text = ""
+        self.stopped = False
+
+    def fail(self, err: Exception) -> None:
+        self.error = err
+
+    def finish(self) -> None:
+        self.done.set()
+        with contextlib.suppress(Full):
+            self.queue.put_nowait(None)  # wake a reader waiting on an empty queue
+
+    def close(self) -> None:
+        """The reader is gone or has what it wants: end the generation at its next token."""
+        self.cancelled.event.set()
+
+    def next_piece(self) -> str | None:
+        """The next piece of text, or None when there is no more."""
+        while not self.stopped:
+            try:
+                piece = self.queue.get(timeout=0.5)
+            except Empty:
+                if self.done.is_set() and self.queue.empty():
+                    break
+                continue
+            if piece is None:
+                break
+            text, self.stopped = ModelServer._cut(self.text + piece, self.stop)
+            new, self.text = text[len(self.text):], text
+            if self.stopped:
+                self.close()
+            if new:
+                return new
+        if self.error is not None:
+            raise self.error
+        return None
+
+    @property
+    def finish_reason(self) -> str:
+        ids = self.streamer.ids
+        ended = self.stopped or len(ids) < self.max_tokens or (ids and ids[-1] == self.tokenizer.eos_token_id)
+        return "stop" if ended else "length"
 
 
 class ModelServer:
@@ -91,40 +199,48 @@ class ModelServer:
 
     @torch.no_grad()
     def generate(self, version: str, prompt: str, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 stop: list[str] | None = None, seed: int | None = None) -> Generation:
+                 stop: list[str] | None = None, seed: int | None = None,
+                 cancel: threading.Event | None = None) -> Generation:
+        """The whole answer; ``cancel`` (set when the client goes away) ends the generation at the next token."""
         inputs = self._inputs(prompt, max_tokens)
+        criteria = StoppingCriteriaList([Cancelled(cancel)]) if cancel is not None else None
         with self.slots, self.holder.use(version) as model:
-            out = model.generate(**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed))
+            out = model.generate(**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed),
+                                 stopping_criteria=criteria)
         new = out[0, inputs["input_ids"].shape[1]:]
         text, stopped = self._cut(self.tokenizer.decode(new, skip_special_tokens=True), stop or [])
         ended = stopped or (len(new) < max_tokens) or (len(new) and int(new[-1]) == self.tokenizer.eos_token_id)
         return Generation(text, "stop" if ended else "length", int(inputs["input_ids"].shape[1]), len(new))
 
-    def stream(self, version: str, prompt: str, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-               stop: list[str] | None = None, seed: int | None = None) -> Iterator[str]:
-        """Text pieces as they are generated; a bad prompt raises here, before any response is sent."""
+    def open_stream(self, version: str, prompt: str, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                    stop: list[str] | None = None, seed: int | None = None,
+                    stall_seconds: float = STALL_SECONDS) -> Stream:
+        """Start a generation in its own thread and return its :class:`Stream`. Blocking: it tokenises, then waits
+        for a slot, so a bad prompt raises here, and the slot is held before any response is sent."""
         inputs = self._inputs(prompt, max_tokens)
-        return self._pieces(version, inputs, max_tokens, temperature, top_p, stop, seed)
-
-    def _pieces(self, version: str, inputs: dict, max_tokens: int, temperature: float, top_p: float,
-                stop: list[str] | None, seed: int | None) -> Iterator[str]:
-        """The version's weights stay in place until the last piece."""
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed), "streamer": streamer}
-        with self.slots, self.holder.use(version) as model:
-            thread = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs))
+        self.slots.acquire()
+        try:
+            stream = Stream(self.tokenizer, max_tokens, stop or [], stall_seconds)
+            kwargs = {**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed), "streamer": stream.streamer,
+                      "stopping_criteria": StoppingCriteriaList([stream.cancelled])}
+            thread = threading.Thread(target=self._run_stream, args=(version, kwargs, stream), daemon=True)
             thread.start()
-            sent = ""
-            for piece in streamer:
-                text, stopped = self._cut(sent + piece, stop or [])
-                if text[len(sent):]:
-                    yield text[len(sent):]
-                sent = text
-                if stopped:
-                    break
-            thread.join()
+        except BaseException:
+            self.slots.release()
+            raise
+        return stream
+
+    def _run_stream(self, version: str, kwargs: dict, stream: Stream) -> None:
+        """The generation thread: holds the slot (taken by ``open_stream``) and the version's weights until the
+        generation ends, is cancelled, or finds its reader stalled."""
+        try:
+            with self.holder.use(version) as model, torch.no_grad():
+                model.generate(**kwargs)
+        except Exception as err:  # surfaced to the reader, who is past the point of a status code
+            stream.fail(err)
+        finally:
+            self.slots.release()
+            stream.finish()
 
     @torch.no_grad()
     def score(self, version: str, prompt: str, target: str) -> dict:

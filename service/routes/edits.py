@@ -8,7 +8,7 @@ import json
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from core.jobs import TERMINAL
+from core.jobs import TERMINAL, IdempotencyConflict
 from core.settings import Settings
 from service.auth import Editor, Reader
 from service.deps import StateDep, split_model
@@ -33,14 +33,20 @@ def post_edit(body: EditPost, request: Request, state: StateDep, who: EditorWith
         except UnknownModel as err:
             raise HTTPException(404, f"base_version: {err}") from err
     refuse_weights_without_anchors(body, state.settings)
-    payload = {**body.model_dump(exclude_none=True), "author": f"{who['role']}:{who['key_id']}"}
-    record, created = state.jobs.create(server.name, payload, idempotency_key)
+    request_body = body.model_dump(exclude_none=True)
+    payload = {**request_body, "author": f"{who['role']}:{who['key_id']}"}
+    try:
+        record, created = state.jobs.create(server.name, payload, idempotency_key, owner=who["key_id"],
+                                            request=request_body)
+    except IdempotencyConflict as err:
+        raise HTTPException(422, str(err)) from err
     if created:
         state.audit.record(who, "post_edit", model=server.name, job=record["id"], edits=len(body.edits))
         state.queue(server.name).enqueue("worker.tasks.process_pending", server.name, job_timeout=JOB_TIMEOUT,
                                          result_ttl=86400)
     return EditAccepted(id=record["id"], status=record["status"],
-                        status_url=str(request.url_for("get_edit", job_id=record["id"])))
+                        # a path, not a URL: the Host header is the client's to write, so it is not echoed
+                        status_url=str(request.app.url_path_for("get_edit", job_id=record["id"])))
 
 
 def refuse_weights_without_anchors(body: EditPost, settings: Settings) -> None:
@@ -67,7 +73,12 @@ def get_edit(job_id: str, state: StateDep, _: Reader) -> dict:
 
 @router.delete("/{job_id}", response_model=EditJob)
 def cancel_edit(job_id: str, state: StateDep, who: Editor) -> dict:
+    """Cancel a queued edit: its poster's key may, and an admin's."""
     record = fetch(state, job_id)
+    posted_by = record["payload"].get("author", "").rpartition(":")[2]
+    if who["role"] != "admin" and posted_by != who["key_id"]:
+        raise HTTPException(403, f"edit job {job_id} was posted by another key; only its poster or an admin may "
+                                 "cancel it")
     if not state.jobs.cancel(job_id):
         raise HTTPException(409, f"edit job {job_id} is {record['status']}; only queued jobs can be cancelled")
     state.audit.record(who, "cancel_edit", job=job_id)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from service.auth import Reader
 from service.deps import StateDep, split_model
 from service.schemas import ChatRequest, CompletionRequest, ScoreRequest
-from service.serving import UnknownModel, completion_id, now
+from service.serving import Generation, Stream, UnknownModel, completion_id, now
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -45,17 +48,43 @@ def list_models(state: StateDep, _: Reader) -> dict:
     return {"object": "list", "data": data}
 
 
-def sse(chunks) -> StreamingResponse:
-    def body():
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+def sse(stream: Stream, chunk: Callable[[str | None, str | None], dict],
+        first: dict | None = None) -> StreamingResponse:
+    """Server-sent events of ``stream``'s pieces, each wrapped by ``chunk(text, finish_reason)``, then a last chunk
+    with the finish reason and [DONE]. However the response ends (done, client gone, an error), the generation is
+    closed, so it stops at its next token and gives its slot back."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                yield f"data: {json.dumps(first)}\n\n"
+            while (piece := await run_in_threadpool(stream.next_piece)) is not None:
+                yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+            yield f"data: {json.dumps(chunk(None, stream.finish_reason))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            stream.close()
 
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+async def generated(request: Request, server, *args) -> Generation:
+    """``server.generate(*args)`` in a worker thread, cancelled at its next token if the client disconnects."""
+    cancel = threading.Event()
+    task = asyncio.ensure_future(run_in_threadpool(server.generate, *args, cancel=cancel))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                cancel.set()
+    finally:
+        cancel.set()  # also when this handler is cancelled: the thread must not run on for nobody
+
+
 @router.post("/completions")
-async def completions(req: CompletionRequest, state: StateDep, _: Reader):
+async def completions(req: CompletionRequest, request: Request, state: StateDep, _: Reader):
     server, version = resolve(state, req.model)
     max_tokens = checked_max_tokens(state, req.max_tokens)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -63,13 +92,15 @@ async def completions(req: CompletionRequest, state: StateDep, _: Reader):
     if req.stream:
         if len(prompts) != 1:
             raise HTTPException(400, "stream supports a single prompt")
-        pieces = server.stream(version, prompts[0], max_tokens, req.temperature, req.top_p, stops(req.stop), req.seed)
-        return sse({"id": cid, "object": "text_completion", "created": now(), "model": model_id,
-                    "choices": [{"index": 0, "text": p, "logprobs": None, "finish_reason": None}]} for p in pieces)
+        stream = await run_in_threadpool(server.open_stream, version, prompts[0], max_tokens, req.temperature,
+                                         req.top_p, stops(req.stop), req.seed)
+        return sse(stream, lambda text, reason: {
+            "id": cid, "object": "text_completion", "created": now(), "model": model_id,
+            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]})
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
     for i, prompt in enumerate(prompts):
-        g = await run_in_threadpool(server.generate, version, prompt, max_tokens, req.temperature, req.top_p,
-                                    stops(req.stop), req.seed)
+        g = await generated(request, server, version, prompt, max_tokens, req.temperature, req.top_p,
+                            stops(req.stop), req.seed)
         choices.append({"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason})
         usage["prompt_tokens"] += g.prompt_tokens
         usage["completion_tokens"] += g.completion_tokens
@@ -79,26 +110,23 @@ async def completions(req: CompletionRequest, state: StateDep, _: Reader):
 
 
 @router.post("/chat/completions")
-async def chat_completions(req: ChatRequest, state: StateDep, _: Reader):
+async def chat_completions(req: ChatRequest, request: Request, state: StateDep, _: Reader):
     server, version = resolve(state, req.model)
     max_tokens = checked_max_tokens(state, req.max_completion_tokens or req.max_tokens, default=256)
-    prompt = server.chat_prompt([m.model_dump() for m in req.messages])
+    prompt = await run_in_threadpool(server.chat_prompt, [m.model_dump() for m in req.messages])
     cid, model_id = "chatcmpl-" + completion_id()[5:], f"{server.name}@{version}"
     if req.stream:
-        pieces = server.stream(version, prompt, max_tokens, req.temperature, req.top_p, stops(req.stop), req.seed)
+        stream = await run_in_threadpool(server.open_stream, version, prompt, max_tokens, req.temperature,
+                                         req.top_p, stops(req.stop), req.seed)
 
-        def chunks():
-            yield {"id": cid, "object": "chat.completion.chunk", "created": now(), "model": model_id,
-                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-            for p in pieces:
-                yield {"id": cid, "object": "chat.completion.chunk", "created": now(), "model": model_id,
-                       "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
-            yield {"id": cid, "object": "chat.completion.chunk", "created": now(), "model": model_id,
-                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        def chunk(delta: dict, reason: str | None) -> dict:
+            return {"id": cid, "object": "chat.completion.chunk", "created": now(), "model": model_id,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
 
-        return sse(chunks())
-    g = await run_in_threadpool(server.generate, version, prompt, max_tokens, req.temperature, req.top_p,
-                                stops(req.stop), req.seed)
+        return sse(stream, lambda text, reason: chunk({"content": text} if text is not None else {}, reason),
+                   first=chunk({"role": "assistant", "content": ""}, None))
+    g = await generated(request, server, version, prompt, max_tokens, req.temperature, req.top_p, stops(req.stop),
+                        req.seed)
     return {"id": cid, "object": "chat.completion", "created": now(), "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
                          "finish_reason": g.finish_reason}],

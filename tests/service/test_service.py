@@ -30,7 +30,8 @@ def service(tmp_path_factory, redis_db):
            # a random tiny model's answers are near ties, and its neighbours share most tokens with the edits
            "CRISPEDIT_MIN_NEIGHBOURS_UNCHANGED": "0", "CRISPEDIT_NEIGHBOUR_WEIGHT": "0.1",
            "CRISPEDIT_LEASE_SECONDS": "2",
-           "CRISPEDIT_API_KEYS": "admin-key:admin,editor-key:editor,reader-key:reader,limited-key:editor",
+           "CRISPEDIT_API_KEYS": "admin-key:admin,editor-key:editor,reader-key:reader,limited-key:editor,"
+                                 "other-key:editor",
            "CRISPEDIT_EDIT_POSTS_PER_MINUTE": str(RATE_LIMIT)}
     port = free_port()
     logs = tmp / "api.log"
@@ -91,9 +92,12 @@ def test_edit_query_rollback_through_the_service(service):
     assert v1["logprob"] > v0["logprob"] + 1.0 and v1["model"] == "tiny@v1"
     out = client.completions.create(model="tiny@v1", prompt=EDIT["prompt"], max_tokens=3, temperature=0)
     assert out.model == "tiny@v1" and out.usage.completion_tokens >= 1
-    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=4, temperature=0, stream=True))
-    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+    chunks = list(client.chat.completions.create(**chat, stream=True))
+    whole = client.chat.completions.create(**chat).choices[0]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason  # "length" when cut at max_tokens
     assert chunks[0].model == "tiny@v1"  # plain name: production if set, else latest
 
     assert admin.put("/v1/registry/tiny/aliases/production", json={"version": "v1"}).json()["version"] == "v1"
@@ -202,6 +206,16 @@ def test_idempotency_key_and_cancel(service):
     first = c.post("/v1/edits", json=body, headers=key).json()
     second = c.post("/v1/edits", json=body, headers=key).json()
     assert first["id"] == second["id"]
+    # the key is bound to its request: another edit under it is refused, not answered with the first job
+    other = c.post("/v1/edits", json={**body, "edits": [{"prompt": "The sky is", "target": "green"}]}, headers=key)
+    assert other.status_code == 422 and first["id"] in other.json()["detail"]
+    # ... and to its API key: the same Idempotency-Key from another key is another request
+    theirs = api(service, "other").post("/v1/edits", json=body, headers=key)
+    assert theirs.status_code == 202 and theirs.json()["id"] != first["id"]
+    # a queued edit is cancelled by its poster or an admin, not by another editor
+    refused = api(service, "other").delete(f"/v1/edits/{first['id']}")
+    assert refused.status_code == 403 and "another key" in refused.json()["detail"]
+    assert api(service, "admin").delete(f"/v1/edits/{theirs.json()['id']}").status_code == 200
     cancelled = c.delete(f"/v1/edits/{first['id']}")  # no worker runs in this test: still queued
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     again = c.delete(f"/v1/edits/{first['id']}")
@@ -294,3 +308,57 @@ def test_two_live_workers_apply_each_edit_exactly_once(service):
         assert holding == ([job["version"]] if job["status"] == "succeeded" else []), (job, holding)
     new = [v for v in versions if int(v["id"][1:]) > int(head[1:])]
     assert [v["parent"] for v in new] == [head] + [v["id"] for v in new[:-1]]  # one chain on top of the head
+
+
+def test_dropped_streams_leave_the_service_answering(service):
+    """More streams than generation slots, each dropped after its first event: every slot must come back."""
+    url = service["url"]
+    headers = {"Authorization": "Bearer reader-key"}
+    for _ in range(6):
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as client, client.stream(
+                "POST", "/v1/completions", json={"model": "tiny@v0", "prompt": "The capital of France is",
+                                                 "max_tokens": 100, "stream": True}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+    started = time.perf_counter()
+    r = api(service, "reader").post("/v1/completions", json={"model": "tiny@v0", "prompt": "x", "max_tokens": 4},
+                                    timeout=10)
+    assert r.status_code == 200 and time.perf_counter() - started < 10
+
+
+def test_hostile_values_get_a_4xx_never_a_5xx(service):
+    """NaN, Infinity, lone surrogates (which JSON can carry and no encoder can write back) and oversized text."""
+    client = api(service, "editor")
+
+    def post(path: str, text: str) -> httpx.Response:
+        return client.post(path, content=text.encode(), headers={"Content-Type": "application/json"})
+
+    edit = '{"model": "tiny", "edits": [{"prompt": "The sky is", "target": "green"%s}]%s}'
+    cases = [
+        ("/v1/completions", '{"model": "tiny", "prompt": "x", "temperature": NaN}', "temperature"),
+        ("/v1/completions", '{"model": "tiny", "prompt": "x", "top_p": Infinity}', "top_p"),
+        ("/v1/completions", '{"model": "tiny", "prompt": "x\\ud800"}', "Unicode"),
+        ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
+         "Unicode"),
+        ("/v1/edits", edit % ("", ', "hyperparameters": {"lr": NaN}'), "lr"),
+        ("/v1/edits", edit % ("", ', "hyperparameters": {"energy": -Infinity}'), "energy"),
+        ("/v1/edits", edit % (', "locality_prompt": "%s"' % ("a" * 3000), ""), "locality_prompt"),
+        ("/v1/edits", edit % (', "rephrases": ["%s"]' % ("a" * 3000), ""), "rephrases"),
+        ("/v1/edits", edit % (', "\\ud800": 1', ""), "Unicode"),
+    ]
+    for path, text, named in cases:
+        r = post(path, text)
+        assert r.status_code == 422, (text[:80], r.status_code, r.text[:300])
+        assert named in r.json()["detail"], r.json()
+
+
+def test_headers_and_methods_of_the_clients_choosing_do_not_leak_into_replies_or_metrics(service):
+    c = api(service, "editor")
+    key = {"Idempotency-Key": uuid.uuid4().hex, "Host": "evil.example"}
+    posted = c.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": FAST}, headers=key)
+    assert posted.status_code == 202 and posted.json()["status_url"] == f"/v1/edits/{posted.json()['id']}"
+    assert api(service, "admin").delete(posted.json()["status_url"]).status_code == 200  # no worker in this test
+    for method in ("FOO1", "FOO2", "BREW"):
+        assert c.request(method, "/v1/models").status_code in (401, 404, 405)
+    metrics = c.get("/metrics").text
+    assert "FOO1" not in metrics and "BREW" not in metrics and 'method="other"' in metrics
