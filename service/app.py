@@ -15,6 +15,7 @@ from redis import Redis
 
 from core.notify import AliasFollower
 from core.settings import Settings, get_settings
+from service.body_limit import BodyLimit
 from service.deps import State
 from service.routes import console, edits, openai, registry
 from service.serving import BadPrompt, ModelServer
@@ -50,12 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     requests_total: Counter[tuple[str, str, int]] = Counter()
 
     @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse({"detail": f"request body of {length} bytes exceeds the limit of "
-                                           f"{settings.max_body_bytes} bytes; send fewer edits per request"},
-                                status_code=413)
+    async def count_requests(request: Request, call_next):
         response = await call_next(request)
         route = request.scope.get("route")
         method = request.method if request.method in HTTP_METHODS else "other"  # any token is a method: bound it
@@ -100,5 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"status": "not ready", "redis": str(err)}, status_code=503)
         return JSONResponse({"status": "ready", "models": sorted(servers)})
 
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # added last: it runs first, before any route
     log.info("serving %s from %s", sorted(servers), settings.registry_root)
     return app

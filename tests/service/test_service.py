@@ -165,6 +165,15 @@ def test_bad_input_gets_a_clear_4xx(service):
     assert r.status_code in (400, 404)
     r = c.post("/v1/edits", content=b"{" + b" " * 2_000_000 + b"}", headers={"content-type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    def chunked():  # no Content-Length: the limit must hold as the body arrives, before any key is checked
+        yield b"{"
+        for _ in range(64):
+            yield b" " * 65536
+
+    anonymous = httpx.Client(base_url=service["url"], timeout=60)
+    r = anonymous.post("/v1/edits", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert c.get("/v1/edits/edit-nope").status_code == 404
     assert c.get("/openapi.json").json()["info"]["title"] == "CrispEdit Service"
     assert "crispedit_http_requests_total" in c.get("/metrics").text
