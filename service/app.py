@@ -15,6 +15,7 @@ from redis import Redis
 
 from core.notify import AliasFollower
 from core.settings import Settings, get_settings
+from service.auth import unknown_key
 from service.body_limit import BodyLimit
 from service.deps import State
 from service.routes import console, edits, openai, registry
@@ -49,6 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
 
     requests_total: Counter[tuple[str, str, int]] = Counter()
+
+    @app.middleware("http")
+    async def key_before_body(request: Request, call_next):
+        return unknown_key(request) or await call_next(request)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

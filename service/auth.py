@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
 
 log = logging.getLogger("crispedit.auth")
 
@@ -65,22 +66,41 @@ class AuditLog:
         log.info("audit: %s by key %s: %s", action, principal["key_id"], details)
 
 
+def bearer_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+def unknown_key(request: Request) -> JSONResponse | None:
+    """401 for a request to /v1 without a valid key, checked before its body is read or parsed (the route's
+    dependency checks the role afterwards); None when the key is known or the path needs none."""
+    if not request.url.path.startswith("/v1/") or request.method == "OPTIONS":
+        return None
+    key = bearer_key(request)
+    if key is None:
+        detail = "missing API key: send 'Authorization: Bearer <key>'"
+    elif request.app.state.crispedit.keys.role_of(key) is None:
+        detail = "invalid API key"
+    else:
+        return None
+    return JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
 def require(role: str):
     """A dependency that admits keys with at least ``role``; 401 without a valid key, 403 below the role."""
     needed = ROLES.index(role)
 
     def check(request: Request) -> dict:
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
+        key = bearer_key(request)
+        if key is None:
             raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'",
                                 headers={"WWW-Authenticate": "Bearer"})
-        have = request.app.state.crispedit.keys.role_of(key.strip())
+        have = request.app.state.crispedit.keys.role_of(key)
         if have is None:
             raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
         if ROLES.index(have) < needed:
             raise HTTPException(403, f"this route needs the {role} role; this key has the {have} role")
-        return {"role": have, "key_id": key_hash(key.strip())[:12]}
+        return {"role": have, "key_id": key_hash(key)[:12]}
 
     return check
 

@@ -166,14 +166,16 @@ def test_bad_input_gets_a_clear_4xx(service):
     r = c.post("/v1/edits", content=b"{" + b" " * 2_000_000 + b"}", headers={"content-type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["detail"]
 
-    def chunked():  # no Content-Length: the limit must hold as the body arrives, before any key is checked
+    def chunked():  # no Content-Length: the limit must hold as the body arrives
         yield b"{"
         for _ in range(64):
             yield b" " * 65536
 
-    anonymous = httpx.Client(base_url=service["url"], timeout=60)
-    r = anonymous.post("/v1/edits", content=chunked(), headers={"content-type": "application/json"})
+    r = c.post("/v1/edits", content=chunked(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["detail"]
+    anonymous = httpx.Client(base_url=service["url"], timeout=60)  # without a key, refused before any byte is read
+    r = anonymous.post("/v1/edits", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 401
     assert c.get("/v1/edits/edit-nope").status_code == 404
     assert c.get("/openapi.json").json()["info"]["title"] == "CrispEdit Service"
     assert "crispedit_http_requests_total" in c.get("/metrics").text
@@ -371,3 +373,15 @@ def test_headers_and_methods_of_the_clients_choosing_do_not_leak_into_replies_or
         assert c.request(method, "/v1/models").status_code in (401, 404, 405)
     metrics = c.get("/metrics").text
     assert "FOO1" not in metrics and "BREW" not in metrics and 'method="other"' in metrics
+
+
+def test_the_key_is_checked_before_the_body_is_parsed(service):
+    anonymous = httpx.Client(base_url=service["url"], timeout=30)
+    for path in ("/v1/edits", "/v1/completions"):
+        r = anonymous.post(path, content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+        r = anonymous.post(path, content=b"{not json", headers={"content-type": "application/json",
+                                                                  "Authorization": "Bearer guessed-key"})
+        assert r.status_code == 401 and r.json()["detail"] == "invalid API key"
+    r = api(service, "editor").post("/v1/edits", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
