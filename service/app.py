@@ -15,6 +15,7 @@ from redis import Redis
 
 from core.notify import AliasFollower
 from core.settings import Settings, get_settings
+from registry import BlobError
 from service.auth import unknown_key
 from service.body_limit import BodyLimit
 from service.deps import State
@@ -75,6 +76,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lines.append("# TYPE crispedit_model_versions gauge")
         lines += [f'crispedit_model_versions{{model="{m}"}} {len(state.registry.versions(m))}' for m in servers]
         return "\n".join(lines) + "\n"
+
+    @app.exception_handler(BlobError)
+    async def damaged_blob(request: Request, exc: BlobError) -> JSONResponse:
+        """The registry's storage is damaged (a missing or corrupt blob): say which, and how to mend it."""
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": f"the registry could not read this version: {exc}", "type": "storage_error"},
+                            status_code=500)
 
     @app.exception_handler(BadPrompt)
     async def bad_prompt(request: Request, exc: BadPrompt) -> JSONResponse:

@@ -218,6 +218,7 @@ class ModelServer:
         """Start a generation in its own thread and return its :class:`Stream`. Blocking: it tokenises, then waits
         for a slot, so a bad prompt raises here, and the slot is held before any response is sent."""
         inputs = self._inputs(prompt, max_tokens)
+        self.holder.preload(version)  # a damaged version fails here, while an error can still be a status code
         self.slots.acquire()
         try:
             stream = Stream(self.tokenizer, max_tokens, stop or [], stall_seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 
@@ -17,6 +18,7 @@ from service.schemas import ChatRequest, CompletionRequest, ScoreRequest
 from service.serving import Generation, Stream, UnknownModel, completion_id, now
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+log = logging.getLogger(__name__)
 
 
 def stops(stop: str | list[str] | None) -> list[str]:
@@ -62,6 +64,9 @@ def sse(stream: Stream, chunk: Callable[[str | None, str | None], dict],
                 yield f"data: {json.dumps(chunk(piece, None))}\n\n"
             yield f"data: {json.dumps(chunk(None, stream.finish_reason))}\n\n"
             yield "data: [DONE]\n\n"
+        except Exception as err:  # past the status code: say what went wrong in the stream, as OpenAI does
+            log.error("stream %s failed: %s", stream, err)
+            yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
         finally:
             stream.close()
 

@@ -54,3 +54,17 @@ def test_a_stop_sequence_ends_the_generation_not_only_the_text(server):
         text += piece
     assert text == full[: full.index(stop)] and stream.finish_reason == "stop"
     assert stream.done.wait(5) and len(stream.streamer.ids) < 40
+
+
+def test_a_damaged_version_fails_before_the_stream_starts_and_holds_no_slot(server):
+    """A corrupt blob is found while an error can still be a status code, not after the stream's first event."""
+    from registry import BlobError
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    weight = dict(server.model.named_parameters())[name].detach()
+    version = server.registry.commit("tiny", "v0", {name: weight * 1.5}, originals={name: weight})
+    path = server.registry.blobs.path(version.tensors[name])
+    path.write_bytes(path.read_bytes()[:-8] + b"damaged!")
+    with pytest.raises(BlobError, match="corrupt"):
+        server.open_stream(version.id, "The capital of France is", 8)
+    assert slot_free_within(server, 0.1)
