@@ -16,7 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("crispedit.serve")
@@ -50,9 +52,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_embedded_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_embedded_redis(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A redis-server child on ``port`` (a free one by default), its append-only file in ``data_dir``."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
          "--appendonly", "yes", "--save", "", "--protected-mode", "yes"],
@@ -73,6 +76,47 @@ def start_embedded_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"embedded Redis did not start; see {data_dir / 'redis.log'}")
 
 
+class Supervisor:
+    """Keeps the children of ``serve`` (the embedded Redis, the workers) running: one that dies is started again
+    within a second or two, and the log says so. Redis comes back on its port with its append-only file, so queued
+    edits survive; a worker comes back and takes its model's edits again."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.children: dict[str, list] = {}  # name → [start, process, restarts]
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name="supervisor", daemon=True)
+
+    def start(self, name: str, start: Callable[[], subprocess.Popen], running: subprocess.Popen | None = None) -> None:
+        """Run ``start()`` now (or adopt ``running``, which it started) and again whenever the process dies."""
+        self.children[name] = [start, running or start(), 0]
+
+    def watch(self) -> None:
+        while not self.stopping.wait(self.interval):
+            for name, child in list(self.children.items()):
+                code = child[1].poll()
+                if code is None or self.stopping.is_set():
+                    continue
+                child[2] += 1
+                log.warning("%s exited with code %s; starting it again (restart %d)", name, code, child[2])
+                try:
+                    child[1] = child[0]()
+                except Exception as err:  # tried again at the next tick
+                    log.error("%s did not start again: %s", name, err)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping.set()
+        procs = [child[1] for child in reversed(list(self.children.values()))]
+        for proc in procs:
+            proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def serve(host: str, port: int, model: str | None, worker: bool) -> None:
     import uvicorn
 
@@ -82,18 +126,22 @@ def serve(host: str, port: int, model: str | None, worker: bool) -> None:
 
     get_settings.cache_clear()
     settings = get_settings()
-    children: list[subprocess.Popen] = []
+    supervisor = Supervisor()
     try:
         if "CRISPEDIT_REDIS_URL" not in os.environ:
-            redis_proc, url = start_embedded_redis(settings.data_dir / "redis")
-            children.append(redis_proc)
+            redis_dir = settings.data_dir / "redis"
+            redis_proc, url = start_embedded_redis(redis_dir)
+            redis_port = int(url.rsplit(":", 1)[1].split("/")[0])  # a restarted Redis keeps the URL
+            supervisor.start("redis", lambda: start_embedded_redis(redis_dir, redis_port)[0], running=redis_proc)
             os.environ["CRISPEDIT_REDIS_URL"] = url
             get_settings.cache_clear()
             settings = get_settings()
         if worker:
             for name in settings.model_bases():
-                children.append(subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--model", name],
-                                                 preexec_fn=die_with_parent(signal.SIGKILL)))
+                supervisor.start(f"worker {name}", lambda name=name: subprocess.Popen(
+                    [sys.executable, "-m", "cli.main", "worker", "--model", name],
+                    preexec_fn=die_with_parent(signal.SIGKILL)))
+        supervisor.thread.start()
         from service.app import create_app
 
         # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception, so the children
@@ -102,10 +150,4 @@ def serve(host: str, port: int, model: str | None, worker: bool) -> None:
         # open streams (a stalled client) do not hold a shutdown past a few seconds
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
-        for child in reversed(children):
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        supervisor.stop()

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from redis import Redis
+from redis.exceptions import RedisError
 
 from core.notify import AliasFollower
 from core.settings import Settings, get_settings
@@ -76,6 +77,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lines.append("# TYPE crispedit_model_versions gauge")
         lines += [f'crispedit_model_versions{{model="{m}"}} {len(state.registry.versions(m))}' for m in servers]
         return "\n".join(lines) + "\n"
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        """Redis (queues, job records) unreachable: a 503 to retry, not a bare 500; queries go on meanwhile."""
+        log.error("%s %s: Redis: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": f"the job store (Redis) is unreachable: {exc}; retry shortly",
+                             "type": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(BlobError)
     async def damaged_blob(request: Request, exc: BlobError) -> JSONResponse:

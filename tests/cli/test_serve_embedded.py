@@ -37,8 +37,45 @@ def test_one_command_serve(tmp_path):
         assert status["status"] == "succeeded" and status["version"] == "v1", status
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any("redis-server" in " ".join(c.cmdline()) for c in children)
+
+        # the worker and the embedded Redis killed: serve starts both again, and edits go on
+        killed = {c.pid for c in children if "redis-server" in " ".join(c.cmdline()) or "worker" in c.cmdline()}
+        assert len(killed) == 2
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        r = client.post("/v1/edits", json={"model": "tiny", "edits": [{"prompt": "Iron is", "target": "Cu"}]})
+        assert r.status_code in (202, 503) and (r.status_code == 202 or r.headers["retry-after"]), r.text
+        deadline = time.time() + 30
+        while True:
+            alive = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.pid not in killed]
+            kinds = {"redis" if "redis-server" in " ".join(c.cmdline()) else "worker" for c in alive
+                     if "redis-server" in " ".join(c.cmdline()) or "worker" in c.cmdline()}
+            if kinds == {"redis", "worker"}:
+                break
+            assert time.time() < deadline, f"not restarted after 30 s: {kinds}"
+            time.sleep(0.2)
+        restarted_after = 30 - (deadline - time.time())
+        for _ in range(100):  # Redis answers again
+            r = client.post("/v1/edits", json={"model": "tiny", "edits": [{"prompt": "Lead is", "target": "Sn"}],
+                                               "hyperparameters": {"lr": 0.03, "max_epochs": 5}})
+            if r.status_code == 202:
+                break
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            time.sleep(0.2)
+        job = r.json()
+        for _ in range(600):
+            status = client.get(f"/v1/edits/{job['id']}").json()
+            if status["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.2)
+        assert status["status"] == "succeeded", status
+        print(f"worker and Redis running again {restarted_after:.1f} s after SIGKILL")
+        children = psutil.Process(proc.pid).children(recursive=True)
     finally:
         proc.send_signal(signal.SIGTERM)  # what docker, systemd and Popen.terminate send
+        stopping = time.time()
         proc.wait(timeout=60)
+        stopped_in = time.time() - stopping
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]  # all stopped
+    assert stopped_in < 10, f"SIGTERM took {stopped_in:.1f} s"
     assert (tmp_path / "data" / "redis" / "appendonlydir").exists() or list((tmp_path / "data" / "redis").glob("*.aof"))
