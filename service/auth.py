@@ -6,9 +6,12 @@ only). With neither, the first start generates an admin key, stores its hash and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import json
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
@@ -26,10 +29,26 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class KeyRing:
-    """sha256(key) → role; never holds a key in clear after construction."""
+def id_secret(path: Path) -> bytes:
+    """The installation's secret for key ids, made once beside the registry (so every replica shares it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    for _ in range(50):  # another process may be writing it this instant
+        if text := path.read_text().strip():
+            return bytes.fromhex(text)
+        time.sleep(0.02)
+    raise RuntimeError(f"{path} is empty: delete it and restart")
 
-    def __init__(self, spec: str, keys_file: Path) -> None:
+
+class KeyRing:
+    """sha256(key) → role; never holds a key in clear after construction. A key's public id (authors, audit) is
+    an HMAC of it under the installation's secret: unlike a plain hash, it cannot be checked against guesses."""
+
+    def __init__(self, spec: str, keys_file: Path, secret_file: Path | None = None) -> None:
+        self.secret = id_secret(secret_file or keys_file.with_name("key-id-secret"))
         self.roles: dict[str, str] = {}
         for item in filter(None, (x.strip() for x in spec.split(","))):
             key, _, role = item.rpartition(":")
@@ -49,6 +68,9 @@ class KeyRing:
 
     def role_of(self, key: str) -> str | None:
         return self.roles.get(key_hash(key))
+
+    def key_id(self, key: str) -> str:
+        return hmac.new(self.secret, key.encode(), hashlib.sha256).hexdigest()[:12]
 
 
 class AuditLog:
@@ -100,7 +122,7 @@ def require(role: str):
             raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
         if ROLES.index(have) < needed:
             raise HTTPException(403, f"this route needs the {role} role; this key has the {have} role")
-        return {"role": have, "key_id": key_hash(key)[:12]}
+        return {"role": have, "key_id": request.app.state.crispedit.keys.key_id(key)}
 
     return check
 
