@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -13,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from redis import Redis
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.notify import AliasFollower
 from core.settings import Settings, get_settings
@@ -20,6 +20,7 @@ from registry import BlobError
 from service.auth import unknown_key
 from service.body_limit import BodyLimit
 from service.deps import State
+from service.errors import error_response
 from service.routes import console, edits, openai, registry
 from service.serving import BadPrompt, ModelServer
 
@@ -78,32 +79,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lines += [f'crispedit_model_versions{{model="{m}"}} {len(state.registry.versions(m))}' for m in servers]
         return "\n".join(lines) + "\n"
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(exc.status_code, exc.detail, headers=exc.headers)
+
     @app.exception_handler(RedisError)
-    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+    async def redis_down(request: Request, exc: RedisError) -> Response:
         """Redis (queues, job records) unreachable: a 503 to retry, not a bare 500; queries go on meanwhile."""
         log.error("%s %s: Redis: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": f"the job store (Redis) is unreachable: {exc}; retry shortly",
-                             "type": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
+        return error_response(503, f"the job store (Redis) is unreachable: {exc}; retry shortly",
+                              headers={"Retry-After": "5"})
 
     @app.exception_handler(BlobError)
-    async def damaged_blob(request: Request, exc: BlobError) -> JSONResponse:
+    async def damaged_blob(request: Request, exc: BlobError) -> Response:
         """The registry's storage is damaged (a missing or corrupt blob): say which, and how to mend it."""
         log.error("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": f"the registry could not read this version: {exc}", "type": "storage_error"},
-                            status_code=500)
+        return error_response(500, f"the registry could not read this version: {exc}", kind="storage_error")
 
     @app.exception_handler(BadPrompt)
-    async def bad_prompt(request: Request, exc: BadPrompt) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+    async def bad_prompt(request: Request, exc: BadPrompt) -> Response:
+        return error_response(400, str(exc), param="prompt")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         """422 naming each problem. The input is not echoed: it may be NaN or a lone surrogate, which JSON
-        cannot carry, or huge; the reply is ASCII JSON, so any name in ``loc`` is written escaped."""
+        cannot carry, or huge."""
         errors = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        problems = [f"{'.'.join(p for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors]
-        body = json.dumps({"detail": "; ".join(problems), "errors": errors}, ensure_ascii=True)
-        return Response(body, status_code=422, media_type="application/json")
+        where = [".".join(p for p in e["loc"] if p != "body") for e in errors]
+        problems = [f"{w}: {e['msg']}" for w, e in zip(where, errors, strict=True)]
+        return error_response(422, "; ".join(problems), param=where[0] if where else None, errors=errors)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
+
+from service.errors import error_response
 
 log = logging.getLogger("crispedit.auth")
 
@@ -93,7 +95,7 @@ def bearer_key(request: Request) -> str | None:
     return key.strip() if scheme.lower() == "bearer" and key.strip() else None
 
 
-def unknown_key(request: Request) -> JSONResponse | None:
+def unknown_key(request: Request) -> Response | None:
     """401 for a request to /v1 without a valid key, checked before its body is read or parsed (the route's
     dependency checks the role afterwards); None when the key is known or the path needs none."""
     if not request.url.path.startswith("/v1/") or request.method == "OPTIONS":
@@ -105,7 +107,7 @@ def unknown_key(request: Request) -> JSONResponse | None:
         detail = "invalid API key"
     else:
         return None
-    return JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return error_response(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 def require(role: str):

@@ -7,6 +7,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import error_body
+
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, limit: int) -> None:
@@ -47,8 +49,8 @@ class BodyLimit:
         await self.app(scope, counted, tracked)
 
     async def refuse(self, send: Send, what: str) -> None:
-        body = json.dumps({"detail": f"{what} exceeds the limit of {self.limit} bytes; send fewer edits per "
-                                     "request"}).encode()
+        body = json.dumps(error_body(413, f"{what} exceeds the limit of {self.limit} bytes; send fewer edits per "
+                                          "request")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

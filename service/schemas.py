@@ -117,8 +117,23 @@ class EditJob(BaseModel):
     batch: list[str] | None = None
 
 
+class StreamOptions(Body):
+    include_usage: bool = False  # a last chunk, before [DONE], with the usage and no choices
+
+
+# OpenAI parameters this server does not implement, each with the value that asks for nothing (sent by some
+# clients as a default); any other value is refused with 400, rather than silently ignored
+NO_OP = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "logprobs": False, "top_logprobs": 0,
+         "echo": False, "best_of": 1, "suffix": "", "response_format": {"type": "text"}, "tools": [],
+         "tool_choice": "none", "functions": [], "parallel_tool_calls": True}
+HARMLESS = {"user", "metadata", "store", "service_tier"}  # what a client may say that needs no answer
+
+
 class Sampling(Body):
-    """The OpenAI sampling fields both generation routes share (temperature 0 = greedy)."""
+    """The OpenAI sampling fields both generation routes share (temperature 0 = greedy). Other OpenAI fields are
+    taken, and :meth:`unsupported` names those that ask for something this server does not do."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(examples=["smollm2@latest"])
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -127,6 +142,15 @@ class Sampling(Body):
     stream: bool = False
     seed: int | None = Field(None, ge=0, lt=2**63)  # what torch.manual_seed takes
     n: int = Field(1, ge=1, le=1)
+    stream_options: StreamOptions | None = None
+
+    def unsupported(self) -> list[str]:
+        """The fields given that this server would otherwise ignore: unknown ones, or known ones asking for more
+        than nothing (``NO_OP``)."""
+        extra = self.model_extra or {}
+        return sorted(k for k, v in extra.items()
+                      if k not in HARMLESS and (k not in NO_OP or v not in (None, NO_OP[k])))
+
 
 
 class CompletionRequest(Sampling):
@@ -134,9 +158,19 @@ class CompletionRequest(Sampling):
     max_tokens: int = Field(16, ge=1)
 
 
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="text, or a list of text parts")
+
+    def for_template(self) -> dict:
+        """The message as a chat template takes it: developer instructions as system ones, parts joined."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatRequest(Sampling):

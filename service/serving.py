@@ -102,6 +102,13 @@ class Stream:
         self.error: Exception | None = None
         self.text = ""
         self.stopped = False
+        self.prompt_tokens = 0
+
+    @property
+    def usage(self) -> dict:
+        completion = len(self.streamer.ids)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
 
     def fail(self, err: Exception) -> None:
         self.error = err
@@ -222,6 +229,7 @@ class ModelServer:
         self.slots.acquire()
         try:
             stream = Stream(self.tokenizer, max_tokens, stop or [], stall_seconds)
+            stream.prompt_tokens = int(inputs["input_ids"].shape[1])
             kwargs = {**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed), "streamer": stream.streamer,
                       "stopping_criteria": StoppingCriteriaList([stream.cancelled])}
             thread = threading.Thread(target=self._run_stream, args=(version, kwargs, stream), daemon=True)

@@ -40,6 +40,22 @@ def checked_max_tokens(state, n: int | None, default: int = 16) -> int:
     return n
 
 
+def refuse_unsupported(req) -> None:
+    if names := req.unsupported():
+        raise HTTPException(400, f"unsupported parameter{'s' if len(names) > 1 else ''} {', '.join(names)}: this "
+                                 "server does not implement it; leave it out")
+
+
+def wants_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+@router.get("/models/{model_id}")
+def get_model(model_id: str, state: StateDep, _: Reader) -> dict:
+    server, version = resolve(state, model_id)
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "crispedit", "version": version}
+
+
 @router.get("/models")
 def list_models(state: StateDep, _: Reader) -> dict:
     data = []
@@ -50,11 +66,11 @@ def list_models(state: StateDep, _: Reader) -> dict:
     return {"object": "list", "data": data}
 
 
-def sse(stream: Stream, chunk: Callable[[str | None, str | None], dict],
-        first: dict | None = None) -> StreamingResponse:
+def sse(stream: Stream, chunk: Callable[[str | None, str | None], dict], first: dict | None = None,
+        usage: bool = False) -> StreamingResponse:
     """Server-sent events of ``stream``'s pieces, each wrapped by ``chunk(text, finish_reason)``, then a last chunk
-    with the finish reason and [DONE]. However the response ends (done, client gone, an error), the generation is
-    closed, so it stops at its next token and gives its slot back."""
+    with the finish reason, with ``usage`` one more with the usage and no choices, and [DONE]. However the response
+    ends (done, client gone, an error), the generation is closed, so it stops at its next token and frees its slot."""
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -62,7 +78,10 @@ def sse(stream: Stream, chunk: Callable[[str | None, str | None], dict],
                 yield f"data: {json.dumps(first)}\n\n"
             while (piece := await run_in_threadpool(stream.next_piece)) is not None:
                 yield f"data: {json.dumps(chunk(piece, None))}\n\n"
-            yield f"data: {json.dumps(chunk(None, stream.finish_reason))}\n\n"
+            last = chunk(None, stream.finish_reason)
+            yield f"data: {json.dumps(last)}\n\n"
+            if usage:
+                yield f"data: {json.dumps({**last, 'choices': [], 'usage': stream.usage})}\n\n"
             yield "data: [DONE]\n\n"
         except Exception as err:  # past the status code: say what went wrong in the stream, as OpenAI does
             log.error("stream %s failed: %s", stream, err)
@@ -90,6 +109,7 @@ async def generated(request: Request, server, *args) -> Generation:
 
 @router.post("/completions")
 async def completions(req: CompletionRequest, request: Request, state: StateDep, _: Reader):
+    refuse_unsupported(req)
     server, version = resolve(state, req.model)
     max_tokens = checked_max_tokens(state, req.max_tokens)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -101,7 +121,8 @@ async def completions(req: CompletionRequest, request: Request, state: StateDep,
                                          req.top_p, stops(req.stop), req.seed)
         return sse(stream, lambda text, reason: {
             "id": cid, "object": "text_completion", "created": now(), "model": model_id,
-            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]})
+            "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]},
+            usage=wants_usage(req))
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
     for i, prompt in enumerate(prompts):
         g = await generated(request, server, version, prompt, max_tokens, req.temperature, req.top_p,
@@ -116,9 +137,10 @@ async def completions(req: CompletionRequest, request: Request, state: StateDep,
 
 @router.post("/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request, state: StateDep, _: Reader):
+    refuse_unsupported(req)
     server, version = resolve(state, req.model)
     max_tokens = checked_max_tokens(state, req.max_completion_tokens or req.max_tokens, default=256)
-    prompt = await run_in_threadpool(server.chat_prompt, [m.model_dump() for m in req.messages])
+    prompt = await run_in_threadpool(server.chat_prompt, [m.for_template() for m in req.messages])
     cid, model_id = "chatcmpl-" + completion_id()[5:], f"{server.name}@{version}"
     if req.stream:
         stream = await run_in_threadpool(server.open_stream, version, prompt, max_tokens, req.temperature,
@@ -129,7 +151,7 @@ async def chat_completions(req: ChatRequest, request: Request, state: StateDep, 
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
 
         return sse(stream, lambda text, reason: chunk({"content": text} if text is not None else {}, reason),
-                   first=chunk({"role": "assistant", "content": ""}, None))
+                   first=chunk({"role": "assistant", "content": ""}, None), usage=wants_usage(req))
     g = await generated(request, server, version, prompt, max_tokens, req.temperature, req.top_p, stops(req.stop),
                         req.seed)
     return {"id": cid, "object": "chat.completion", "created": now(), "model": model_id,

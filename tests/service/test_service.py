@@ -236,6 +236,7 @@ def test_idempotency_key_and_cancel(service):
 
 ROUTES = [  # (method, path, body, lowest role that may call it)
     ("GET", "/v1/models", None, "reader"),
+    ("GET", "/v1/models/tiny@v0", None, "reader"),
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}, "reader"),
     ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                       "max_tokens": 1}, "reader"),
@@ -385,3 +386,29 @@ def test_the_key_is_checked_before_the_body_is_parsed(service):
         assert r.status_code == 401 and r.json()["detail"] == "invalid API key"
     r = api(service, "editor").post("/v1/edits", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422
+
+
+def test_openai_clients_see_errors_models_roles_parts_and_usage(service):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{service['url']}/v1", api_key="reader-key")
+    assert client.models.retrieve("tiny@v0").id == "tiny@v0"
+    with pytest.raises(openai.NotFoundError, match="v404"):
+        client.models.retrieve("tiny@v404")
+    with pytest.raises(openai.BadRequestError, match="unsupported parameter logprobs"):  # not silently ignored
+        client.completions.create(model="tiny@v0", prompt="x", max_tokens=2, logprobs=2)
+    harmless = client.completions.create(model="tiny@v0", prompt="x", max_tokens=2, user="me", presence_penalty=0)
+    assert harmless.choices[0].text is not None
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):  # the SDK shows our message
+        client.completions.create(model="tiny@v0", prompt="x", max_tokens=2, temperature=5)
+    parts = [{"type": "text", "text": "Be brief. "}, {"type": "text", "text": "Say hi."}]
+    as_parts = client.chat.completions.create(model="tiny@v0", max_tokens=4, temperature=0, messages=[
+        {"role": "developer", "content": "You answer."}, {"role": "user", "content": parts}])
+    as_text = client.chat.completions.create(model="tiny@v0", max_tokens=4, temperature=0, messages=[
+        {"role": "system", "content": "You answer."}, {"role": "user", "content": "Be brief. Say hi."}])
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    chunks = list(client.completions.create(model="tiny@v0", prompt="The capital of France is", max_tokens=5,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5 == chunks[-1].usage.total_tokens - \
+        chunks[-1].usage.prompt_tokens
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
