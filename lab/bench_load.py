@@ -51,7 +51,7 @@ def main() -> None:
     try:
         while True:
             try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
+                if httpx.get(f"{url}/healthz").status_code == 200:  # the API alone: no worker here
                     break
             except httpx.TransportError:
                 time.sleep(0.2)

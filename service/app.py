@@ -14,6 +14,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.heartbeat import alive_workers
 from core.notify import AliasFollower
 from core.settings import Settings, get_settings
 from registry import BlobError
@@ -115,11 +116,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
+        """Ready when Redis answers and every model has a live worker to take its edits (queries alone would
+        work without one, but edits would wait unseen)."""
         try:
             redis.ping()
+            workers = {m: alive_workers(redis, settings.key_prefix, m) for m in sorted(servers)}
         except Exception as err:  # report, do not crash: readiness is a question
             return JSONResponse({"status": "not ready", "redis": str(err)}, status_code=503)
-        return JSONResponse({"status": "ready", "models": sorted(servers)})
+        idle = [m for m, n in workers.items() if n == 0]
+        if idle:
+            return JSONResponse({"status": "not ready", "workers": workers,
+                                 "reason": f"no live worker takes edits for {', '.join(idle)}"}, status_code=503)
+        return JSONResponse({"status": "ready", "models": sorted(servers), "workers": workers})
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # added last: it runs first, before any route
     log.info("serving %s from %s", sorted(servers), settings.registry_root)

@@ -104,12 +104,13 @@ def tiny_gpt2():
     return make_tiny("gpt2")
 
 
-def wait_ready(base_url: str, timeout: float = 120.0) -> None:
-    """Poll ``/readyz`` until the service answers 200."""
+def wait_ready(base_url: str, timeout: float = 120.0, path: str = "/readyz") -> None:
+    """Poll ``path`` until the service answers 200: ``/readyz`` needs a live worker per model, ``/healthz`` only
+    the API (with its models loaded)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if httpx.get(f"{base_url}/readyz").status_code == 200:
+            if httpx.get(f"{base_url}{path}").status_code == 200:
                 return
         except httpx.TransportError:
             pass

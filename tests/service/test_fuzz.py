@@ -33,7 +33,7 @@ def api_url(tmp_path_factory, redis_db):
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url)
+        wait_ready(url, path="/healthz")  # the API alone
         yield url, tmp
     finally:
         proc.terminate()

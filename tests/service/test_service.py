@@ -39,7 +39,7 @@ def service(tmp_path_factory, redis_db):
     api = subprocess.Popen(command, env=env, stdout=open(logs, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url)
+        wait_ready(url, path="/healthz")  # no worker runs yet
     except BaseException:
         api.kill()
         print(logs.read_text()[-2000:])
@@ -412,3 +412,26 @@ def test_openai_clients_see_errors_models_roles_parts_and_usage(service):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5 == chunks[-1].usage.total_tokens - \
         chunks[-1].usage.prompt_tokens
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def test_ready_only_while_a_worker_can_take_the_edits(service):
+    import signal
+
+    url = service["url"]
+    r = httpx.get(f"{url}/readyz")
+    assert r.status_code == 503 and "no live worker takes edits for tiny" in r.json()["reason"]
+    worker = service["start_worker"]()
+    try:
+        deadline = time.time() + 120
+        while (r := httpx.get(f"{url}/readyz")).status_code != 200:
+            assert time.time() < deadline, r.json()
+            time.sleep(0.2)
+        assert r.json()["workers"] == {"tiny": 1}
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+        killed = time.time()
+        while httpx.get(f"{url}/readyz").status_code == 200:
+            assert time.time() - killed < 15, "still ready 15 s after its only worker died"
+            time.sleep(0.2)
+    finally:
+        worker.kill()

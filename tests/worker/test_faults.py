@@ -76,7 +76,7 @@ class Stack:
         self.api = self.spawn([sys.executable, "-m", "cli.main", "serve", "--no-worker", "--port",
                                str(self.api_port)], "api.log")
         try:
-            wait_ready(self.url)
+            wait_ready(self.url, path="/healthz")  # workers start later
         except BaseException:
             print((self.tmp / "api.log").read_text()[-3000:])
             raise
