@@ -124,7 +124,7 @@ class StreamOptions(Body):
 # OpenAI parameters this server does not implement, each with the value that asks for nothing (sent by some
 # clients as a default); any other value is refused with 400, rather than silently ignored
 NO_OP = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "logprobs": False, "top_logprobs": 0,
-         "echo": False, "best_of": 1, "suffix": "", "response_format": {"type": "text"}, "tools": [],
+         "best_of": 1, "suffix": "", "response_format": {"type": "text"}, "tools": [],
          "tool_choice": "none", "functions": [], "parallel_tool_calls": True}
 HARMLESS = {"user", "metadata", "store", "service_tier"}  # what a client may say that needs no answer
 
@@ -153,9 +153,20 @@ class Sampling(Body):
 
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)] = Field(examples=["The capital of France is"])
-    max_tokens: int = Field(16, ge=1)
+    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(
+        min_length=1)] = Field(examples=["The capital of France is"], description="text or token ids, one or a list")
+    max_tokens: int = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
+    logprobs: int | None = Field(None, ge=0, le=5, description="each token's log-probability and the top N")
+    echo: bool = Field(False, description="the prompt too, in the text and (with logprobs) its tokens' scores")
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(Body):

@@ -11,7 +11,7 @@ import contextlib
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from queue import Empty, Full, Queue
 
 import torch
@@ -39,6 +39,8 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    prompt_ids: list[int] = field(default_factory=list)
+    new_ids: list[int] = field(default_factory=list)  # the generated tokens, through the one a stop cut in
 
 
 class Cancelled(StoppingCriteria):
@@ -176,8 +178,14 @@ class ModelServer:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
-    def _inputs(self, prompt: str, max_tokens: int = 0) -> dict:
-        ids = self.tokenizer(prompt)["input_ids"]
+    def _inputs(self, prompt: str | list[int], max_tokens: int = 0) -> dict:
+        """Model inputs of a text or of token ids (checked against the vocabulary and the context)."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+            if bad := [t for t in ids if t >= len(self.tokenizer)]:
+                raise BadPrompt(f"token ids {bad[:5]} are not in this model's vocabulary of {len(self.tokenizer)}")
         if not ids:  # an empty prompt starts a new document, as OpenAI's does
             tok = self.tokenizer
             ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
@@ -210,14 +218,37 @@ class ModelServer:
                  cancel: threading.Event | None = None) -> Generation:
         """The whole answer; ``cancel`` (set when the client goes away) ends the generation at the next token."""
         inputs = self._inputs(prompt, max_tokens)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        if max_tokens == 0:  # echo alone: the prompt is scored, nothing generated
+            return Generation("", "length", len(prompt_ids), 0, prompt_ids, [])
         criteria = StoppingCriteriaList([Cancelled(cancel)]) if cancel is not None else None
         with self.slots, self.holder.use(version) as model:
             out = model.generate(**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed),
-                                 stopping_criteria=criteria)
-        new = out[0, inputs["input_ids"].shape[1]:]
+                                 stopping_criteria=criteria,
+                                 **({"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}))
+        new = out[0, len(prompt_ids):].tolist()
         text, stopped = self._cut(self.tokenizer.decode(new, skip_special_tokens=True), stop or [])
-        ended = stopped or (len(new) < max_tokens) or (len(new) and int(new[-1]) == self.tokenizer.eos_token_id)
-        return Generation(text, "stop" if ended else "length", int(inputs["input_ids"].shape[1]), len(new))
+        if stopped:  # the tokens through the one the stop sequence starts in
+            new = next((new[:k] for k in range(1, len(new) + 1)
+                        if len(self.tokenizer.decode(new[:k], skip_special_tokens=True)) > len(text)), new)
+        ended = stopped or (len(new) < max_tokens) or (bool(new) and new[-1] == self.tokenizer.eos_token_id)
+        return Generation(text, "stop" if ended else "length", len(prompt_ids), len(new), prompt_ids, new)
+
+    @torch.no_grad()
+    def token_logprobs(self, version: str, ids: list[int], top: int) -> tuple[list[float | None], list[dict | None]]:
+        """log p of each token given those before it (None for the first), and each position's ``top`` most
+        likely tokens with theirs, under a version: one forward pass."""
+        self.check_length(len(ids))
+        x = torch.tensor([ids], device=self.device)
+        with self.slots, self.holder.use(version) as model:
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+        chosen = logp.gather(1, x[0, 1:, None])[:, 0].tolist()
+        best = logp.topk(top, dim=-1) if top else None
+        tops: list[dict | None] = [None]
+        for i in range(len(ids) - 1):
+            pairs = zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True) if best is not None else ()
+            tops.append({self.tokenizer.decode([t]): v for t, v in pairs})
+        return [None, *chosen], tops
 
     def open_stream(self, version: str, prompt: str, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                     stop: list[str] | None = None, seed: int | None = None,

@@ -107,16 +107,32 @@ async def generated(request: Request, server, *args) -> Generation:
         cancel.set()  # also when this handler is cancelled: the thread must not run on for nobody
 
 
+async def scored(server, version: str, g: Generation, top: int, echo: bool) -> dict:
+    """OpenAI's logprobs object for a completion: each token (the prompt's too with ``echo``), its log-probability
+    (None for the text's first token), the ``top`` most likely tokens at its position, and its text offset."""
+    ids = g.prompt_ids + g.new_ids
+    token_logprobs, top_logprobs = await run_in_threadpool(server.token_logprobs, version, ids, top)
+    start = 0 if echo else len(g.prompt_ids)
+    tokens = [server.tokenizer.decode([t]) for t in ids[start:]]
+    offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": token_logprobs[start:], "top_logprobs": top_logprobs[start:],
+            "text_offset": offsets}
+
+
 @router.post("/completions")
 async def completions(req: CompletionRequest, request: Request, state: StateDep, _: Reader):
     refuse_unsupported(req)
     server, version = resolve(state, req.model)
-    max_tokens = checked_max_tokens(state, req.max_tokens)
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if req.max_tokens == 0 and not req.echo:
+        raise HTTPException(400, "max_tokens 0 asks for nothing: set echo to score the prompt")
+    max_tokens = req.max_tokens if req.max_tokens == 0 else checked_max_tokens(state, req.max_tokens)
+    prompts = req.prompts()
     cid, model_id = completion_id(), f"{server.name}@{version}"
     if req.stream:
         if len(prompts) != 1:
             raise HTTPException(400, "stream supports a single prompt")
+        if req.logprobs is not None or req.echo:
+            raise HTTPException(400, "logprobs and echo are served without stream; leave stream out")
         stream = await run_in_threadpool(server.open_stream, version, prompts[0], max_tokens, req.temperature,
                                          req.top_p, stops(req.stop), req.seed)
         return sse(stream, lambda text, reason: {
@@ -127,7 +143,10 @@ async def completions(req: CompletionRequest, request: Request, state: StateDep,
     for i, prompt in enumerate(prompts):
         g = await generated(request, server, version, prompt, max_tokens, req.temperature, req.top_p,
                             stops(req.stop), req.seed)
-        choices.append({"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason})
+        text = (prompt if isinstance(prompt, str) else server.tokenizer.decode(g.prompt_ids)) + g.text \
+            if req.echo else g.text
+        logprobs = await scored(server, version, g, req.logprobs, req.echo) if req.logprobs is not None else None
+        choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": g.finish_reason})
         usage["prompt_tokens"] += g.prompt_tokens
         usage["completion_tokens"] += g.completion_tokens
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]

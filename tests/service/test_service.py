@@ -395,8 +395,8 @@ def test_openai_clients_see_errors_models_roles_parts_and_usage(service):
     assert client.models.retrieve("tiny@v0").id == "tiny@v0"
     with pytest.raises(openai.NotFoundError, match="v404"):
         client.models.retrieve("tiny@v404")
-    with pytest.raises(openai.BadRequestError, match="unsupported parameter logprobs"):  # not silently ignored
-        client.completions.create(model="tiny@v0", prompt="x", max_tokens=2, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="unsupported parameter frequency_penalty"):  # not ignored
+        client.completions.create(model="tiny@v0", prompt="x", max_tokens=2, frequency_penalty=0.5)
     harmless = client.completions.create(model="tiny@v0", prompt="x", max_tokens=2, user="me", presence_penalty=0)
     assert harmless.choices[0].text is not None
     with pytest.raises(openai.UnprocessableEntityError, match="temperature"):  # the SDK shows our message
@@ -435,3 +435,38 @@ def test_ready_only_while_a_worker_can_take_the_edits(service):
             time.sleep(0.2)
     finally:
         worker.kill()
+
+
+def test_logprobs_echo_token_prompts_and_stops_as_lm_eval_uses_them(service):
+    """lm-eval's local-completions scores a choice with echo, logprobs 1 and token-id prompts, batched."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{service['url']}/v1", api_key="reader-key")
+    reader = api(service, "reader")
+    scored = reader.post("/v1/score", json={"model": "tiny@v0", "prompt": "The capital of France is",
+                                            "target": "Paris"}).json()
+    ids = reader.post("/v1/completions", json={"model": "tiny@v0", "prompt": "The capital of France is Paris",
+                                               "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    echoed = ids["choices"][0]["logprobs"]
+    assert ids["choices"][0]["text"] == "The capital of France is Paris" and echoed["token_logprobs"][0] is None
+    n = len(scored["token_logprobs"])
+    assert echoed["token_logprobs"][-n:] == pytest.approx(scored["token_logprobs"], abs=1e-4)
+    assert "".join(echoed["tokens"]) == "The capital of France is Paris"
+
+    tok = [[5, 6, 7, 8], [9, 10, 11]]  # two token-id prompts in one request, as lm-eval batches them
+    out = client.completions.create(model="tiny@v0", prompt=tok, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    assert [c.index for c in out.choices] == [0, 1]
+    for choice, prompt in zip(out.choices, tok, strict=True):
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == len(prompt) + 1 and lp.token_logprobs[0] is None
+        assert all(len(top) == 1 for top in lp.top_logprobs[1:])
+        assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()), abs=1e-5)  # greedy
+
+    free = client.completions.create(model="tiny@v0", prompt="The capital of France is", max_tokens=20, temperature=0)
+    stop = free.choices[0].text[3:5]
+    cut = client.completions.create(model="tiny@v0", prompt="The capital of France is", max_tokens=20,
+                                    temperature=0, stop=[stop])
+    assert cut.choices[0].text == free.choices[0].text[: free.choices[0].text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens < free.usage.completion_tokens
+    r = reader.post("/v1/completions", json={"model": "tiny@v0", "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
