@@ -19,6 +19,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import error_response
 
@@ -110,13 +111,17 @@ def unknown_key(request: Request) -> Response | None:
     return error_response(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+# the scheme, as OpenAPI states it (Swagger's Authorize button); the check below answers for it
+BEARER = HTTPBearer(auto_error=False, description="an API key with its role: reader, editor or admin")
+
+
 def require(role: str):
     """A dependency that admits keys with at least ``role``; 401 without a valid key, 403 below the role."""
     needed = ROLES.index(role)
 
-    def check(request: Request) -> dict:
-        key = bearer_key(request)
-        if key is None:
+    def check(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> dict:
+        key = credentials.credentials.strip() if credentials else None
+        if not key:
             raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'",
                                 headers={"WWW-Authenticate": "Bearer"})
         have = request.app.state.crispedit.keys.role_of(key)

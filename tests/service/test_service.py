@@ -177,7 +177,10 @@ def test_bad_input_gets_a_clear_4xx(service):
     r = anonymous.post("/v1/edits", content=chunked(), headers={"content-type": "application/json"})
     assert r.status_code == 401
     assert c.get("/v1/edits/edit-nope").status_code == 404
-    assert c.get("/openapi.json").json()["info"]["title"] == "CrispEdit Service"
+    spec = c.get("/openapi.json").json()
+    assert spec["info"]["title"] == "CrispEdit Service"
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"  # Swagger's Authorize button
+    assert spec["paths"]["/v1/edits"]["post"]["security"] == [{"HTTPBearer": []}]
     assert "crispedit_http_requests_total" in c.get("/metrics").text
     # prompts: an empty one starts a new document (as OpenAI's does); one longer than the context is a 400
     empty = c.post("/v1/completions", json={"model": "tiny", "prompt": [""], "max_tokens": 2, "temperature": 0})
