@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from importlib.metadata import version as package_version
 from pathlib import Path
 from types import ModuleType
 
@@ -236,7 +237,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crispedit", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version('crispedit-service')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-cache", help="K-FAC curvature of the capability loss for the editable layers")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict
 
+from crispedit.models import crispedit_home
 from registry.export import export_version
 from registry.integrity import gc, verify
 from registry.store import Registry
@@ -57,7 +59,9 @@ def add_registry_parser(sub) -> None:
     p.add_argument("action", choices=["create", "log", "show", "diff", "alias", "rollback", "revert", "export",
                                       "verify", "gc"])
     p.add_argument("ref", nargs="?", default="latest", help="version (v3) or alias")
-    p.add_argument("--root", required=True)
+    default = os.environ.get("CRISPEDIT_REGISTRY_ROOT") or str(crispedit_home() / "registry")
+    p.add_argument("--root", default=default, help=f"the registry folder (default: CRISPEDIT_REGISTRY_ROOT, as the "
+                                                 f"service reads it; here {default})")
     p.add_argument("--model", help="registered model name")
     p.add_argument("--base", default="smollm2", help="create: base checkpoint (bundled name or folder)")
     p.add_argument("--to", help="diff: the second version")

@@ -159,3 +159,13 @@ def test_an_option_left_out_takes_the_models_recipe_as_the_worker_does():
     config = edit_config(build_parser().parse_args(["edit", "--edits", "x", "--out", "o", "--batch-size", "7"]),
                          model, tok)
     assert config.batch_size == 7 and recommended_config(model, tok).batch_size == 4  # a CPU's
+
+
+def test_version_and_the_registry_root_from_the_setting(monkeypatch, tmp_path):
+    from cli.main import build_parser
+
+    run = crispedit("--version")
+    assert run.returncode == 0 and run.stdout.startswith("crispedit 0.")
+    monkeypatch.setenv("CRISPEDIT_REGISTRY_ROOT", str(tmp_path / "reg"))
+    args = build_parser().parse_args(["registry", "log", "--model", "tiny"])
+    assert args.root == str(tmp_path / "reg")  # what the service reads, so no --root is needed
