@@ -69,9 +69,23 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.set(self.key("edit", job_id), json.dumps(record))
         pipe.rpush(self.key("pending", model), job_id)
+        pipe.zadd(self.key("edits", model), {job_id: record["created_at"]})  # the list of a model's edits
         pipe.execute()
         self.event(job_id, {"event": "queued"})
         return record, True
+
+    def recent(self, model: str, status: str | None = None, limit: int = 50) -> list[dict]:
+        """A model's edit jobs, newest first, at most ``limit`` (of ``status`` only, when given)."""
+        out: list[dict] = []
+        start = 0
+        while len(out) < limit:
+            ids = self.redis.zrevrange(self.key("edits", model), start, start + 4 * limit - 1)
+            if not ids:
+                break
+            records = [json.loads(r) for r in self.redis.mget([self.key("edit", i.decode()) for i in ids]) if r]
+            out += [r for r in records if status is None or r["status"] == status]
+            start += len(ids)
+        return out[:limit]
 
     def get(self, job_id: str) -> dict | None:
         raw = self.redis.get(self.key("edit", job_id))

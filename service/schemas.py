@@ -129,6 +129,11 @@ NO_OP = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "logpr
 HARMLESS = {"user", "metadata", "store", "service_tier"}  # what a client may say that needs no answer
 
 
+class EditList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EditJob]
+
+
 class Sampling(Body):
     """The OpenAI sampling fields both generation routes share (temperature 0 = greedy). Other OpenAI fields are
     taken, and :meth:`unsupported` names those that ask for something this server does not do."""

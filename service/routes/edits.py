@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 
-from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from core.jobs import TERMINAL, IdempotencyConflict
+from core.jobs import TERMINAL, EditStatus, IdempotencyConflict
 from core.settings import Settings
 from service.auth import Editor, Reader
 from service.deps import StateDep, split_model
 from service.ratelimit import EditorWithinLimit
-from service.schemas import EditAccepted, EditJob, EditPost
+from service.schemas import EditAccepted, EditJob, EditList, EditPost
 from service.serving import UnknownModel
 
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
@@ -47,6 +47,16 @@ def post_edit(body: EditPost, request: Request, state: StateDep, who: EditorWith
     return EditAccepted(id=record["id"], status=record["status"],
                         # a path, not a URL: the Host header is the client's to write, so it is not echoed
                         status_url=str(request.app.url_path_for("get_edit", job_id=record["id"])))
+
+
+@router.get("", response_model=EditList)
+def list_edits(state: StateDep, _: Reader, model: str = Query(..., description="a served model's name"),
+               status: EditStatus | None = None, limit: int = Query(50, ge=1, le=500)) -> dict:
+    """A model's edit jobs, newest first (filter by status): what the console lists after a reload."""
+    server, ref = split_model(state, model)
+    if ref is not None:
+        raise HTTPException(400, "list the edits of a plain model name")
+    return {"object": "list", "data": state.jobs.recent(server.name, status.value if status else None, limit)}
 
 
 def refuse_weights_without_anchors(body: EditPost, settings: Settings) -> None:

@@ -248,6 +248,7 @@ ROUTES = [  # (method, path, body, lowest role that may call it)
     ("GET", "/v1/registry/tiny/versions/v0", None, "reader"),
     ("GET", "/v1/registry/tiny/diff", None, "reader"),
     ("GET", "/v1/edits/edit-none", None, "reader"),
+    ("GET", "/v1/edits?model=tiny", None, "reader"),
     ("POST", "/v1/edits", {"model": "tiny", "edits": [EDIT], "base_version": "v404"}, "editor"),
     ("DELETE", "/v1/edits/edit-none", None, "editor"),
     ("PUT", "/v1/registry/tiny/aliases/staging", {"version": "v0"}, "admin"),
@@ -473,3 +474,18 @@ def test_logprobs_echo_token_prompts_and_stops_as_lm_eval_uses_them(service):
     assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens < free.usage.completion_tokens
     r = reader.post("/v1/completions", json={"model": "tiny@v0", "prompt": "x", "max_tokens": 0})
     assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+
+
+def test_a_models_edits_are_listed_newest_first_and_filtered(service):
+    c = api(service, "editor")
+    posted = [c.post("/v1/edits", json={"model": "tiny", "edits": [{"prompt": f"Fact {k} is", "target": "x"}],
+                                        "hyperparameters": FAST}).json()["id"] for k in range(3)]
+    assert c.delete(f"/v1/edits/{posted[1]}").status_code == 200  # no worker here: they stay queued
+    listed = [j["id"] for j in c.get("/v1/edits", params={"model": "tiny", "limit": 500}).json()["data"]]
+    assert listed[:3] == posted[::-1]
+    cancelled = c.get("/v1/edits", params={"model": "tiny", "status": "cancelled", "limit": 500}).json()["data"]
+    assert posted[1] in [j["id"] for j in cancelled] and {j["status"] for j in cancelled} == {"cancelled"}
+    assert c.get("/v1/edits", params={"model": "tiny", "status": "lost"}).status_code == 422
+    assert c.get("/v1/edits", params={"model": "nope"}).status_code == 404
+    for job in (posted[0], posted[2]):
+        c.delete(f"/v1/edits/{job}")
