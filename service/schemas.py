@@ -146,7 +146,7 @@ class Sampling(Body):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = Field(None, ge=0, lt=2**63)  # what torch.manual_seed takes
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=8, description="choices per prompt (a seed gives each its own: seed, seed+1, ...)")
     stream_options: StreamOptions | None = None
 
     def unsupported(self) -> list[str]:

@@ -46,6 +46,11 @@ def refuse_unsupported(req) -> None:
                                  "server does not implement it; leave it out")
 
 
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """The seed of a request's j-th choice: each of n sampled choices differs, and repeats with the seed."""
+    return None if seed is None else (seed + j) % 2**63
+
+
 def wants_usage(req) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
@@ -129,8 +134,8 @@ async def completions(req: CompletionRequest, request: Request, state: StateDep,
     prompts = req.prompts()
     cid, model_id = completion_id(), f"{server.name}@{version}"
     if req.stream:
-        if len(prompts) != 1:
-            raise HTTPException(400, "stream supports a single prompt")
+        if len(prompts) != 1 or req.n != 1:
+            raise HTTPException(400, "stream supports a single prompt and n = 1")
         if req.logprobs is not None or req.echo:
             raise HTTPException(400, "logprobs and echo are served without stream; leave stream out")
         stream = await run_in_threadpool(server.open_stream, version, prompts[0], max_tokens, req.temperature,
@@ -140,14 +145,14 @@ async def completions(req: CompletionRequest, request: Request, state: StateDep,
             "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]},
             usage=wants_usage(req))
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
-    for i, prompt in enumerate(prompts):
+    for i, (prompt, seed) in enumerate((p, choice_seed(req.seed, j)) for p in prompts for j in range(req.n)):
         g = await generated(request, server, version, prompt, max_tokens, req.temperature, req.top_p,
-                            stops(req.stop), req.seed)
+                            stops(req.stop), seed)
         text = (prompt if isinstance(prompt, str) else server.tokenizer.decode(g.prompt_ids)) + g.text \
             if req.echo else g.text
         logprobs = await scored(server, version, g, req.logprobs, req.echo) if req.logprobs is not None else None
         choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": g.finish_reason})
-        usage["prompt_tokens"] += g.prompt_tokens
+        usage["prompt_tokens"] += g.prompt_tokens if i % req.n == 0 else 0  # a prompt is read once
         usage["completion_tokens"] += g.completion_tokens
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return {"id": cid, "object": "text_completion", "created": now(), "model": model_id, "choices": choices,
@@ -162,6 +167,8 @@ async def chat_completions(req: ChatRequest, request: Request, state: StateDep, 
     prompt = await run_in_threadpool(server.chat_prompt, [m.for_template() for m in req.messages])
     cid, model_id = "chatcmpl-" + completion_id()[5:], f"{server.name}@{version}"
     if req.stream:
+        if req.n != 1:
+            raise HTTPException(400, "stream supports n = 1")
         stream = await run_in_threadpool(server.open_stream, version, prompt, max_tokens, req.temperature,
                                          req.top_p, stops(req.stop), req.seed)
 
@@ -171,13 +178,14 @@ async def chat_completions(req: ChatRequest, request: Request, state: StateDep, 
 
         return sse(stream, lambda text, reason: chunk({"content": text} if text is not None else {}, reason),
                    first=chunk({"role": "assistant", "content": ""}, None), usage=wants_usage(req))
-    g = await generated(request, server, version, prompt, max_tokens, req.temperature, req.top_p, stops(req.stop),
-                        req.seed)
+    answers = [await generated(request, server, version, prompt, max_tokens, req.temperature, req.top_p,
+                               stops(req.stop), choice_seed(req.seed, j)) for j in range(req.n)]
+    completion = sum(g.completion_tokens for g in answers)
     return {"id": cid, "object": "chat.completion", "created": now(), "model": model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
-                         "finish_reason": g.finish_reason}],
-            "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
-                      "total_tokens": g.prompt_tokens + g.completion_tokens}}
+            "choices": [{"index": j, "message": {"role": "assistant", "content": g.text},
+                         "finish_reason": g.finish_reason} for j, g in enumerate(answers)],
+            "usage": {"prompt_tokens": answers[0].prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": answers[0].prompt_tokens + completion}}
 
 
 @router.post("/score")

@@ -489,3 +489,17 @@ def test_a_models_edits_are_listed_newest_first_and_filtered(service):
     assert c.get("/v1/edits", params={"model": "nope"}).status_code == 404
     for job in (posted[0], posted[2]):
         c.delete(f"/v1/edits/{job}")
+
+
+def test_n_choices_each_sampled_with_its_own_seed(service):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{service['url']}/v1", api_key="reader-key")
+    ask = dict(model="tiny@v0", prompt="The capital of France is", max_tokens=8, temperature=1.0, seed=7)
+    three = client.completions.create(**ask, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2] and len({c.text for c in three.choices}) > 1
+    assert three.choices[1].text == client.completions.create(**{**ask, "seed": 8}).choices[0].text
+    chat = client.chat.completions.create(model="tiny@v0", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
