@@ -193,6 +193,8 @@ class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="each answer token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=5, description="with logprobs: the N most likely tokens too")
 
 
 class ScoreRequest(Strict):

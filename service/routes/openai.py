@@ -124,6 +124,20 @@ async def scored(server, version: str, g: Generation, top: int, echo: bool) -> d
             "text_offset": offsets}
 
 
+async def chat_scored(server, version: str, g: Generation, top: int) -> dict:
+    """Chat's logprobs object: each answer token with its log-probability, bytes and the ``top`` alternatives."""
+    token_logprobs, top_logprobs = await run_in_threadpool(server.token_logprobs, version,
+                                                           g.prompt_ids + g.new_ids, top)
+    start = len(g.prompt_ids)
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [
+        {**entry(server.tokenizer.decode([t]), lp), "top_logprobs": [entry(k, v) for k, v in (tops or {}).items()]}
+        for t, lp, tops in zip(g.new_ids, token_logprobs[start:], top_logprobs[start:], strict=True)]}
+
+
 @router.post("/completions")
 async def completions(req: CompletionRequest, request: Request, state: StateDep, _: Reader):
     refuse_unsupported(req)
@@ -167,8 +181,8 @@ async def chat_completions(req: ChatRequest, request: Request, state: StateDep, 
     prompt = await run_in_threadpool(server.chat_prompt, [m.for_template() for m in req.messages])
     cid, model_id = "chatcmpl-" + completion_id()[5:], f"{server.name}@{version}"
     if req.stream:
-        if req.n != 1:
-            raise HTTPException(400, "stream supports n = 1")
+        if req.n != 1 or req.logprobs:
+            raise HTTPException(400, "stream supports n = 1 and no logprobs")
         stream = await run_in_threadpool(server.open_stream, version, prompt, max_tokens, req.temperature,
                                          req.top_p, stops(req.stop), req.seed)
 
@@ -181,9 +195,11 @@ async def chat_completions(req: ChatRequest, request: Request, state: StateDep, 
     answers = [await generated(request, server, version, prompt, max_tokens, req.temperature, req.top_p,
                                stops(req.stop), choice_seed(req.seed, j)) for j in range(req.n)]
     completion = sum(g.completion_tokens for g in answers)
+    scores = [await chat_scored(server, version, g, req.top_logprobs or 0) if req.logprobs else None for g in answers]
     return {"id": cid, "object": "chat.completion", "created": now(), "model": model_id,
-            "choices": [{"index": j, "message": {"role": "assistant", "content": g.text},
-                         "finish_reason": g.finish_reason} for j, g in enumerate(answers)],
+            "choices": [{"index": j, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
+                         "finish_reason": g.finish_reason} for j, (g, lp) in enumerate(zip(answers, scores,
+                                                                                            strict=True))],
             "usage": {"prompt_tokens": answers[0].prompt_tokens, "completion_tokens": completion,
                       "total_tokens": answers[0].prompt_tokens + completion}}
 

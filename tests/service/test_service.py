@@ -503,3 +503,15 @@ def test_n_choices_each_sampled_with_its_own_seed(service):
                                           max_tokens=4, temperature=0, n=2)
     assert [c.index for c in chat.choices] == [0, 1]
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+
+
+def test_chat_logprobs_of_a_greedy_answer(service):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{service['url']}/v1", api_key="reader-key")
+    out = client.chat.completions.create(model="tiny@v0", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                         temperature=0, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == pytest.approx(max(x.logprob for x in t.top_logprobs), abs=1e-5) for t in content)
+    assert "".join(t.token for t in content).startswith(out.choices[0].message.content)
