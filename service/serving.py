@@ -62,14 +62,12 @@ class PieceStreamer(BaseStreamer):
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already queued
         self.prompt_seen = False
-        self.tokens = 0
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first puts the prompt
             self.prompt_seen = True
             return
         self.ids += value.flatten().tolist()
-        self.tokens += value.numel()
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             return
@@ -93,7 +91,7 @@ class PieceStreamer(BaseStreamer):
 class Stream:
     """A generation's text pieces as they come, with stop sequences applied; ``close`` ends the generation.
 
-    Iterating blocks (call it from a worker thread); ``finish_reason`` is known once the pieces end."""
+    ``next_piece`` blocks (call it from a worker thread); ``finish_reason`` is known once the pieces end."""
 
     def __init__(self, tokenizer, max_tokens: int, stop: list[str], stall_seconds: float) -> None:
         self.queue: Queue = Queue(maxsize=QUEUED_PIECES)
