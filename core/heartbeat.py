@@ -24,23 +24,30 @@ def beat_key(prefix: str, model: str, ident: str = "*") -> str:
     return f"{prefix}:alive:{model}:{ident}"
 
 
-def start_heartbeat(redis: Redis, prefix: str, model: str) -> threading.Event:
-    """Beat for this process in a daemon thread until the returned event is set (Redis down: tried again)."""
-    key = beat_key(prefix, model, f"{socket.gethostname()}:{os.getpid()}")
-    stop = threading.Event()
+class Heartbeat:
+    """Beats for this process in a daemon thread until :meth:`stop`, which also takes the key away at once (Redis
+    down: tried again at the next beat)."""
 
-    def run() -> None:
-        while not stop.is_set():
+    def __init__(self, redis: Redis, prefix: str, model: str) -> None:
+        self.redis, self.model = redis, model
+        self.key = beat_key(prefix, model, f"{socket.gethostname()}:{os.getpid()}")
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name=f"heartbeat {model}", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
             try:
-                redis.set(key, "1", ex=int(ALIVE_SECONDS))
+                self.redis.set(self.key, "1", ex=int(ALIVE_SECONDS))
             except RedisError as err:
-                log.warning("heartbeat for %s: %s", model, err)
-            stop.wait(BEAT_SECONDS)
+                log.warning("heartbeat for %s: %s", self.model, err)
+            self.stopping.wait(BEAT_SECONDS)
         with contextlib.suppress(RedisError):
-            redis.delete(key)
+            self.redis.delete(self.key)
 
-    threading.Thread(target=run, name=f"heartbeat {model}", daemon=True).start()
-    return stop
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=2)
 
 
 def alive_workers(redis: Redis, prefix: str, model: str) -> int:

@@ -8,7 +8,7 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from core.heartbeat import start_heartbeat
+from core.heartbeat import Heartbeat
 from core.jobs import JobStore
 from core.settings import get_settings
 from worker.runtime import runtime
@@ -40,8 +40,8 @@ def run_worker(model: str, burst: bool = False) -> None:
         queue.enqueue("worker.tasks.process_pending", model, job_timeout=6 * 3600)
     worker = EditWorker([queue], connection=redis, serializer=JSONSerializer)
     log.info("worker for %s listening on %s", model, queue.name)
-    beating = start_heartbeat(redis, settings.key_prefix, model)  # the API's /readyz counts these
+    heartbeat = Heartbeat(redis, settings.key_prefix, model)  # the API's /readyz counts these
     try:
         worker.work(burst=burst, logging_level="INFO")
     finally:
-        beating.set()
+        heartbeat.stop()
