@@ -43,6 +43,12 @@ class Generation:
     new_ids: list[int] = field(default_factory=list)  # the generated tokens, through the one a stop cut in
 
 
+def finish_reason(new_ids: list[int], max_tokens: int, stopped: bool, eos: int | None) -> str:
+    """OpenAI's: "stop" when a stop sequence or the end of text ended the answer, "length" at max_tokens."""
+    ended = stopped or len(new_ids) < max_tokens or (bool(new_ids) and new_ids[-1] == eos)
+    return "stop" if ended else "length"
+
+
 class Cancelled(StoppingCriteria):
     """Ends a generation at its next token once ``event`` is set."""
 
@@ -145,9 +151,7 @@ class Stream:
 
     @property
     def finish_reason(self) -> str:
-        ids = self.streamer.ids
-        ended = self.stopped or len(ids) < self.max_tokens or (ids and ids[-1] == self.tokenizer.eos_token_id)
-        return "stop" if ended else "length"
+        return finish_reason(self.streamer.ids, self.max_tokens, self.stopped, self.tokenizer.eos_token_id)
 
 
 class ModelServer:
@@ -229,8 +233,8 @@ class ModelServer:
         if stopped:  # the tokens through the one the stop sequence starts in
             new = next((new[:k] for k in range(1, len(new) + 1)
                         if len(self.tokenizer.decode(new[:k], skip_special_tokens=True)) > len(text)), new)
-        ended = stopped or (len(new) < max_tokens) or (bool(new) and new[-1] == self.tokenizer.eos_token_id)
-        return Generation(text, "stop" if ended else "length", len(prompt_ids), len(new), prompt_ids, new)
+        reason = finish_reason(new, max_tokens, stopped, self.tokenizer.eos_token_id)
+        return Generation(text, reason, len(prompt_ids), len(new), prompt_ids, new)
 
     @torch.no_grad()
     def token_logprobs(self, version: str, ids: list[int], top: int) -> tuple[list[float | None], list[dict | None]]:

@@ -125,17 +125,16 @@ async def scored(server, version: str, g: Generation, top: int, echo: bool) -> d
 
 
 async def chat_scored(server, version: str, g: Generation, top: int) -> dict:
-    """Chat's logprobs object: each answer token with its log-probability, bytes and the ``top`` alternatives."""
-    token_logprobs, top_logprobs = await run_in_threadpool(server.token_logprobs, version,
-                                                           g.prompt_ids + g.new_ids, top)
-    start = len(g.prompt_ids)
+    """Chat's logprobs object, from the completion's: each answer token with its log-probability, bytes and the
+    ``top`` alternatives."""
+    scores = await scored(server, version, g, top, echo=False)
 
     def entry(token: str, logprob: float) -> dict:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "surrogatepass"))}
 
     return {"content": [
-        {**entry(server.tokenizer.decode([t]), lp), "top_logprobs": [entry(k, v) for k, v in (tops or {}).items()]}
-        for t, lp, tops in zip(g.new_ids, token_logprobs[start:], top_logprobs[start:], strict=True)]}
+        {**entry(token, lp), "top_logprobs": [entry(k, v) for k, v in (tops or {}).items()]}
+        for token, lp, tops in zip(scores["tokens"], scores["token_logprobs"], scores["top_logprobs"], strict=True)]}
 
 
 @router.post("/completions")
