@@ -518,3 +518,46 @@ def test_chat_logprobs_of_a_greedy_answer(service):
     assert len(content) == out.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
     assert all(t.logprob == pytest.approx(max(x.logprob for x in t.top_logprobs), abs=1e-5) for t in content)
     assert "".join(t.token for t in content).startswith(out.choices[0].message.content)
+
+
+def lm_eval_run(model: str, model_args: str, task_dir: Path, out: Path, env: dict | None = None) -> list[dict]:
+    """lm-evaluation-harness on the task of ``task_dir``; its per-document records (``--log_samples``)."""
+    command = [sys.executable, "-m", "lm_eval", "run", "--model", model, "--model_args", model_args,
+               "--tasks", "facts_mc", "--include_path", str(task_dir), "--output_path", str(out),
+               "--log_samples", "--batch_size", "4", "--device", "cpu"]
+    done = subprocess.run(command, env={**os.environ, "HF_DATASETS_OFFLINE": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (samples,) = out.rglob("samples_facts_mc_*.jsonl")
+    return sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda s: s["doc_id"])
+
+
+def test_lm_eval_scores_a_served_version_as_it_scores_the_export(service, tmp_path):
+    """lm-eval's `local-completions` against the service (token-id prompts, echo, logprobs) and its `hf` model on
+    the same version's export: the same choice and the same log-likelihoods on each item of our own task."""
+    pytest.importorskip("lm_eval")
+    admin = api(service, "admin")
+    version = admin.get("/v1/registry/tiny/versions").json()["data"][-1]["id"]
+    export = admin.post(f"/v1/registry/tiny/versions/{version}/export")
+    assert export.status_code == 200, export.text
+    folder = export.json()["path"]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "facts_mc.yaml").write_text(
+        "task: facts_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {FIXTURES / 'lm_eval' / 'facts_mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: choices\ndoc_to_target: gold\n'
+        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    served = lm_eval_run("local-completions",
+                         f"model=tiny@{version},base_url={service['url']}/v1/completions,tokenizer={folder},"
+                         "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1",
+                         tasks, tmp_path / "served", env={"OPENAI_API_KEY": "reader-key"})
+    local = lm_eval_run("hf", f"pretrained={folder},dtype=float32", tasks, tmp_path / "hf")
+    assert len(served) == len(local) == 20
+    for a, b in zip(served, local, strict=True):
+        assert a["acc"] == b["acc"], (a["doc"], a["filtered_resps"], b["filtered_resps"])
+        ours, theirs = ([float(r[0]) for r in s["filtered_resps"]] for s in (a, b))
+        assert ours == pytest.approx(theirs, abs=1e-3)
+    accuracy = sum(s["acc"] for s in served) / len(served)
+    assert accuracy == sum(s["acc"] for s in local) / len(local)
