@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -79,6 +80,10 @@ class Settings(BaseSettings):
     alias_poll_seconds: float = Field(5.0, gt=0, description="API processes preload newly aliased versions when "
                                       "notified over Redis pub/sub, and poll the registry this often as fallback")
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
+    torch_threads: int = Field(0, ge=0, description="torch's threads per process; 0: 1 in the API (one generation "
+                                                    "gains nothing from more, and concurrent ones run on their own "
+                                                    "threads) and one less than the machine's cores in a worker, so "
+                                                    "that editing and answering never contend for a core")
     api_keys: str = Field("", description="'key:role,...' with role reader | editor | admin; none configured: an "
                                           "admin key is generated at first start and printed once")
     edit_posts_per_minute: int = Field(60, description="per API key; more edit posts in a minute get 429 (0: no limit)")
@@ -94,6 +99,15 @@ class Settings(BaseSettings):
     def data_dir(self) -> Path:
         """Beside the registry: the hashed keys file, the audit log and the embedded Redis."""
         return self.registry_root.parent
+
+    def threads(self, role: str) -> int:
+        """torch's thread count for a process of ``role`` ("api" or "worker"): the setting, or its default.
+        Contending threads stall both sides: on 2 cores, 2 threads per process made a generation 4× slower
+        while an edit ran beside it, and the edit 2.7× slower (``lab/threads.py``)."""
+        if self.torch_threads:
+            return self.torch_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        return 1 if role == "api" else max(1, cores - 1)
 
     def text_anchor_source(self) -> str | None:
         """Where the workers' text anchors come from (None: no text anchors)."""

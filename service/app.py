@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -33,6 +34,7 @@ HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    torch.set_num_threads(settings.threads("api"))
     redis = Redis.from_url(settings.redis_url)
     from registry import Registry
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
@@ -31,6 +32,7 @@ def run_worker(model: str, burst: bool = False) -> None:
     settings = get_settings()
     if model not in settings.model_bases():
         raise ValueError(f"model {model!r} is not configured; CRISPEDIT_MODELS is {settings.models!r}")
+    torch.set_num_threads(settings.threads("worker"))
     runtime(model)  # load now, not inside the first job: jobs never reload the model
     redis = Redis.from_url(settings.redis_url)
     store = JobStore(redis, settings.key_prefix)
@@ -39,7 +41,7 @@ def run_worker(model: str, burst: bool = False) -> None:
         # edits left by a worker that died, or posted while none ran: wake ourselves up for them
         queue.enqueue("worker.tasks.process_pending", model, job_timeout=6 * 3600)
     worker = EditWorker([queue], connection=redis, serializer=JSONSerializer)
-    log.info("worker for %s listening on %s", model, queue.name)
+    log.info("worker for %s listening on %s (%d torch threads)", model, queue.name, torch.get_num_threads())
     heartbeat = Heartbeat(redis, settings.key_prefix, model)  # the API's /readyz counts these
     try:
         worker.work(burst=burst, logging_level="INFO")
