@@ -18,6 +18,8 @@ from enum import StrEnum
 
 from redis import Redis
 
+from core.stats import record_outcome
+
 TERMINAL = {"succeeded", "rejected", "failed", "cancelled"}
 
 
@@ -108,8 +110,11 @@ class JobStore:
         record = self.get(job_id)
         if record is None or not self.redis.lrem(self.key("pending", record["model"]), 0, job_id):
             return False
-        self.update(job_id, status=EditStatus.cancelled.value)
+        record = self.update(job_id, status=EditStatus.cancelled.value)
         self.event(job_id, {"event": "cancelled"})
+        pipe = self.redis.pipeline(transaction=True)
+        record_outcome(pipe, self.prefix, record["model"], record, time.time())
+        pipe.execute()
         return True
 
     # ---------------------------------------------------------------- worker side
@@ -130,10 +135,12 @@ class JobStore:
         # one MULTI/EXEC: a worker killed here leaves the job either to redo or finished with its terminal
         # event, never finished without the event or finished yet still in the processing list
         record = self.get(job_id)
-        record.update(fields, updated_at=time.time())
-        event = {"time": time.time(), "event": fields["status"], **{k: v for k, v in fields.items() if k != "status"}}
+        now = time.time()
+        record.update(fields, updated_at=now)
+        event = {"time": now, "event": fields["status"], **{k: v for k, v in fields.items() if k != "status"}}
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.key("edit", job_id), json.dumps(record))
+        record_outcome(pipe, self.prefix, model, record, now)
         pipe.lrem(self.key("processing", model), 0, job_id)
         pipe.rpush(self.key("edit", job_id, "events"), json.dumps(event))
         pipe.execute()

@@ -1,10 +1,11 @@
 """Torch's thread count for the API and the worker, measured: greedy generation in one process while another
 process edits (forward and backward steps on SmolLM2), as `crispedit serve` runs them on one machine.
 
-For each pair of thread counts (the generating process's, the editing process's), and with the editing process idle or busy: the seconds to generate
-32 tokens (median of 3), and the editing process's steps per second alone and while the other generates.
+For each pair of thread counts (the generating process's, the editing process's), with the editing process
+idle or busy: the seconds to generate 32 tokens (median of 3), and the editing process's steps per second
+alone and while the other generates.
 
-Usage: .venv/bin/python -m lab.threads [--threads 1,2] [--out runs/threads.json]
+Usage: .venv/bin/python -m lab.threads [--threads 1/1,1/2,2/2] [--out runs/threads.json]
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def main() -> None:
         rate = (steps.value - before) / (time.perf_counter() - started)
         stop.set()
         proc.join()
-        rows.append({"api_threads": threads, "worker_threads": worker_threads, "generate_s_idle": round(idle, 2), "generate_s_while_editing": round(busy, 2),
+        rows.append({"api_threads": threads, "worker_threads": worker_threads, "generate_s_idle": round(idle, 2),
+                     "generate_s_while_editing": round(busy, 2),
                      "edit_steps_per_s_alone": round(alone, 2),
                      "edit_steps_per_s_while_generating": round(rate, 2)})
         print(json.dumps(rows[-1]), flush=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,6 +11,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +24,7 @@ from service.auth import unknown_key
 from service.body_limit import BodyLimit
 from service.deps import State
 from service.errors import error_response
+from service.metrics import HTTP_REQUESTS, HTTP_SECONDS, exposition
 from service.routes import console, edits, openai, registry
 from service.serving import BadPrompt, ModelServer
 
@@ -55,32 +57,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (openai.router, edits.router, registry.router, console.router):
         app.include_router(router)
 
-    requests_total: Counter[tuple[str, str, int]] = Counter()
-
     @app.middleware("http")
     async def key_before_body(request: Request, call_next):
         return unknown_key(request) or await call_next(request)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
         response = await call_next(request)
-        route = request.scope.get("route")
+        route = getattr(request.scope.get("route"), "path", "unmatched")
         method = request.method if request.method in HTTP_METHODS else "other"  # any token is a method: bound it
-        requests_total[(method, getattr(route, "path", "unmatched"), response.status_code)] += 1
+        HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
+        HTTP_SECONDS.labels(method, route).observe(time.perf_counter() - started)
         return response
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
-    def metrics() -> str:
-        lines = ["# TYPE crispedit_http_requests_total counter"]
-        lines += [f'crispedit_http_requests_total{{method="{m}",route="{r}",status="{c}"}} {n}'
-                  for (m, r, c), n in sorted(requests_total.items())]
-        lines.append("# TYPE crispedit_pending_edits gauge")
-        state = app.state.crispedit
-        lines += [f'crispedit_pending_edits{{model="{m}"}} {redis.llen(state.jobs.key("pending", m))}'
-                  for m in servers]
-        lines.append("# TYPE crispedit_model_versions gauge")
-        lines += [f'crispedit_model_versions{{model="{m}"}} {len(state.registry.versions(m))}' for m in servers]
-        return "\n".join(lines) + "\n"
+    def metrics() -> Response:
+        return Response(exposition(app.state.crispedit), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from crispedit.models import load_model, model_fingerprint
 from registry import HotSwapModel, NotFound, Registry, RegistryError
+from service.metrics import TOKENS_GENERATED
 
 QUEUED_PIECES = 64  # text pieces a stream runs ahead of its reader
 STALL_SECONDS = 10.0  # a reader that takes no piece for this long, with the queue full, has its generation ended
@@ -234,6 +235,7 @@ class ModelServer:
             new = next((new[:k] for k in range(1, len(new) + 1)
                         if len(self.tokenizer.decode(new[:k], skip_special_tokens=True)) > len(text)), new)
         reason = finish_reason(new, max_tokens, stopped, self.tokenizer.eos_token_id)
+        TOKENS_GENERATED.labels(self.name).inc(len(new))
         return Generation(text, reason, len(prompt_ids), len(new), prompt_ids, new)
 
     @torch.no_grad()
@@ -282,6 +284,7 @@ class ModelServer:
             stream.fail(err)
         finally:
             self.slots.release()
+            TOKENS_GENERATED.labels(self.name).inc(len(stream.streamer.ids))
             stream.finish()
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import traceback
 from dataclasses import replace
 
@@ -77,7 +78,7 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
     ids = [r["id"] for r in batch]
     payload = batch[0]["payload"]
     for job_id in ids:
-        store.update(job_id, status="running", batch=ids)
+        store.update(job_id, status="running", batch=ids, started_at=time.time())
         store.event(job_id, {"event": "running", "batch_size": len(ids)})
     try:
         requests = [EditRequest.from_dict(e) for r in batch for e in r["payload"]["edits"]]

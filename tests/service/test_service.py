@@ -561,3 +561,40 @@ def test_lm_eval_scores_a_served_version_as_it_scores_the_export(service, tmp_pa
         assert ours == pytest.approx(theirs, abs=1e-3)
     accuracy = sum(s["acc"] for s in served) / len(served)
     assert accuracy == sum(s["acc"] for s in local) / len(local)
+
+
+def test_prometheus_metrics_cover_requests_tokens_and_the_workers_edits(service):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reader, editor = api(service, "reader"), api(service, "editor")
+
+    def families() -> dict:
+        text = reader.get("/metrics").text
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(family, **labels) -> float:
+        return sum(s.value for s in family.samples if s.name == family.name + "_total"
+                   and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    before = families()
+    done_before = value(before["crispedit_edits"], model="tiny", status="succeeded")
+    out = reader.post("/v1/completions", json={"model": "tiny@v0", "prompt": "The capital of", "max_tokens": 3,
+                                               "temperature": 0}).json()
+    job = editor.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": FAST}).json()
+    worker = service["start_worker"]()
+    try:
+        assert wait_done(reader, job["id"])["status"] == "succeeded"
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    after = families()
+    assert value(after["crispedit_edits"], model="tiny", status="succeeded") == done_before + 1
+    generated = value(after["crispedit_tokens_generated"], model="tiny")
+    assert generated - value(before["crispedit_tokens_generated"], model="tiny") >= out["usage"]["completion_tokens"]
+    for name in ("crispedit_edit_seconds", "crispedit_edit_queue_seconds", "crispedit_http_request_seconds"):
+        assert after[name].type == "histogram" and after[name].documentation, name
+    buckets = [s.value for s in after["crispedit_edit_seconds"].samples if s.name.endswith("_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] >= 1  # cumulative, and this edit counted
+    routes = {s.labels["route"] for s in after["crispedit_http_request_seconds"].samples if "route" in s.labels}
+    assert "/v1/completions" in routes and "/v1/edits/{job_id}" in routes
+    assert {"crispedit_pending_edits", "crispedit_model_versions", "crispedit_live_workers"} <= set(after)
