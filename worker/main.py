@@ -39,7 +39,8 @@ def run_worker(model: str, burst: bool = False) -> None:
     queue = Queue(store.queue_name(model), connection=redis, serializer=JSONSerializer)
     if store.processing(model) or redis.llen(store.key("pending", model)):
         # edits left by a worker that died, or posted while none ran: wake ourselves up for them
-        queue.enqueue("worker.tasks.process_pending", model, job_timeout=6 * 3600)
+        queue.enqueue("worker.tasks.process_pending", model, job_timeout=6 * 3600,
+                      description=f"resume the pending edits of {model} (found at worker start)")
     worker = EditWorker([queue], connection=redis, serializer=JSONSerializer)
     log.info("worker for %s listening on %s (%d torch threads)", model, queue.name, torch.get_num_threads())
     heartbeat = Heartbeat(redis, settings.key_prefix, model)  # the API's /readyz counts these

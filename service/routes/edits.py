@@ -42,8 +42,10 @@ def post_edit(body: EditPost, request: Request, state: StateDep, who: EditorWith
         raise HTTPException(422, str(err)) from err
     if created:
         state.audit.record(who, "post_edit", model=server.name, job=record["id"], edits=len(body.edits))
+        # the wake-up job carries the edit's id, so `rq info` and rq-dashboard name the edit that posted it
         state.queue(server.name).enqueue("worker.tasks.process_pending", server.name, job_timeout=JOB_TIMEOUT,
-                                         result_ttl=86400)
+                                         result_ttl=86400, job_id=record["id"],
+                                         description=f"edit {record['id']}: apply the pending edits of {server.name}")
     return EditAccepted(id=record["id"], status=record["status"],
                         # a path, not a URL: the Host header is the client's to write, so it is not echoed
                         status_url=str(request.app.url_path_for("get_edit", job_id=record["id"])))

@@ -598,3 +598,24 @@ def test_prometheus_metrics_cover_requests_tokens_and_the_workers_edits(service)
     routes = {s.labels["route"] for s in after["crispedit_http_request_seconds"].samples if "route" in s.labels}
     assert "/v1/completions" in routes and "/v1/edits/{job_id}" in routes
     assert {"crispedit_pending_edits", "crispedit_model_versions", "crispedit_live_workers"} <= set(after)
+
+
+def test_rq_jobs_carry_the_edit_ids(service):
+    from redis import Redis
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    editor = api(service, "editor")
+    job = editor.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": FAST}).json()
+    rq_job = Job.fetch(job["id"], connection=Redis(db=service["db"]), serializer=JSONSerializer)
+    assert rq_job.func_name == "worker.tasks.process_pending" and job["id"] in rq_job.description
+    worker = service["start_worker"]()
+    try:
+        assert wait_done(editor, job["id"])["status"] == "succeeded"
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    deadline = time.time() + 30  # the edit may have been applied by an earlier wake-up; this one then finds none
+    while rq_job.get_status(refresh=True) != "finished":
+        assert time.time() < deadline, rq_job.get_status()
+        time.sleep(0.1)
