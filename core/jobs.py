@@ -23,6 +23,17 @@ from core.stats import record_outcome
 TERMINAL = {"succeeded", "rejected", "failed", "cancelled"}
 
 
+def preparing_key(prefix: str, model: str) -> str:
+    """Where a worker loading the model (and building its curvature cache) keeps its progress, briefly."""
+    return f"{prefix}:preparing:{model}"
+
+
+def preparing(redis: Redis, prefix: str, model: str) -> dict | None:
+    """{"phase", "done", "total"} while a worker prepares ``model``, else None."""
+    raw = redis.get(preparing_key(prefix, model))
+    return json.loads(raw) if raw else None
+
+
 class EditStatus(StrEnum):
     queued = "queued"
     running = "running"

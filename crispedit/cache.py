@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from crispedit.arch import editable_modules
 from crispedit.corpus import batches_of, capability_windows, fingerprint_windows
 from crispedit.kfac import KFACFactors, ekfac_eigenvalues, kfac_factors, merge_factors, mix_factors
 from crispedit.models import model_fingerprint
+from crispedit.progress import Bar
 
 
 @dataclass(frozen=True)
@@ -172,14 +172,14 @@ def build_cache(
     modules = editable_modules(model, layers)
     windows = capability_windows(model, tokenizer, corpus, n_samples, seq_len, seed=seed)
     started = time.perf_counter()
-    with tqdm(total=sum(len(w) - 1 for w in windows), unit="tok", desc="K-FAC", disable=not progress) as bar:
+    with Bar(total=sum(len(w) - 1 for w in windows), unit="tok", desc="K-FAC", disable=not progress) as bar:
         factors = kfac_factors(model, modules, batches_of(windows, batch_size), fisher, seed, on_batch=bar.update)
     corrected = None
     if ekfac:
         from crispedit.eigen import eigh_psd
 
         bases = {name: (eigh_psd(f.S)[1], eigh_psd(f.A)[1]) for name, f in factors.items()}
-        batches = tqdm(batches_of(windows, batch_size), total=-(-len(windows) // batch_size), unit="batch",
+        batches = Bar(batches_of(windows, batch_size), total=-(-len(windows) // batch_size), unit="batch",
                        desc="EK-FAC eigenvalues", disable=not progress)  # a second pass over the corpus
         corrected = ekfac_eigenvalues(model, modules, batches, bases, fisher, seed)
     return CurvatureCache(

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from crispedit.progress import Bar
 
 
 def read_documents(path: str | Path, fields: tuple[str, ...] = ("text",)) -> list[str]:
@@ -73,7 +74,7 @@ def token_windows(
 class _TokenProgress:
     """A logits processor that only advances a progress bar: ``generate`` calls it once per new token."""
 
-    def __init__(self, bar: tqdm, batch: int) -> None:
+    def __init__(self, bar: Bar, batch: int) -> None:
         self.bar, self.batch = bar, batch
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,7 @@ def sample_from_model(
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     out: list[list[int]] = []
-    with tqdm(total=n_samples * (seq_len - 1), unit="tok", desc="sampling capability text",
+    with Bar(total=n_samples * (seq_len - 1), unit="tok", desc="sampling capability text",
               disable=not progress) as bar:
         while len(out) < n_samples:
             b = min(batch_size, n_samples - len(out))
@@ -124,7 +125,7 @@ def answer_from_model(
                                                  add_generation_prompt=True) for p in prompts]
     torch.manual_seed(seed)
     out: list[list[int]] = []
-    with tqdm(total=len(prompts), unit="answer", desc="sampling answers", disable=not progress) as bar:
+    with Bar(total=len(prompts), unit="answer", desc="sampling answers", disable=not progress) as bar:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(device)

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.heartbeat import alive_workers
+from core.jobs import preparing
 from core.notify import AliasFollower
 from core.settings import Settings, get_settings
 from registry import BlobError
@@ -120,7 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"status": "not ready", "redis": str(err)}, status_code=503)
         idle = [m for m, n in workers.items() if n == 0]
         if idle:
-            return JSONResponse({"status": "not ready", "workers": workers,
+            loading = {m: p for m in idle if (p := preparing(redis, settings.key_prefix, m))}
+            return JSONResponse({"status": "not ready", "workers": workers, "preparing": loading,
                                  "reason": f"no live worker takes edits for {', '.join(idle)}"}, status_code=503)
         return JSONResponse({"status": "ready", "models": sorted(servers), "workers": workers})
 

@@ -12,6 +12,8 @@ from rq.serializers import JSONSerializer
 from core.heartbeat import Heartbeat
 from core.jobs import JobStore
 from core.settings import get_settings
+from crispedit.progress import listening
+from worker.preparing import Announcer
 from worker.runtime import runtime
 
 log = logging.getLogger("crispedit.worker")
@@ -33,9 +35,12 @@ def run_worker(model: str, burst: bool = False) -> None:
     if model not in settings.model_bases():
         raise ValueError(f"model {model!r} is not configured; CRISPEDIT_MODELS is {settings.models!r}")
     torch.set_num_threads(settings.threads("worker"))
-    runtime(model)  # load now, not inside the first job: jobs never reload the model
     redis = Redis.from_url(settings.redis_url)
     store = JobStore(redis, settings.key_prefix)
+    announce = Announcer(store, model)
+    with listening(announce):
+        runtime(model)  # load now, not inside the first job: jobs never reload the model
+    announce.done()
     queue = Queue(store.queue_name(model), connection=redis, serializer=JSONSerializer)
     if store.processing(model) or redis.llen(store.key("pending", model)):
         # edits left by a worker that died, or posted while none ran: wake ourselves up for them

@@ -8,7 +8,7 @@ import json
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from core.jobs import TERMINAL, EditStatus, IdempotencyConflict
+from core.jobs import TERMINAL, EditStatus, IdempotencyConflict, preparing
 from core.settings import Settings
 from service.auth import Editor, Reader
 from service.deps import StateDep, split_model
@@ -80,7 +80,12 @@ def fetch(state, job_id: str) -> dict:
 
 @router.get("/{job_id}", response_model=EditJob)
 def get_edit(job_id: str, state: StateDep, _: Reader) -> dict:
-    return fetch(state, job_id)
+    """The edit job; while it is queued behind a worker that is still loading its model (building the curvature
+    cache), its progress is that worker's: {"phase", "done", "total"}."""
+    record = fetch(state, job_id)
+    if record["status"] == "queued":
+        record["progress"] = preparing(state.redis, state.settings.key_prefix, record["model"])
+    return record
 
 
 @router.delete("/{job_id}", response_model=EditJob)

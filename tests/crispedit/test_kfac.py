@@ -163,3 +163,19 @@ def test_ekfac_quadratic_with_kfac_eigenvalues_is_the_kfac_quadratic():
     products = lam_out[:, None] * lam_in[None, :]
     assert ekfac_quadratic(f, products, delta) == pytest.approx(kfac_quadratic(f, delta), rel=1e-4)
     assert ekfac_quadratic(f, 2 * products, delta) == pytest.approx(2 * kfac_quadratic(f, delta), rel=1e-4)
+
+
+def test_a_cache_build_reports_its_progress_to_a_listener(tiny_llama, corpus_file):
+    from conftest import small_cache
+
+    from crispedit.progress import listening
+
+    model, tok = tiny_llama
+    heard = []
+    with listening(lambda phase, done, total: heard.append((phase, done, total))):
+        small_cache(model, tok, corpus_file)
+    kfac = [h for h in heard if h[0] == "K-FAC"]
+    assert kfac and kfac[-1][1] == kfac[-1][2] > 0 and [h[1] for h in kfac] == sorted(h[1] for h in kfac)
+    count = len(heard)
+    small_cache(model, tok, corpus_file)  # outside the block: nobody hears
+    assert len(heard) == count

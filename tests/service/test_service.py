@@ -83,6 +83,10 @@ def test_edit_query_rollback_through_the_service(service):
     events = reader.get(f"/v1/edits/{ids[0]}/events").text
     kinds = [line.split(": ", 1)[1] for line in events.splitlines() if line.startswith("event: ")]
     assert kinds[0] == "queued" and "epoch" in kinds and "evaluation" in kinds and kinds[-1] == "succeeded"
+    # queued while the first worker built the curvature cache: its progress reached the edit
+    built = [json.loads(line[6:]) for line in events.splitlines()
+             if line.startswith("data: ") and '"preparing"' in line and '"K-FAC"' in line]
+    assert built and built[-1]["done"] == built[-1]["total"] > 0
 
     client = OpenAI(base_url=f"{service['url']}/v1", api_key="reader-key")
     ids_listed = {m.id for m in client.models.list()}
@@ -619,3 +623,22 @@ def test_rq_jobs_carry_the_edit_ids(service):
     while rq_job.get_status(refresh=True) != "finished":
         assert time.time() < deadline, rq_job.get_status()
         time.sleep(0.1)
+
+
+def test_a_queued_edit_shows_the_progress_of_the_worker_preparing_its_model(service):
+    from redis import Redis
+
+    from core.jobs import preparing_key
+
+    c = api(service, "editor")
+    job = c.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": FAST}).json()
+    assert c.get(f"/v1/edits/{job['id']}").json()["progress"] is None
+    state = {"phase": "K-FAC", "done": 512, "total": 8160}  # as a loading worker writes it (worker/preparing.py)
+    Redis(db=service["db"]).set(preparing_key(service["env"]["CRISPEDIT_KEY_PREFIX"], "tiny"), json.dumps(state), ex=30)
+    try:
+        assert c.get(f"/v1/edits/{job['id']}").json()["progress"] == state
+        ready = httpx.get(f"{service['url']}/readyz").json()  # no worker runs in this test
+        assert ready["status"] == "not ready" and ready["preparing"] == {"tiny": state}
+    finally:
+        Redis(db=service["db"]).delete(preparing_key(service["env"]["CRISPEDIT_KEY_PREFIX"], "tiny"))
+        c.delete(f"/v1/edits/{job['id']}")
