@@ -115,6 +115,14 @@ class EditJob(BaseModel):
     error: str | None = None
     created_at: float
     batch: list[str] | None = None
+    edits: list[dict] = []  # as posted
+
+    @model_validator(mode="before")
+    @classmethod
+    def edits_from_payload(cls, data: object) -> object:
+        if isinstance(data, dict) and "edits" not in data:  # a job record keeps them in its payload
+            return {**data, "edits": (data.get("payload") or {}).get("edits", [])}
+        return data
 
 
 class StreamOptions(Body):

@@ -143,6 +143,8 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
             store.event(job_id, {"event": "neighbours", "derived": len(protection.neighbours)})
 
     def progress(event: dict) -> None:
+        if event["event"] == "epoch":
+            event = {**event, "max_epochs": config.max_epochs}
         for job_id in ids:
             store.event(job_id, event)
             if event["event"] == "epoch":

@@ -123,7 +123,19 @@ def test_post_watch_compare_and_roll_back_in_the_browser(console, browser):
         ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#jobs .job .status"), "succeeded"))
     job_log = browser.find_element(By.CSS_SELECTOR, "#jobs .job pre").text
     assert "epoch 1" in job_log and "evaluation: reliability" in job_log
+    epochs = job_log.count("epoch ")
+    plotted = browser.find_element(By.CSS_SELECTOR, "#jobs .job svg.loss polyline").get_attribute("points")
+    assert len(plotted.split()) == epochs  # the loss curve: one point per epoch
     browser.save_screenshot(str(ARTIFACTS / "1-edit-succeeded.png"))
+
+    # a reload keeps the job: the console lists the model's edits and replays their events
+    card = browser.find_element(By.CSS_SELECTOR, "#jobs .job").get_attribute("id")
+    browser.refresh()
+    wait.until(lambda b: b.find_elements(By.ID, card)
+               and "succeeded" in b.find_element(By.CSS_SELECTOR, f"#{card} .status").text)
+    assert "Lutz" in browser.find_element(By.ID, card).text
+    assert len(browser.find_element(By.CSS_SELECTOR, f"#{card} svg.loss polyline").get_attribute("points").split()) \
+        == epochs
 
     # the new version is in the timeline, with its message, edit and the latest alias
     wait.until(lambda b: "latest" in row_text(b, "v1"))
