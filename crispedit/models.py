@@ -23,6 +23,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 log = logging.getLogger(__name__)
 
 BUNDLED = ("smollm2", "gemma3-270m")
+# where each bundled model comes from, and its license: an exported edit names them in its model card
+ORIGIN = {"smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+          "gemma3-270m": ("google/gemma-3-270m", "gemma")}
 
 
 def crispedit_home() -> Path:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import FileResponse
 
-from registry import Conflict, NotFound, RegistryError
+from registry import Conflict, NotFound, RegistryError, archive, export_version, exported
 from service.auth import Admin, Reader
 from service.deps import StateDep, split_model
 from service.schemas import AliasPut, RollbackPost
 
 router = APIRouter(prefix="/v1/registry/{model}", tags=["registry"])
+EXPORT_SECONDS = 1800  # an export of an 8B model writes 16 GB
 
 
 def guarded(fn, *args):
@@ -69,14 +72,34 @@ def diff(model: str, state: StateDep, _: Reader, from_: str = Query("v0", alias=
     return {"from": from_, "to": to, "tensors": guarded(state.registry.diff, server.name, from_, to)}
 
 
-@router.post("/versions/{version}/export")
-def export(model: str, version: str, state: StateDep, who: Admin) -> dict:
-    """Write the version as a Hugging Face checkpoint folder under the data directory (admins only)."""
-    from registry import export_version
-
+def export_folder(state, model: str, version: str) -> tuple[str, str, Path]:
+    """(model, version id, folder): the version exported under the data directory, once. A Redis lock keeps
+    two API processes from writing the same folder at once."""
     server, _ = split_model(state, model)
     vid = guarded(state.registry.get, server.name, version).id
-    out = state.settings.data_dir / "exports" / server.name / vid
-    path = guarded(export_version, state.registry, server.name, vid, out)
-    state.audit.record(who, "export", model=server.name, version=vid)
-    return {"model": server.name, "version": vid, "path": str(path)}
+    folder = state.settings.data_dir / "exports" / server.name / vid
+    with state.redis.lock(state.jobs.key("export", server.name, vid), timeout=EXPORT_SECONDS,
+                          blocking_timeout=EXPORT_SECONDS):
+        if not exported(folder):
+            guarded(export_version, state.registry, server.name, vid, folder)
+    return server.name, vid, folder
+
+
+@router.post("/versions/{version}/export")
+def export(model: str, version: str, state: StateDep, who: Admin) -> dict:
+    """Write the version as a Hugging Face checkpoint folder under the data directory, with a model card and its
+    provenance (admins only)."""
+    name, vid, folder = export_folder(state, model, version)
+    state.audit.record(who, "export", model=name, version=vid)
+    return {"model": name, "version": vid, "path": str(folder), "download_url": f"/v1/registry/{name}/versions/"
+            f"{vid}/download"}
+
+
+@router.get("/versions/{version}/download", response_class=FileResponse)
+def download(model: str, version: str, state: StateDep, who: Admin) -> FileResponse:
+    """The exported version (exported now if need be) as a tar archive of its checkpoint folder (admins only)."""
+    name, vid, folder = export_folder(state, model, version)
+    with state.redis.lock(state.jobs.key("export", name, vid), timeout=EXPORT_SECONDS, blocking_timeout=EXPORT_SECONDS):
+        tar = archive(folder)
+    state.audit.record(who, "download", model=name, version=vid)
+    return FileResponse(tar, media_type="application/x-tar", filename=f"{name}-{vid}.tar")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from conftest import EDIT, FAST, FIXTURES, api, free_port, save_tiny_checkpoint, wait_done, wait_ready
 
 from crispedit.arch import Recipe
@@ -642,3 +643,38 @@ def test_a_queued_edit_shows_the_progress_of_the_worker_preparing_its_model(serv
     finally:
         Redis(db=service["db"]).delete(preparing_key(service["env"]["CRISPEDIT_KEY_PREFIX"], "tiny"))
         c.delete(f"/v1/edits/{job['id']}")
+
+
+def test_an_export_carries_its_model_card_and_provenance_and_downloads_as_a_tar(service, tmp_path):
+    import io
+    import tarfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    admin, reader = api(service, "admin"), api(service, "reader")
+    versions = admin.get("/v1/registry/tiny/versions").json()["data"]
+    edited = next(v for v in reversed(versions) if v["edits"])  # the newest version with edits of its own
+    assert reader.get(f"/v1/registry/tiny/versions/{edited['id']}/download").status_code == 403
+    r = admin.get(f"/v1/registry/tiny/versions/{edited['id']}/download")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    assert f'filename="tiny-{edited["id"]}.tar"' in r.headers["content-disposition"]
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    folder = tmp_path / edited["id"]
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "- crispedit" in card
+    assert f"## {edited['id']} (from {edited['parent']})" in card
+    assert repr(edited["edits"][0]["prompt"]) in card and repr(edited["edits"][0]["target"]) in card
+    provenance = json.loads((folder / "crispedit.json").read_text())
+    assert provenance["version"] == edited["id"] and provenance["lineage"][-1]["id"] == "v0"
+    assert provenance["lineage"][0]["metrics"]["reliability"] == edited["metrics"]["reliability"]
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "local_files_only" not in config
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tok(EDIT["prompt"], return_tensors="pt")["input_ids"]
+    score = reader.post("/v1/completions", json={"model": f"tiny@{edited['id']}", "prompt": EDIT["prompt"],
+                                                 "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    served = score["choices"][0]["logprobs"]["token_logprobs"][1:]
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    assert logp.gather(1, ids[0, 1:, None])[:, 0].tolist() == pytest.approx(served, abs=1e-4)
