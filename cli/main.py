@@ -42,18 +42,36 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
         raise SystemExit(f"--layers must be comma-separated integers, got {text!r}") from err
 
 
+DEVICE_HELP = "auto (CUDA when present), cpu or cuda[:N]"
+EDITS_HELP = 'EDITS.jsonl: one {"prompt", "target", "rephrases"?, "locality_prompt"?, "subject"?} per line'
+
+
+class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default, unless it names the default itself or there is none to name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or not action.option_strings \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_edit_options(p: argparse.ArgumentParser) -> None:
     """The options of an edit; one left out takes the model's recipe (``crispedit.recipe.recommended_config``)."""
     from crispedit.edit import EditConfig
 
     d = EditConfig()
-    p.add_argument("--method", choices=["crispedit", "nullspace", "ft"], default=d.method)
+    p.add_argument("--method", choices=["crispedit", "nullspace", "ft"], default=d.method,
+                   help="crispedit: steps projected off high capability curvature (K-FAC); nullspace: off the "
+                        "layer inputs' top directions only; ft: plain fine-tuning")
     p.add_argument("--energy", type=float, default=d.energy,
                    help="γ, fraction of curvature energy protected (default 0.8; per model in crispedit/arch.py)")
     p.add_argument("--lr", type=float, default=d.lr,
                    help="Adam learning rate (default: 2e-3 scaled to the edited weights' RMS against SmolLM2's)")
     p.add_argument("--batch-size", type=int, default=None, help="edits per step (default: 4 on a CPU, 32 on a GPU)")
-    p.add_argument("--epochs", type=int, default=d.max_epochs)
+    p.add_argument("--epochs", type=int, default=d.max_epochs, help="at most this many epochs (they stop early once "
+                   "the mean target NLL is below 0.01)")
     p.add_argument("--sequential-chunk", type=int, default=None, help="Alg. 2: fold curvature every K edits")
     p.add_argument("--chat-form", action=argparse.BooleanOptionalAction, default=None,
                    help="also train each edit through the chat template (default: when the model has one)")
@@ -236,55 +254,57 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crispedit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="crispedit", description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version('crispedit-service')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-cache", help="K-FAC curvature of the capability loss for the editable layers")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="a bundled model (smollm2, gemma3-270m) or a checkpoint folder")
     p.add_argument("--corpus", default="self",
                    help="a .txt or .jsonl file; 'self' (text sampled from the model); 'self-raw:PROMPTS' or "
                         "'self-chat:PROMPTS' (the model's own answers to the prompts in a file, raw or through "
                         "the chat template); or a weighted mixture 'SOURCE=W,SOURCE=W'")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="sequences of capability text")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--layers", default=None,
                    help="comma-separated layer indices (default: SmolLM2 4-8, as measured; else 5 middle layers)")
-    p.add_argument("--fisher", choices=["empirical", "sampled"], default="empirical")
+    p.add_argument("--fisher", choices=["empirical", "sampled"], default="empirical",
+                   help="gradients of the text's own next tokens, or of tokens sampled from the model")
     p.add_argument("--ekfac", action="store_true", help="also store EK-FAC corrected eigenvalues")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward and backward pass")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled text and windows")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--out", required=True, help="the cache file to write (safetensors)")
     p.set_defaults(func=cmd_build_cache)
 
     p = sub.add_parser("mix-cache", help="recombine curvature caches of one model into their weighted mixture")
     p.add_argument("caches", nargs="+", help="CACHE=WEIGHT (a weight defaults to 1)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the mixed cache file to write")
     p.set_defaults(func=cmd_mix_cache)
 
     p = sub.add_parser("edit", help="apply edits from a JSONL file and write a Hugging Face checkpoint")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--cache", default=None)
-    p.add_argument("--edits", required=True)
+    p.add_argument("--model", default="smollm2", help="a bundled model (smollm2, gemma3-270m) or a checkpoint folder")
+    p.add_argument("--cache", default=None, help="the model's curvature cache (`crispedit build-cache`); needed but "
+                                                  "for --method ft")
+    p.add_argument("--edits", required=True, help=EDITS_HELP)
     p.add_argument("--layers", default=None, help="only for --method ft without a cache")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--out", required=True, help="folder for the edited Hugging Face checkpoint")
     p.add_argument("--cache-out", default=None, help="with --sequential-chunk: save the folded curvature here")
     add_edit_options(p)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("eval", help="edit quality (and capability) of a model, as JSON")
-    p.add_argument("--model", required=True)
-    p.add_argument("--edits", required=True)
+    p.add_argument("--model", required=True, help="the (edited) checkpoint folder, or a bundled model")
+    p.add_argument("--edits", required=True, help=EDITS_HELP)
     p.add_argument("--base", default=None, help="base model, for locality agreement")
     p.add_argument("--capability", action="store_true", help="also perplexity and multiple-choice accuracy")
     p.add_argument("--no-generate", action="store_true", help="teacher-forced metrics only (fast)")
     p.add_argument("--data", default=None, help="data folder (default $CRISPEDIT_DATA or ../shared/data)")
-    p.add_argument("--mc-limit", type=int, default=100)
-    p.add_argument("--ppl-texts", type=int, default=40)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--mc-limit", type=int, default=100, help="--capability: items per multiple-choice task")
+    p.add_argument("--ppl-texts", type=int, default=40, help="--capability: WikiText-2 test paragraphs for perplexity")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_eval)
 
     with contextlib.suppress(SystemExit):  # an installed copy without the checkout's lab/ has no bench command
@@ -294,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parser(sub)
 
     p = sub.add_parser("serve", help="run the HTTP API (configuration: CRISPEDIT_* environment variables)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="the interface to listen on (0.0.0.0: every one)")
+    p.add_argument("--port", type=int, default=8000, help="the TCP port")
     p.add_argument("--model", default=None, help="served model(s), as CRISPEDIT_MODELS (default smollm2)")
     p.add_argument("--no-worker", action="store_true", help="API only (workers run as `crispedit worker`)")
     p.set_defaults(func=cmd_serve)
@@ -304,10 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("worker", help="run an RQ worker that applies edits to one model")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="the served model (a name in CRISPEDIT_MODELS) it edits")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=cmd_worker)
 
+    for command in sub.choices.values():
+        command.formatter_class = HelpWithDefaults
     return parser
 
 

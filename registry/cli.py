@@ -57,7 +57,9 @@ def cmd(args: argparse.Namespace) -> None:
 def add_registry_parser(sub) -> None:
     p = sub.add_parser("registry", help="versioned model registry (log, show, diff, alias, rollback, ...)")
     p.add_argument("action", choices=["create", "log", "show", "diff", "alias", "rollback", "revert", "export",
-                                      "verify", "gc"])
+                                      "verify", "gc"],
+                   help="create a model; log its versions; show, diff, export one; move an alias; roll back or "
+                        "revert; verify the blobs; gc unreferenced ones")
     p.add_argument("ref", nargs="?", default="latest", help="version (v3) or alias")
     default = os.environ.get("CRISPEDIT_REGISTRY_ROOT") or str(crispedit_home() / "registry")
     p.add_argument("--root", default=default, help=f"the registry folder (default: CRISPEDIT_REGISTRY_ROOT, as the "
@@ -67,6 +69,6 @@ def add_registry_parser(sub) -> None:
     p.add_argument("--to", help="diff: the second version")
     p.add_argument("--alias", help="alias: the alias to move to REF")
     p.add_argument("--out", help="export: output folder")
-    p.add_argument("--author", default="")
-    p.add_argument("--grace", type=float, default=3600.0, help="gc: keep unreferenced blobs younger than this")
+    p.add_argument("--author", default="", help="recorded as the author of the versions this command writes")
+    p.add_argument("--grace", type=float, default=3600.0, help="gc: keep unreferenced blobs younger than this, in seconds")
     p.set_defaults(func=cmd)

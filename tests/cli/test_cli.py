@@ -169,3 +169,24 @@ def test_version_and_the_registry_root_from_the_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("CRISPEDIT_REGISTRY_ROOT", str(tmp_path / "reg"))
     args = build_parser().parse_args(["registry", "log", "--model", "tiny"])
     assert args.root == str(tmp_path / "reg")  # what the service reads, so no --root is needed
+
+
+def test_every_flag_has_help_with_its_default():
+    import argparse
+
+    from cli.main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"build-cache", "edit", "eval", "registry", "serve", "config", "worker"} <= set(commands)
+    for name, command in commands.items():
+        text = command.format_help()
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            shown = action.default is not None and action.default is not False and action.option_strings
+            if shown:  # its help line, through to the next option, names the default
+                flag = action.option_strings[0]
+                entry = text[text.index(f"  {flag}"):].split("\n  -")[0]
+                assert "default" in entry, f"{name} {flag}: {entry}"
