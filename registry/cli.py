@@ -70,5 +70,5 @@ def add_registry_parser(sub) -> None:
     p.add_argument("--alias", help="alias: the alias to move to REF")
     p.add_argument("--out", help="export: output folder")
     p.add_argument("--author", default="", help="recorded as the author of the versions this command writes")
-    p.add_argument("--grace", type=float, default=3600.0, help="gc: keep unreferenced blobs younger than this, in seconds")
+    p.add_argument("--grace", type=float, default=3600.0, help="gc: keep unreferenced blobs younger than this (s)")
     p.set_defaults(func=cmd)
