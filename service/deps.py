@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -26,6 +28,8 @@ class State:
         self.redis = redis
         self.registry = Registry(settings.registry_root)
         self.jobs = JobStore(redis, settings.key_prefix)
+        self.edit_limiter = MovingWindowRateLimiter(RedisStorage(settings.redis_url,
+                                                                 key_prefix=f"{settings.key_prefix}:rate"))
         self.keys = KeyRing(settings.api_keys, settings.data_dir / "api-keys.json")
         self.audit = AuditLog(settings.data_dir / "audit.log")
 

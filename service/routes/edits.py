@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
-from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from core.jobs import TERMINAL, EditStatus, IdempotencyConflict, preparing
 from core.settings import Settings
@@ -19,6 +19,7 @@ from service.serving import UnknownModel
 router = APIRouter(prefix="/v1/edits", tags=["edits"])
 
 JOB_TIMEOUT = 6 * 3600  # a long edit is not an abandoned one
+PING_SECONDS = 15  # a keep-alive comment this often on an event stream
 
 
 @router.post("", status_code=202, response_model=EditAccepted)
@@ -102,8 +103,10 @@ def cancel_edit(job_id: str, state: StateDep, who: Editor) -> dict:
     return state.jobs.get(job_id)
 
 
-@router.get("/{job_id}/events")
-async def edit_events(job_id: str, state: StateDep, _: Reader) -> StreamingResponse:
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def edit_events(job_id: str, state: StateDep, _: Reader) -> EventSourceResponse:
+    """The job's events as server-sent events, from its first, until it ends: sse-starlette sends a keep-alive
+    comment every ``PING_SECONDS`` (proxies close silent streams) and stops polling when the client goes."""
     fetch(state, job_id)
 
     async def body():
@@ -111,10 +114,10 @@ async def edit_events(job_id: str, state: StateDep, _: Reader) -> StreamingRespo
         while True:
             events = state.jobs.events(job_id, sent)
             for e in events:
-                yield f"event: {e['event']}\ndata: {json.dumps(e)}\n\n"
+                yield {"event": e["event"], "data": json.dumps(e)}
             sent += len(events)
             if state.jobs.get(job_id)["status"] in TERMINAL and not state.jobs.events(job_id, sent):
                 return
             await asyncio.sleep(0.2)
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return EventSourceResponse(body(), ping=PING_SECONDS, sep="\n")
