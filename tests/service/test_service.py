@@ -55,6 +55,16 @@ def service(tmp_path_factory, redis_db):
     api.wait(timeout=30)
 
 
+def applied(service, client: httpx.Client, job_id: str) -> dict:
+    """Start a worker, wait for the edit to end, stop the worker: the edit's final record."""
+    worker = service["start_worker"]()
+    try:
+        return wait_done(client, job_id)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
 def wait_logged(path: Path, text: str, timeout: float = 10) -> None:
     deadline = time.time() + timeout
     while text not in path.read_text():
@@ -586,12 +596,7 @@ def test_prometheus_metrics_cover_requests_tokens_and_the_workers_edits(service)
     out = reader.post("/v1/completions", json={"model": "tiny@v0", "prompt": "The capital of", "max_tokens": 3,
                                                "temperature": 0}).json()
     job = editor.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": FAST}).json()
-    worker = service["start_worker"]()
-    try:
-        assert wait_done(reader, job["id"])["status"] == "succeeded"
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+    assert applied(service, reader, job["id"])["status"] == "succeeded"
     after = families()
     assert value(after["crispedit_edits"], model="tiny", status="succeeded") == done_before + 1
     generated = value(after["crispedit_tokens_generated"], model="tiny")
@@ -614,12 +619,7 @@ def test_rq_jobs_carry_the_edit_ids(service):
     job = editor.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": FAST}).json()
     rq_job = Job.fetch(job["id"], connection=Redis(db=service["db"]), serializer=JSONSerializer)
     assert rq_job.func_name == "worker.tasks.process_pending" and job["id"] in rq_job.description
-    worker = service["start_worker"]()
-    try:
-        assert wait_done(editor, job["id"])["status"] == "succeeded"
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+    assert applied(service, editor, job["id"])["status"] == "succeeded"
     deadline = time.time() + 30  # the edit may have been applied by an earlier wake-up; this one then finds none
     while rq_job.get_status(refresh=True) != "finished":
         assert time.time() < deadline, rq_job.get_status()
