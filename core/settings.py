@@ -102,8 +102,8 @@ class Settings(BaseSettings):
 
     def threads(self, role: str) -> int:
         """torch's thread count for a process of ``role`` ("api" or "worker"): the setting, or its default.
-        Contending threads stall both sides: on 2 cores, 2 threads per process made a generation 4× slower
-        while an edit ran beside it, and the edit 2.7× slower (``lab/threads.py``)."""
+        Contending threads stall both sides: on 2 cores, 2 threads per process made a generation 3.9× slower
+        while an edit ran beside it, and the edit 3.4× slower, than 1 each (``lab/threads.py``)."""
         if self.torch_threads:
             return self.torch_threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2

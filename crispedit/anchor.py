@@ -1,7 +1,7 @@
 """An exact Bregman penalty on anchor prompts: keep the base model's predictions on unrelated questions.
 
 CrispEdit constrains the quadratic (Gauss-Newton) model of the capability loss's Bregman divergence,
-which for softmax cross-entropy is KL(p_base ‖ p_edited) of next-token distributions (paper §3). Text
+which for softmax cross-entropy is KL(p_base ‖ p_edited) of next-token distributions (Definition 1). Text
 curvature does not protect question answering well (locality agreement ≈ 0.4 on ZsRE), so
 this adds the divergence itself, on a set of anchor (prompt, continuation) pairs, to the edit loss:
 
@@ -13,7 +13,7 @@ is the exact KL between the two distributions coarsened to k + 1 outcomes (never
 they agree on those outcomes).
 
 Text anchors (``text_anchors``) apply the same penalty at every position of capability text windows:
-the divergence that the curvature cache approximates to second order (paper §3.2, Definition 1), kept
+the divergence that the curvature cache approximates to second order (Definition 1, Eq. 2), kept
 exactly on a sample of the corpus, because the quadratic model stops describing it once an edit moves far.
 """
 

@@ -1,6 +1,6 @@
 """Which modules CrispEdit edits, per architecture: the one place that knows module names and layouts.
 
-CrispEdit (arXiv 2602.15823, §4.2) edits the MLP output projection of a few middle layers. For a
+CrispEdit (arXiv 2602.15823) edits the MLP output projection of a few middle layers, as in its experiments. For a
 linear layer s = W a (Eq. 5) we always work with W as (d_out, d_in). Llama, Qwen2 and Gemma 3 store
 ``mlp.down_proj`` as an ``nn.Linear`` (already (out, in)); GPT-2 stores ``mlp.c_proj`` as a
 transposed ``Conv1D`` whose weight is (in, out), so it is flagged ``fan_in_fan_out`` like PEFT does.

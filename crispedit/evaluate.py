@@ -1,4 +1,4 @@
-"""Edit quality: reliability, generality and locality, teacher-forced and generated (paper §4.3).
+"""Edit quality: reliability, generality and locality, teacher-forced and generated, as the paper reports them.
 
 - Teacher-forced (paper Table 3, MEMIT/ROME style): mean over target tokens of argmax == target token,
   given ``prompt + " " + target``.

@@ -8,7 +8,7 @@ accumulated in fp32, one forward and backward pass per batch for all layers at o
 Two Fisher modes choose the labels of ℓ:
 - ``empirical``: the true next tokens, as the official code does;
 - ``sampled``: ŷ ~ p_θ(·|x), the true Fisher, which equals the Gauss-Newton Hessian for softmax
-  cross-entropy (paper §3.2).
+  cross-entropy (G_cap of Eq. 2).
 
 ``ekfac_eigenvalues`` adds the eigenvalue correction of George et al. 2018 (paper Fig. 3).
 """

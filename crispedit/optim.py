@@ -1,4 +1,4 @@
-"""Projected Adam, as the official CrispEdit code runs Algorithm 1 (arXiv 2602.15823, §3.3).
+"""Projected Adam, as the official CrispEdit code runs Algorithm 1 (arXiv 2602.15823, Eq. 6).
 
 Each step replaces a weight's gradient Q by its projection P_γ Q (Eq. 6), then takes a standard Adam
 step. When the projector changes (a new sequential chunk, or a curvature recompute), the first moment

@@ -18,7 +18,7 @@ class Bar(tqdm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.done = 0
+        self.done = 0  # tqdm keeps no count, nor its desc, when the bar is disabled
         self.phase = kwargs.get("desc") or ""
 
     def update(self, n: float | None = 1) -> bool | None:

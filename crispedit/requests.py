@@ -1,4 +1,4 @@
-"""Edit requests and how they are tokenised for the edit loss (arXiv 2602.15823, §4.2 / Alg. 1).
+"""Edit requests and how they are tokenised for the edit loss (arXiv 2602.15823, L_edit of Eq. 1, Alg. 1).
 
 Like the paper's code: the target gets a leading space, sequences are right padded with an existing
 token (eos), and the loss covers the target tokens only (prompt and padding are labelled -100).

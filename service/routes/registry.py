@@ -72,9 +72,9 @@ def diff(model: str, state: StateDep, _: Reader, from_: str = Query("v0", alias=
     return {"from": from_, "to": to, "tensors": guarded(state.registry.diff, server.name, from_, to)}
 
 
-def export_folder(state, model: str, version: str) -> tuple[str, str, Path]:
-    """(model, version id, folder): the version exported under the data directory, once. A Redis lock keeps
-    two API processes from writing the same folder at once."""
+def export_folder(state, model: str, version: str, tar: bool = False) -> tuple[str, str, Path]:
+    """(model, version id, folder or, with ``tar``, its archive): the version exported under the data directory,
+    once. A Redis lock keeps two API processes, or two requests, from writing the same files at once."""
     server, _ = split_model(state, model)
     vid = guarded(state.registry.get, server.name, version).id
     folder = state.settings.data_dir / "exports" / server.name / vid
@@ -82,7 +82,7 @@ def export_folder(state, model: str, version: str) -> tuple[str, str, Path]:
                           blocking_timeout=EXPORT_SECONDS):
         if not exported(folder):
             guarded(export_version, state.registry, server.name, vid, folder)
-    return server.name, vid, folder
+        return server.name, vid, archive(folder) if tar else folder
 
 
 @router.post("/versions/{version}/export")
@@ -98,8 +98,6 @@ def export(model: str, version: str, state: StateDep, who: Admin) -> dict:
 @router.get("/versions/{version}/download", response_class=FileResponse)
 def download(model: str, version: str, state: StateDep, who: Admin) -> FileResponse:
     """The exported version (exported now if need be) as a tar archive of its checkpoint folder (admins only)."""
-    name, vid, folder = export_folder(state, model, version)
-    with state.redis.lock(state.jobs.key("export", name, vid), timeout=EXPORT_SECONDS, blocking_timeout=EXPORT_SECONDS):
-        tar = archive(folder)
+    name, vid, tar = export_folder(state, model, version, tar=True)
     state.audit.record(who, "download", model=name, version=vid)
     return FileResponse(tar, media_type="application/x-tar", filename=f"{name}-{vid}.tar")
