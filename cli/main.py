@@ -43,6 +43,8 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda[:N]"
+DTYPE_CHOICES = ("float32", "bfloat16")  # crispedit.models.DTYPES, named here so that --help need not import torch
+DTYPE_HELP = "the weights' precision (bfloat16 halves a GPU's memory; the edit's statistics and steps stay fp32)"
 EDITS_HELP = 'EDITS.jsonl: one {"prompt", "target", "rephrases"?, "locality_prompt"?, "subject"?} per line'
 
 
@@ -129,7 +131,7 @@ def cmd_build_cache(args: argparse.Namespace) -> None:
     from crispedit.cache import build_cache
     from crispedit.models import load_model
 
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     layers = parse_layers(args.layers) or default_layers(model)
     cache = build_cache(model, tok, layers, args.corpus, args.samples, args.seq_len, args.fisher,
                         batch_size=args.batch_size, ekfac=args.ekfac, seed=args.seed)
@@ -158,7 +160,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from crispedit.requests import read_edits_jsonl
 
     requests = read_edits_jsonl(args.edits)
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     cache = CurvatureCache.load(args.cache, model=model) if args.cache else None
     if cache is None and args.method != "ft":
         raise SystemExit(f"--method {args.method} needs --cache CACHE (build one with `crispedit build-cache`)")
@@ -216,10 +218,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     requests = read_edits_jsonl(args.edits)
     reference = None
     if args.base:
-        base, base_tok = load_model(args.base, device=args.device)
+        base, base_tok = load_model(args.base, device=args.device, dtype=args.dtype)
         reference = locality_reference(base, base_tok, requests)
         del base
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     metrics = edit_quality(model, tok, requests, reference, generated=not args.no_generate)
     if args.capability:
         from crispedit.capability import heldout_texts, perplexity
@@ -275,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward and backward pass")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampled text and windows")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
     p.add_argument("--out", required=True, help="the cache file to write (safetensors)")
     p.set_defaults(func=cmd_build_cache)
 
@@ -290,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", required=True, help=EDITS_HELP)
     p.add_argument("--layers", default=None, help="only for --method ft without a cache")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
     p.add_argument("--out", required=True, help="folder for the edited Hugging Face checkpoint")
     p.add_argument("--cache-out", default=None, help="with --sequential-chunk: save the folded curvature here")
     add_edit_options(p)
@@ -305,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-limit", type=int, default=100, help="--capability: items per multiple-choice task")
     p.add_argument("--ppl-texts", type=int, default=40, help="--capability: WikiText-2 test paragraphs for perplexity")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help=DTYPE_HELP)
     p.set_defaults(func=cmd_eval)
 
     with contextlib.suppress(SystemExit):  # an installed copy without the checkout's lab/ has no bench command

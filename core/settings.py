@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,6 +81,9 @@ class Settings(BaseSettings):
     alias_poll_seconds: float = Field(5.0, gt=0, description="API processes preload newly aliased versions when "
                                       "notified over Redis pub/sub, and poll the registry this often as fallback")
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="the weights' precision in the API and "
+                                                  "the workers (bfloat16 halves a GPU's memory; an edit's statistics "
+                                                  "and steps stay fp32)")
     torch_threads: int = Field(0, ge=0, description="torch's threads per process; 0: 1 in the API (one generation "
                                                     "gains nothing from more, and concurrent ones run on their own "
                                                     "threads) and one less than the machine's cores in a worker, so "

@@ -8,13 +8,13 @@ and Fisher mode. A cache built for another model or other layers is refused with
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from crispedit import clock
 from crispedit.arch import editable_modules
 from crispedit.corpus import batches_of, capability_windows, fingerprint_windows
 from crispedit.kfac import KFACFactors, ekfac_eigenvalues, kfac_factors, merge_factors, mix_factors
@@ -171,7 +171,7 @@ def build_cache(
     corpus = parts[0][0]
     modules = editable_modules(model, layers)
     windows = capability_windows(model, tokenizer, corpus, n_samples, seq_len, seed=seed)
-    started = time.perf_counter()
+    started = clock.now(next(model.parameters()).device)
     with Bar(total=sum(len(w) - 1 for w in windows), unit="tok", desc="K-FAC", disable=not progress) as bar:
         factors = kfac_factors(model, modules, batches_of(windows, batch_size), fisher, seed, on_batch=bar.update)
     corrected = None
@@ -193,7 +193,7 @@ def build_cache(
             "samples": n_samples,
             "seq_len": seq_len,
             "fisher": fisher,
-            "seconds": round(time.perf_counter() - started, 2),
+            "seconds": round(clock.now(next(model.parameters()).device) - started, 2),
         },
         ekfac=None if corrected is None else {k: v.cpu() for k, v in corrected.items()},
     )

@@ -17,21 +17,21 @@ import contextlib
 import logging
 import math
 import random
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from crispedit import clock
 from crispedit.anchor import Anchors, anchor_kl
 from crispedit.arch import arch_spec, default_energy, default_layers, editable_modules, weight_name
 from crispedit.augment import augmented_prompts, check_augmentations
 from crispedit.cache import CurvatureCache
-from crispedit.kfac import factors_from_features, token_features
+from crispedit.kfac import KFACFactors, factors_from_features, merge_factors, token_features
 from crispedit.neighbours import KeptOutputs
 from crispedit.optim import ProjectedAdam
-from crispedit.projector import METHODS, LayerProjector, build_projector
+from crispedit.projector import METHODS, LayerProjector, build_projector, tensor_bytes
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 from crispedit.subject_key import subject_key_mask, weight_gradient_at
 
@@ -127,7 +127,10 @@ class EditResult:
     layers: tuple[int, ...] = ()
     kept_fraction: dict[str, float] = field(default_factory=dict)
     cache: CurvatureCache | None = None  # the cache with this edit's statistics folded in (sequential mode)
-    features: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # this edit's own (a, g) per module
+    # this edit's own statistics per module (sequential mode): its per-token (a, g) while they are smaller than the
+    # factors, and always the factors (A, S) they average to
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    own_factors: dict[str, KFACFactors] | None = None
     lr: float | None = None  # the learning rate used (config.lr, or default_lr when that was None)
     energy: float | None = None  # the γ used (config.energy, or arch.default_energy when that was None)
 
@@ -148,6 +151,36 @@ def edit_features(
         for i in range(0, len(texts), batch_size)
     ]
     return token_features(model, modules, batches, fisher="empirical")
+
+
+class OwnCurvature:
+    """An edit's own K-FAC statistics over its chunks (Alg. 2 line 5), in memory that does not grow with them.
+
+    The factors are a running token-weighted mean, O(d²) whatever the number of chunks. The per-token features
+    (a, g) are kept too while they take less memory than the factors (a few hundred tokens, one request's edit),
+    since a registry version then stores them more cheaply; past that they are dropped.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.factors: dict[str, KFACFactors] = {}
+        self.parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = {n: [] for n in modules}
+
+    def add(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, KFACFactors]:
+        """Take in one chunk's per-token features; returns that chunk's factors."""
+        chunk = {n: factors_from_features(a, g) for n, (a, g) in features.items()}
+        self.factors = {n: merge_factors([self.factors[n], f]) if n in self.factors else f for n, f in chunk.items()}
+        if self.parts is not None:
+            for n, ag in features.items():
+                self.parts[n].append(ag)
+            if sum(tensor_bytes(a, g) for p in self.parts.values() for a, g in p) > sum(
+                    tensor_bytes(f.A, f.S) for f in self.factors.values()):
+                self.parts = None
+        return chunk
+
+    def features(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        if not self.parts or not self.factors:
+            return None
+        return {n: (torch.cat([a for a, _ in p]), torch.cat([g for _, g in p])) for n, p in self.parts.items()}
 
 
 def make_projectors(
@@ -248,7 +281,7 @@ def run_epochs(
         rng.shuffle(order)
         losses = []
         for i in range(0, len(order), config.batch_size):
-            started = time.perf_counter()
+            started = clock.now(device)
             batch = tokenize_edit_batch(tokenizer, order[i : i + config.batch_size], device)
             key = contextlib.nullcontext()
             if keyed is not None:
@@ -278,7 +311,7 @@ def run_epochs(
             optimizer.zero_grad(set_to_none=True)
             (loss if penalty is None else loss + penalty).backward()
             optimizer.step()
-            step_seconds.append(time.perf_counter() - started)
+            step_seconds.append(clock.now(device) - started)
         epoch_losses.append(sum(losses) / len(losses))
         if on_progress is not None:
             on_progress({"event": "epoch", "chunk": chunk, "epoch": epoch + 1, "loss": epoch_losses[-1],
@@ -342,19 +375,13 @@ def edit(
     if config.lr is None:
         config = replace(config, lr=default_lr(params))
         log.info("learning rate %.2g (default_lr: the edited weights' RMS against SmolLM2's)", config.lr)
-    started = time.perf_counter()
+    started = clock.now(device)
     try:
         projectors = make_projectors(cache, config, names, fan_in_fan_out, device)
         warn_unconstrained(names, projectors, config.energy)
         optimizer = ProjectedAdam(params, projectors, lr=config.lr)
-        capability, folded = cache, []  # Alg. 2: capability factors and each chunk's edit factors
-        chunk_features: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
-
-        def current_cache() -> CurvatureCache | None:
-            result = capability
-            for edit_factors in folded:
-                result = result.folded(edit_factors)
-            return result
+        state = cache  # Alg. 2: the capability factors with every finished chunk's folded in, one at a time
+        own = OwnCurvature(modules)  # this edit's own statistics, all its chunks together
 
         chunk_size = config.sequential_chunk or len(requests)
         epoch_losses: list[float] = []
@@ -369,10 +396,9 @@ def edit(
                                              anchors, text_anchors, keyed, outputs)
             epoch_losses += losses
             step_seconds += seconds
-            if config.sequential_chunk and capability is not None:
-                chunk_features.append(edit_features(model, tokenizer, chunk, modules, STATS_BATCH))
-                folded.append({n: factors_from_features(*ag) for n, ag in chunk_features[-1].items()})
-                state = current_cache()
+            if config.sequential_chunk and cache is not None:
+                chunk_factors = own.add(edit_features(model, tokenizer, chunk, modules, STATS_BATCH))
+                state = state.folded(chunk_factors)  # O(1) per chunk: the merge is a running token-weighted mean
                 if start + chunk_size < len(requests):  # later chunks are projected to protect this one
                     optimizer.set_projectors(make_projectors(state, config, names, fan_in_fan_out, device))
                 if on_progress:
@@ -392,13 +418,13 @@ def edit(
         original={n: original[n] for n in changed},
         epoch_losses=epoch_losses,
         steps=len(step_seconds),
-        seconds=time.perf_counter() - started,
+        seconds=clock.now(device) - started,
         step_seconds=step_seconds,
         layers=tuple(layers),
         kept_fraction={n: p.kept_fraction for n, p in zip(names, projectors, strict=True) if p is not None},
-        cache=current_cache() if config.sequential_chunk else None,
+        cache=state if config.sequential_chunk else None,
         lr=config.lr,
         energy=config.energy,
-        features={n: tuple(torch.cat([f[n][i] for f in chunk_features]) for i in (0, 1)) for n in names}
-        if chunk_features else None,
+        features=own.features(),
+        own_factors=own.factors or None,
     )

@@ -109,12 +109,22 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+# the precisions a model can be loaded in: bf16 halves a GPU worker's memory (an 8B model in 16 GB, not 32);
+# the K-FAC statistics, projections and Adam steps stay in fp32 whatever the weights' precision
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def load_model(
-    name_or_path: str, device: str = "auto", dtype: torch.dtype | None = None
+    name_or_path: str, device: str = "auto", dtype: torch.dtype | str | None = None
 ) -> tuple[nn.Module, object]:
-    """Load (model, tokenizer) in eval mode with every parameter frozen; fp32 unless ``dtype`` says otherwise."""
+    """Load (model, tokenizer) in eval mode with every parameter frozen; fp32 unless ``dtype`` (a torch dtype or
+    a name in ``DTYPES``) says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
     path = resolve_checkpoint(name_or_path)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)

@@ -17,7 +17,12 @@ Projector = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ProjectedAdam(torch.optim.Adam):
-    """Adam over ``params`` whose gradients are first projected by ``projectors`` (same order; None = plain)."""
+    """Adam over ``params`` whose gradients are first projected by ``projectors`` (same order; None = plain).
+
+    A weight stored in less than fp32 (a bf16 model) is stepped through an fp32 master copy, as mixed-precision
+    training does: a step is about 1 % of a weight, close to bf16's resolution (2⁻⁸), so rounding each step into
+    the weight would lose much of it.
+    """
 
     def __init__(
         self,
@@ -29,13 +34,27 @@ class ProjectedAdam(torch.optim.Adam):
     ) -> None:
         if len(params) != len(projectors):
             raise ValueError("one projector (or None) per parameter")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        self.weights = list(params)
+        masters = [p if p.dtype == torch.float32 else p.detach().float() for p in self.weights]
+        super().__init__(masters, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         self.projectors = list(projectors)
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(the model's weight, the tensor Adam steps): the same tensor unless the weight is below fp32."""
+        return list(zip(self.weights, self.param_groups[0]["params"], strict=True))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for weight, master in self.pairs():
+            if weight is not master:
+                weight.grad = None
 
     @torch.no_grad()
     def project_gradients(self) -> None:
         """Replace each gradient Q by P_γ Q (Eq. 6), in place."""
-        for p, projector in zip(self.param_groups[0]["params"], self.projectors, strict=True):
+        for (weight, p), projector in zip(self.pairs(), self.projectors, strict=True):
+            if weight is not p:
+                p.grad = None if weight.grad is None else weight.grad.float()
             if projector is not None and p.grad is not None:
                 p.grad.copy_(projector(p.grad))
 
@@ -48,6 +67,9 @@ class ProjectedAdam(torch.optim.Adam):
                 loss = closure()
         self.project_gradients()
         super().step()
+        for weight, master in self.pairs():
+            if weight is not master:
+                weight.copy_(master)
         return loss
 
     @torch.no_grad()

@@ -80,27 +80,30 @@ def staircase_blocks(removed: torch.Tensor, n_blocks: int = 6, grid: int = 256) 
     n, d = removed.shape
     if n == 0:
         return []
-    j = torch.arange(d)
+    cpu = torch.device("cpu")  # a small programme steered by Python ints: on the CPU, whatever the mask's device
+    removed = removed.to(cpu)
+    j = torch.arange(d, device=cpu)
     last_removed = torch.where(removed, j + 1, 0).amax(dim=1)
     first_kept = torch.where(removed, d, j).amin(dim=1)
-    bounds = torch.linspace(0, n, min(n, grid) + 1).round().long().unique()
+    bounds = torch.linspace(0, n, min(n, grid) + 1, device=cpu).round().long().unique()
     m = len(bounds) - 1
     seg_removed = torch.stack([last_removed[a:b].max() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
     seg_kept = torch.stack([first_kept[a:b].min() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-    width = torch.full((m, m), d, dtype=torch.long)  # width[s, e]: one block over segments s..e
-    side = torch.zeros((m, m), dtype=torch.bool)
+    width = torch.full((m, m), d, dtype=torch.long, device=cpu)  # width[s, e]: one block over segments s..e
+    side = torch.zeros((m, m), dtype=torch.bool, device=cpu)
     for s in range(m):
         rem, keep = seg_removed[s:].cummax(0).values, d - seg_kept[s:].cummin(0).values
         width[s, s:], side[s, s:] = torch.minimum(rem, keep), keep < rem
     rows = (bounds[1:].view(1, -1) - bounds[:-1].view(-1, 1)).double()
-    cost = torch.where(torch.ones(m, m, dtype=torch.bool).triu(), rows * width, torch.inf)
-    best = torch.full((m + 1,), torch.inf, dtype=torch.float64)
+    cost = torch.where(torch.ones(m, m, dtype=torch.bool, device=cpu).triu(), rows * width, torch.inf)
+    best = torch.full((m + 1,), torch.inf, dtype=torch.float64, device=cpu)
     best[0] = 0
-    start = torch.zeros((n_blocks, m + 1), dtype=torch.long)
+    start = torch.zeros((n_blocks, m + 1), dtype=torch.long, device=cpu)
+    never, zero = torch.tensor([False], device=cpu), torch.zeros(1, dtype=torch.long, device=cpu)
     for k in range(n_blocks):  # best[e + 1]: least cost of segments 0..e in at most k + 1 blocks
         value, arg = (best[:-1].view(-1, 1) + cost).min(dim=0)
-        improved = torch.cat([torch.tensor([False]), value < best[1:]])
-        start[k] = torch.where(improved, torch.cat([torch.zeros(1, dtype=torch.long), arg]), -1)
+        improved = torch.cat([never, value < best[1:]])
+        start[k] = torch.where(improved, torch.cat([zero, arg]), -1)
         best = torch.where(improved, torch.cat([best[:1], value]), best)
     blocks, e, k = [], m, n_blocks - 1
     while e > 0:
@@ -133,15 +136,16 @@ class LayerProjector:
     blocks: list[tuple[int, int, int, bool]] | None = None
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        """Project a weight-shaped tensor (gradient or Adam moment) in its own storage layout."""
-        Q = grad.T if self.fan_in_fan_out else grad
-        U_in = self.U_in.to(Q.dtype)
+        """Project a weight-shaped tensor (gradient or Adam moment) in its own storage layout and dtype.
+
+        The rotations run in the eigenvectors' precision (fp32): in bf16 they would not stay orthogonal.
+        """
+        Q = (grad.T if self.fan_in_fan_out else grad).to(self.U_in.dtype)
         if self.U_out is None or self.blocks is None:
-            U_out = None if self.U_out is None else self.U_out.to(Q.dtype)
-            projected = project_kronecker_complement(Q, U_out, U_in, self.removed.to(Q.dtype))
+            projected = project_kronecker_complement(Q, self.U_out, self.U_in, self.removed.to(Q.dtype))
         else:
-            projected = project_kronecker_staircase(Q, self.U_out.to(Q.dtype), U_in, self.removed, self.blocks)
-        return projected.T if self.fan_in_fan_out else projected
+            projected = project_kronecker_staircase(Q, self.U_out, self.U_in, self.removed, self.blocks)
+        return (projected.T if self.fan_in_fan_out else projected).to(grad.dtype)
 
     @property
     def memory_bytes(self) -> int:
@@ -175,17 +179,19 @@ def complement_form(
 
 def layer_spectrum(
     factors: KFACFactors, method: str = "crispedit", corrected_eigenvalues: torch.Tensor | None = None,
+    precision: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(curvature of each eigen-direction, U_S, U_A): the products λ^S_i λ^A_j, or EK-FAC's λ̃_ij.
+    """(curvature of each eigen-direction, U_S, U_A): the products λ^S_i λ^A_j, or EK-FAC's λ̃_ij, on the
+    factors' device, the eigendecompositions in ``precision`` (``eigen.EIGH_PRECISION`` when None).
 
     ``method="nullspace"`` gives λ^A alone and no U_S: the null space of A (Prop. 1: a subset of CrispEdit's).
     """
-    eig_in, U_in = eigh_psd(factors.A)
+    eig_in, U_in = eigh_psd(factors.A, precision)
     if method == "nullspace":
         return eig_in, None, U_in
     if method != "crispedit":
         raise ValueError(f"no projector for method {method!r}; projected methods are crispedit and nullspace")
-    eig_out, U_out = eigh_psd(factors.S)
+    eig_out, U_out = eigh_psd(factors.S, precision)
     curvature = corrected_eigenvalues if corrected_eigenvalues is not None else kronecker_eigenvalues(eig_out, eig_in)
     return curvature, U_out, U_in
 
@@ -197,7 +203,15 @@ def build_projector(
     fan_in_fan_out: bool = False,
     corrected_eigenvalues: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    precision: torch.dtype | None = None,
 ) -> LayerProjector:
-    """Eigendecompose A and S and mask by energy γ over all products λ^S_i λ^A_j of this layer (Eq. 3, Eq. 6)."""
-    curvature, U_out, U_in = layer_spectrum(factors, method, corrected_eigenvalues)
-    return complement_form(U_out, U_in, energy_mask(curvature, gamma), fan_in_fan_out, device or factors.A.device)
+    """Eigendecompose A and S and mask by energy γ over all products λ^S_i λ^A_j of this layer (Eq. 3, Eq. 6).
+
+    Everything runs on ``device`` (default: the factors'), so a GPU worker decomposes on its GPU.
+    """
+    device = torch.device(device) if device is not None else factors.A.device
+    factors = KFACFactors(factors.A.to(device), factors.S.to(device), factors.num_tokens)
+    if corrected_eigenvalues is not None:
+        corrected_eigenvalues = corrected_eigenvalues.to(device)
+    curvature, U_out, U_in = layer_spectrum(factors, method, corrected_eigenvalues, precision)
+    return complement_form(U_out, U_in, energy_mask(curvature, gamma), fan_in_fan_out, device)

@@ -21,6 +21,7 @@ import fcntl
 import json
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -267,15 +268,17 @@ class Registry:
                 return out
             version = self.get(model, version.parent)
 
-    def curvature_chain(self, model: str, ref: str) -> list[dict]:
-        """The curvature contributions that shape ``ref``'s state, oldest first (follows reverts)."""
-        chain, version = [], self.get(model, ref)
+    def curvature_walk(self, model: str, ref: str) -> Iterator[Version]:
+        """``ref`` and the versions whose curvature shapes its state, newest first (follows reverts)."""
+        version = self.get(model, ref)
         while version is not None:
-            if version.curvature.get("layers"):
-                chain.append(version.curvature["layers"])
+            yield version
             parent = version.curvature.get("parent")
             version = self.get(model, parent) if parent else None
-        return chain[::-1]
+
+    def curvature_chain(self, model: str, ref: str) -> list[dict]:
+        """The curvature contributions that shape ``ref``'s state, oldest first."""
+        return [v.curvature["layers"] for v in self.curvature_walk(model, ref) if v.curvature.get("layers")][::-1]
 
     def diff(self, model: str, a: str, b: str) -> dict[str, float]:
         """Tensors that differ between two versions, with ‖T_b − T_a‖ / ‖T_a‖."""

@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from registry import Registry
 
     reg = Registry(settings.registry_root)
-    servers = {name: ModelServer(name, base, reg, settings.device, settings.generation_slots)
+    servers = {name: ModelServer(name, base, reg, settings.device, settings.generation_slots,
+                                 settings.dtype)
                for name, base in settings.model_bases().items()}
 
     @asynccontextmanager

@@ -158,11 +158,12 @@ class Stream:
 class ModelServer:
     """One loaded base model serving every version of one registered model."""
 
-    def __init__(self, name: str, base: str, registry: Registry, device: str = "auto", slots: int = 4) -> None:
+    def __init__(self, name: str, base: str, registry: Registry, device: str = "auto", slots: int = 4,
+                 dtype: str = "float32") -> None:
         self.name = name
         # at most `slots` forward passes at once: beyond a few, CPU threads only thrash
         self.slots = threading.BoundedSemaphore(slots)
-        self.model, self.tokenizer = load_model(base, device=device)
+        self.model, self.tokenizer = load_model(base, device=device, dtype=dtype)
         self.registry = registry
         registry.create_model(name, base, model_fingerprint(self.model))
         self.holder = HotSwapModel(self.model, registry, name)

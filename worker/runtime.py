@@ -30,6 +30,8 @@ class ModelRuntime:
     settings: Settings
     anchors: Anchors | None = None  # the base model's predictions on CRISPEDIT_ANCHORS, recorded once
     text_anchors: Anchors | None = None  # ... and on windows of CRISPEDIT_TEXT_ANCHORS
+    # (version, its curvature state) of this worker's last commit: the next edit on top of it folds nothing more
+    last_state: tuple[str, CurvatureCache] | None = None
 
 
 def curvature_path(settings: Settings, name: str) -> Path:
@@ -39,7 +41,7 @@ def curvature_path(settings: Settings, name: str) -> Path:
 def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
     settings = settings or get_settings()
     base = settings.model_bases()[name]
-    model, tok = load_model(base, device=settings.device)
+    model, tok = load_model(base, device=settings.device, dtype=settings.dtype)
     registry = Registry(settings.registry_root)
     registry.create_model(name, base, model_fingerprint(model))
     path = curvature_path(settings, name)

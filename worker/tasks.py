@@ -102,13 +102,15 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
                     return
                 version = rt.registry.commit(
                     name, parent, outcome["result"].changed, originals=outcome["result"].original,
-                    curvature=contribution(outcome["result"].features), author=authors(batch),
+                    curvature=contribution(outcome["result"]), author=authors(batch),
                     message=payload.get("message") or f"{len(requests)} edit(s)", method=config.method,
                     hyperparameters={**config.__dict__, "lr": outcome["result"].lr,
                                      "energy": outcome["result"].energy, "jobs": ids,
                                      "layers": list(rt.capability.layers)},
                     edits=[r.to_dict() for r in outcome["requests"]], metrics=outcome["metrics"], job_id=ids[0],
                 )
+                if outcome["result"].cache is not None:
+                    rt.last_state = (version.id, outcome["result"].cache)
                 break
             except Conflict:
                 if attempt or payload.get("base_version"):
@@ -131,7 +133,7 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
 def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, parent: str, guard: dict) -> dict:
     """Edit on top of ``parent``, measure drift and reliability, then put the parent's weights back."""
     rt.holder.switch_to(parent)
-    state = version_cache(rt.registry, rt.name, parent, rt.capability)
+    state = version_cache(rt.registry, rt.name, parent, rt.capability, rt.last_state)
     # the neighbours of these edits and the parent's answers to them: kept while editing, reported after
     protection = None
     if rt.settings.protect_neighbours:

@@ -43,12 +43,12 @@ def test_sequential_edit_folds_each_chunk(tiny_llama, corpus_file):
     assert result.cache is not None and result.cache.num_tokens > cache.num_tokens
     assert result.cache.meta["edit_folds"] == 2
     assert {e["chunk"] for e in events if e["event"] == "epoch"} == {0, 1}
-    # the edit's own per-token features rebuild the folded state exactly (what a registry version stores)
-    from crispedit.kfac import factors_from_features, merge_factors
+    # the edit's own statistics rebuild the folded state exactly (what a registry version stores)
+    from crispedit.kfac import merge_factors
 
-    for name, (a, g) in result.features.items():
-        assert a.shape[0] == g.shape[0] == result.cache.num_tokens - cache.num_tokens
-        rebuilt = merge_factors([cache.factors[name], factors_from_features(a, g)])
+    for name, own in result.own_factors.items():
+        assert own.num_tokens == result.cache.num_tokens - cache.num_tokens
+        rebuilt = merge_factors([cache.factors[name], own])
         torch.testing.assert_close(rebuilt.A, result.cache.factors[name].A, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(rebuilt.S, result.cache.factors[name].S, atol=1e-9, rtol=1e-4)
 

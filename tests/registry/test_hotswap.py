@@ -137,7 +137,7 @@ def test_rollback_then_edit_continues_from_the_rolled_back_state(tmp_path):
             for n, t in result.original.items():
                 params[n].copy_(t)
         version = reg.commit("tiny", parent, result.changed, originals=result.original,
-                             curvature=contribution(result.features), edits=[r.to_dict() for r in requests])
+                             curvature=contribution(result), edits=[r.to_dict() for r in requests])
         return version, result
 
     v1, r1 = edit_on("v0", batches["v1"])
@@ -147,9 +147,19 @@ def test_rollback_then_edit_continues_from_the_rolled_back_state(tmp_path):
     assert state.num_tokens == capability.num_tokens + r1.features[next(iter(r1.features))][0].shape[0]
     for name, f in state.factors.items():
         torch.testing.assert_close(f.A, r1.cache.factors[name].A, atol=1e-6, rtol=1e-5)
-    v3, _ = edit_on("v1", batches["v3"])
+    v3, r3 = edit_on("v1", batches["v3"])
     assert (v3.id, v3.parent) == ("v3", "v1")
     assert len(reg.curvature_chain("tiny", "v3")) == 2  # v1's and v3's contributions, not v2's
+    # a worker's memo of v3's state: the walk stops there instead of folding v1's and v3's blobs again
+    assert version_cache(reg, "tiny", "v3", capability, known=("v3", r3.cache)) is r3.cache
+    assert version_cache(reg, "tiny", "v3", capability, known=("v2", r1.cache)).num_tokens == r3.cache.num_tokens
+
+    # a batch larger than its factors is stored as factors (A, S, tokens), and folds back the same
+    big = [EditRequest(f"Fact number {i} is", f"value {i}") for i in range(12)]
+    v4, r4 = edit_on("v3", big)
+    assert r4.features is None and {"A", "S", "tokens"} <= set(next(iter(v4.curvature["layers"].values())))
+    for name, f in version_cache(reg, "tiny", "v4", capability).factors.items():
+        torch.testing.assert_close(f.A, r4.cache.factors[name].A, atol=1e-6, rtol=1e-5)
 
     # an upgrade that edits other layers: the rebuilt cache cannot fold v1's and v3's contributions
     other = build_cache(model, tok, (0,), str(corpus), n_samples=6, seq_len=16, progress=False)
