@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     cache_samples: int = Field(32, description="curvature cache: number of sequences (the paper uses more; this "
                                                  "default builds in about a minute on a laptop CPU)")
     cache_seq_len: int = Field(256, description="curvature cache: tokens per sequence")
+    keep_last: int = Field(0, ge=0, description="retention: after each commit, keep the weights of the last N "
+                           "versions, of every aliased one and of v0 (and every CRISPEDIT_KEEP_EVERY-th); older "
+                           "versions keep their record but answer 410 Gone; 0: keep every version")
+    keep_every: int = Field(0, ge=0, description="retention: also keep every N-th version (v0, vN, v2N, ...); 0: none")
     coalesce_max: int = Field(32, description="at most this many queued edit requests of a model form one batch")
     edit_batch_size: int = Field(0, ge=0, description="edits per optimizer step of a (coalesced) batch; 0 = the "
                                                       "model's recipe: 4 on a CPU (faster there, same quality), "

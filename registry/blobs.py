@@ -39,7 +39,9 @@ class BlobStore:
     def put(self, tensor: torch.Tensor) -> str:
         data = save_bytes({"tensor": tensor.detach().contiguous().cpu()})
         digest = hashlib.sha256(data).hexdigest()
-        if not self.path(digest).exists():
+        try:  # already stored: touch it, so gc's grace period also covers a blob that is being reused
+            os.utime(self.path(digest))
+        except FileNotFoundError:
             write_atomic(self.path(digest), data)
         return digest
 

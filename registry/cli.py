@@ -1,4 +1,4 @@
-"""``crispedit registry ...``: log, show, diff, alias, rollback, revert, export, verify, gc (and create)."""
+"""``crispedit registry ...``: log, show, diff, alias, rollback, revert, export, verify, prune, gc (and create)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def cmd(args: argparse.Namespace) -> None:
             tags = ",".join(a for a, t in aliases.items() if t == v.id)
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))
             print(f"{v.id:>5} <- {v.parent or '-':<5} {when} {v.method or '-':<9} {len(v.edits):>4} edits"
-                  f"  {v.message}" + (f"  [{tags}]" if tags else ""))
+                  f"  {v.message}" + (f"  [{tags}]" if tags else "") + ("  (pruned)" if v.pruned else ""))
     elif action == "show":
         print_json(asdict(reg.get(args.model, args.ref)))
     elif action == "diff":
@@ -50,6 +50,9 @@ def cmd(args: argparse.Namespace) -> None:
         print("\n".join(problems) if problems else "ok: every manifest, alias and blob is sound")
         if problems:
             raise SystemExit(1)
+    elif action == "prune":
+        print_json({"pruned": reg.prune(args.model, args.keep_last, args.keep_every),
+                    "kept": [v.id for v in reg.versions(args.model) if not v.pruned]})
     elif action == "gc":
         print_json(gc(reg, grace_seconds=args.grace))
 
@@ -57,9 +60,9 @@ def cmd(args: argparse.Namespace) -> None:
 def add_registry_parser(sub) -> None:
     p = sub.add_parser("registry", help="versioned model registry (log, show, diff, alias, rollback, ...)")
     p.add_argument("action", choices=["create", "log", "show", "diff", "alias", "rollback", "revert", "export",
-                                      "verify", "gc"],
+                                      "verify", "prune", "gc"],
                    help="create a model; log its versions; show, diff, export one; move an alias; roll back or "
-                        "revert; verify the blobs; gc unreferenced ones")
+                        "revert; verify the blobs; prune old versions' weights; gc unreferenced blobs")
     p.add_argument("ref", nargs="?", default="latest", help="version (v3) or alias")
     default = os.environ.get("CRISPEDIT_REGISTRY_ROOT") or str(crispedit_home() / "registry")
     p.add_argument("--root", default=default, help=f"the registry folder (default: CRISPEDIT_REGISTRY_ROOT, as the "
@@ -70,5 +73,8 @@ def add_registry_parser(sub) -> None:
     p.add_argument("--alias", help="alias: the alias to move to REF")
     p.add_argument("--out", help="export: output folder")
     p.add_argument("--author", default="", help="recorded as the author of the versions this command writes")
+    p.add_argument("--keep-last", type=int, default=50, help="prune: keep the weights of the last N versions (and "
+                                                               "of v0 and every aliased one)")
+    p.add_argument("--keep-every", type=int, default=0, help="prune: also keep every N-th version (0: none)")
     p.add_argument("--grace", type=float, default=3600.0, help="gc: keep unreferenced blobs younger than this (s)")
     p.set_defaults(func=cmd)

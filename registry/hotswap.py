@@ -36,7 +36,7 @@ class HotSwapModel:
         self._cond = threading.Condition()
 
     def _load(self, version_id: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-        digests = self.registry.get(self.name, version_id).tensors
+        digests = self.registry.live(self.name, version_id).tensors
         tensors = {
             n: self.registry.blobs.get(d).to(self.params[n].device, self.params[n].dtype) for n, d in digests.items()
         }

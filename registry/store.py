@@ -22,7 +22,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +43,14 @@ class NotFound(RegistryError):
 
 class Conflict(RegistryError):
     """The head moved since the caller read it: rebase onto the new head and try again."""
+
+
+class Gone(RegistryError):
+    """The version was pruned by the retention policy: its record remains, its weights do not."""
+
+    def __init__(self, message: str, kept: list[str]) -> None:
+        super().__init__(message)
+        self.kept = kept
 
 
 def check_name(kind: str, name: str) -> str:
@@ -71,6 +79,9 @@ class Version:
     metrics: dict = field(default_factory=dict)
     curvature: dict = field(default_factory=dict)  # {"parent": version or None, "layers": {module: {...}}}
     job_id: str | None = None
+    # set when the retention policy dropped this version's weights: {"at": time, "policy": {...}}. Its record and
+    # its curvature contribution stay, since the curvature state of every later version folds it in
+    pruned: dict = field(default_factory=dict)
 
     @property
     def number(self) -> int:
@@ -158,6 +169,18 @@ class Registry:
         data = self._read_json(self.model_dir(model) / "versions" / f"{vid}.json", f"version {vid} of {model!r}")
         return Version(**data)
 
+    def live(self, model: str, ref: str) -> Version:
+        """The version ``ref`` names, if its weights are still kept; :class:`Gone` if it was pruned."""
+        version = self.get(model, ref)
+        if version.pruned:
+            kept = [v.id for v in self.versions(model) if not v.pruned]
+            policy = version.pruned.get("policy", {})
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(version.pruned.get("at", 0)))
+            raise Gone(f"{model} {version.id} was pruned at {when} UTC by the retention policy (keep every aliased "
+                       f"version, the last {policy.get('keep_last')} and every {policy.get('keep_every') or '-'}th); "
+                       f"its record remains but its weights do not. Kept: {', '.join(kept)}", kept)
+        return version
+
     def versions(self, model: str) -> list[Version]:
         d = self.model_dir(model) / "versions"
         if not d.exists():
@@ -173,7 +196,7 @@ class Registry:
         """Point ``alias`` at a version; with ``expected``, only if it still points where the caller saw it."""
         check_name("alias", alias)
         with self.locked(model):
-            version = self.get(model, ref).id
+            version = self.live(model, ref).id
             if expected is not None and self.aliases(model).get(alias) != expected:
                 raise Conflict(f"alias {alias!r} moved (now {self.aliases(model).get(alias)}, expected {expected})")
             self._write_alias(model, alias, version)
@@ -231,7 +254,7 @@ class Registry:
     def rollback(self, model: str, to: str, aliases: tuple[str, ...] = ("latest", "production")) -> str:
         """Move ``latest`` (the edit head) and ``production`` back to ``to``; history stays as it is."""
         with self.locked(model):
-            version = self.get(model, to).id
+            version = self.live(model, to).id
             current = self.aliases(model)
             for alias in aliases:
                 if alias == "latest" or alias in current:
@@ -240,7 +263,7 @@ class Registry:
 
     def revert(self, model: str, to: str, author: str = "", message: str = "") -> Version:
         """A new version on top of the head whose tensors (and curvature state) equal those of ``to``."""
-        target = self.get(model, to)
+        target = self.live(model, to)
         head = self.get(model, "latest")
         with self.locked(model):
             if self.resolve(model, "latest") != head.id:
@@ -254,10 +277,31 @@ class Registry:
             self._write_alias(model, "latest", version.id)
             return version
 
+    def prune(self, model: str, keep_last: int, keep_every: int = 0) -> list[str]:
+        """Drop the weights of every version but v0, the aliased ones, the last ``keep_last`` and each
+        ``keep_every``-th (v0, vN, v2N, …; 0: none); returns the versions pruned now. Their blobs are freed by
+        :func:`registry.integrity.gc` once nothing else references them."""
+        if keep_last < 1 or keep_every < 0:
+            raise RegistryError(f"keep_last must be at least 1 and keep_every non-negative, got {keep_last}, "
+                                f"{keep_every}")
+        with self.locked(model):
+            versions = self.versions(model)
+            aliased = set(self.aliases(model).values())
+            recent = {v.id for v in versions[-keep_last:]}
+            pruned = []
+            for v in versions:
+                every = keep_every > 0 and v.number % keep_every == 0
+                if v.pruned or v.number == 0 or v.id in aliased or v.id in recent or every:
+                    continue
+                policy = {"keep_last": keep_last, "keep_every": keep_every}
+                self._write_version(replace(v, tensors={}, pruned={"at": time.time(), "policy": policy}))
+                pruned.append(v.id)
+            return pruned
+
     # ---------------------------------------------------------------- reading back
     def tensors(self, model: str, ref: str) -> dict[str, torch.Tensor]:
         """Every tensor of a version that differs from the base, verified against its hash."""
-        return {name: self.blobs.get(d) for name, d in self.get(model, ref).tensors.items()}
+        return {name: self.blobs.get(d) for name, d in self.live(model, ref).tensors.items()}
 
     def lineage(self, model: str, ref: str = "latest") -> list[Version]:
         """The version and its ancestors, newest first."""
@@ -282,7 +326,7 @@ class Registry:
 
     def diff(self, model: str, a: str, b: str) -> dict[str, float]:
         """Tensors that differ between two versions, with ‖T_b − T_a‖ / ‖T_a‖."""
-        va, vb = self.get(model, a), self.get(model, b)
+        va, vb = self.live(model, a), self.live(model, b)
         out = {}
         for name in sorted(set(va.tensors) | set(vb.tensors)):
             da, db = va.tensors.get(name), vb.tensors.get(name)

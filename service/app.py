@@ -20,7 +20,7 @@ from core.heartbeat import alive_workers
 from core.jobs import preparing
 from core.notify import AliasFollower
 from core.settings import Settings, get_settings
-from registry import BlobError
+from registry import BlobError, Gone
 from service.auth import unknown_key
 from service.body_limit import BodyLimit
 from service.deps import State
@@ -93,6 +93,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The registry's storage is damaged (a missing or corrupt blob): say which, and how to mend it."""
         log.error("%s %s: %s", request.method, request.url.path, exc)
         return error_response(500, f"the registry could not read this version: {exc}", kind="storage_error")
+
+    @app.exception_handler(Gone)
+    async def pruned_version(request: Request, exc: Gone) -> Response:
+        """A version the retention policy pruned: 410, with the versions still kept."""
+        return error_response(410, str(exc), kind="version_pruned", kept=exc.kept)
 
     @app.exception_handler(BadPrompt)
     async def bad_prompt(request: Request, exc: BadPrompt) -> Response:

@@ -19,7 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from crispedit.models import load_model, model_fingerprint
-from registry import HotSwapModel, NotFound, Registry, RegistryError
+from registry import Gone, HotSwapModel, NotFound, Registry, RegistryError
 from service.metrics import TOKENS_GENERATED
 
 QUEUED_PIECES = 64  # text pieces a stream runs ahead of its reader
@@ -173,7 +173,9 @@ class ModelServer:
         if ref is None:
             ref = "production" if "production" in self.registry.aliases(self.name) else "latest"
         try:
-            return self.registry.get(self.name, ref).id
+            return self.registry.live(self.name, ref).id
+        except Gone:
+            raise
         except (NotFound, RegistryError) as err:
             raise UnknownModel(f"{self.name}@{ref}: {err}") from err
 

@@ -20,12 +20,14 @@ from crispedit.evaluate import edit_quality
 from crispedit.neighbours import neighbour_report, protect
 from crispedit.recipe import recommended_config
 from crispedit.requests import EditRequest
-from registry import Conflict
+from registry import Conflict, gc
 from registry.curvature import contribution, version_cache
 from worker.lease import ModelLease
 from worker.runtime import ModelRuntime, runtime
 
 log = logging.getLogger("crispedit.worker")
+# blobs younger than this survive a retention gc: another model's commit may be writing them on a shared volume
+PRUNE_GC_GRACE = 300.0
 
 
 def job_store(rt: ModelRuntime) -> JobStore:
@@ -118,6 +120,8 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         if payload.get("promote"):
             rt.registry.set_alias(name, "production", version.id)
         announce_aliases(store.redis, rt.settings.key_prefix, rt.registry, name)
+        if rt.settings.keep_last:
+            retain(rt)
         for job_id in ids:
             store.finish(name, job_id, status="succeeded", version=version.id, metrics=outcome["metrics"])
         log.info("%s: %d edit(s) from %d request(s) committed as %s", name, len(requests), len(ids), version.id)
@@ -128,6 +132,15 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         log.error("%s: batch %s failed: %s", name, ids, traceback.format_exc())
         for job_id in ids:
             store.finish(name, job_id, status="failed", error=f"internal error: {err}")
+
+
+def retain(rt: ModelRuntime) -> None:
+    """The retention policy: prune the weights of versions it does not keep, then free their blobs."""
+    pruned = rt.registry.prune(rt.name, rt.settings.keep_last, rt.settings.keep_every)
+    if pruned:
+        freed = gc(rt.registry, grace_seconds=PRUNE_GC_GRACE)
+        log.info("%s: retention pruned %s; %d unreferenced blob(s) freed (%.1f MB)", rt.name, ", ".join(pruned),
+                 freed["removed"], freed["bytes_freed"] / 1e6)
 
 
 def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, parent: str, guard: dict) -> dict:

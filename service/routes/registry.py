@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 
-from registry import Conflict, NotFound, RegistryError, archive, export_version, exported
+from registry import Conflict, Gone, NotFound, RegistryError, archive, export_version, exported
 from service.auth import Admin, Reader
 from service.deps import StateDep, split_model
 from service.schemas import AliasPut, RollbackPost
@@ -20,6 +20,8 @@ EXPORT_SECONDS = 1800  # an export of an 8B model writes 16 GB
 def guarded(fn, *args):
     try:
         return fn(*args)
+    except Gone:
+        raise  # 410, with what was kept (the app's handler)
     except NotFound as err:
         raise HTTPException(404, str(err)) from err
     except Conflict as err:
@@ -45,7 +47,7 @@ def versions(model: str, state: StateDep, _: Reader) -> dict:
 @router.get("/versions/{version}")
 def version(model: str, version: str, state: StateDep, _: Reader) -> dict:
     server, _ = split_model(state, model)
-    return public(guarded(state.registry.get, server.name, version))
+    return public(guarded(state.registry.live, server.name, version))
 
 
 @router.put("/aliases/{alias}")

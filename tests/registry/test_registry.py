@@ -1,5 +1,6 @@
 """The registry: compare-and-set commits, aliases, rollback/revert, diff, integrity, crash consistency."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -7,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from registry import BlobError, Conflict, Registry, RegistryError, gc, verify
+from registry import BlobError, Conflict, Gone, Registry, RegistryError, gc, verify
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 OTHER = "model.layers.2.mlp.down_proj.weight"
@@ -103,6 +104,43 @@ def test_gc_removes_only_unreferenced_blobs(tmp_path):
     result = gc(reg, grace_seconds=0)
     assert result["removed"] == 1 and not reg.blobs.path(stray).exists()
     assert verify(reg) == []
+
+
+def test_retention_prunes_weights_keeps_records_and_says_what_was_kept(tmp_path):
+    reg = new_registry(tmp_path)
+    for i in range(1, 11):
+        commit(reg, f"v{i - 1}", 10.0 + i, curvature={"m": {"a": torch.full((2, 3), float(i)), "tokens": 2}})
+    reg.set_alias("tiny", "production", "v3")
+    size = sum(reg.blobs.path(d).stat().st_size for d in reg.blobs.digests())
+    assert reg.prune("tiny", keep_last=3, keep_every=4) == ["v1", "v2", "v5", "v6", "v7"]
+    assert reg.prune("tiny", keep_last=3, keep_every=4) == []  # already pruned
+    kept = ["v0", "v3", "v4", "v8", "v9", "v10"]
+    assert [v.id for v in reg.versions("tiny") if not v.pruned] == kept
+    with pytest.raises(Gone, match="v5 was pruned .* Kept: v0, v3, v4, v8, v9, v10") as gone:
+        reg.tensors("tiny", "v5")
+    assert gone.value.kept == kept
+    for refuse in (lambda: reg.set_alias("tiny", "x", "v5"), lambda: reg.rollback("tiny", "v6"),
+                   lambda: reg.revert("tiny", "v7"), lambda: reg.diff("tiny", "v4", "v5")):
+        with pytest.raises(Gone):
+            refuse()
+    assert reg.get("tiny", "v5").pruned["policy"] == {"keep_last": 3, "keep_every": 4}  # the record stays
+    # every later version's curvature still folds the pruned versions' contributions in
+    assert [reg.blobs.get(c["m"]["a"])[0, 0].item() for c in reg.curvature_chain("tiny", "v10")] == list(
+        map(float, range(1, 11)))
+    freed = gc(reg, grace_seconds=0)
+    assert freed["removed"] == 5 and freed["bytes_freed"] < size
+    assert torch.equal(reg.tensors("tiny", "v4")[NAME], torch.full((4, 3), 14.0)) and verify(reg) == []
+    with pytest.raises(RegistryError, match="keep_last must be at least 1"):
+        reg.prune("tiny", keep_last=0)
+
+
+def test_a_reused_blob_is_touched_so_gc_grace_covers_it(tmp_path):
+    reg = new_registry(tmp_path)
+    digest = reg.blobs.put(torch.ones(3))
+    old = reg.blobs.path(digest).stat().st_mtime - 7200
+    os.utime(reg.blobs.path(digest), (old, old))
+    assert reg.blobs.put(torch.ones(3)) == digest  # a commit reusing it, before its manifest is written
+    assert gc(reg, grace_seconds=3600)["removed"] == 0
 
 
 WORKER = textwrap.dedent("""

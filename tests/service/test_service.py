@@ -678,3 +678,30 @@ def test_an_export_carries_its_model_card_and_provenance_and_downloads_as_a_tar(
     served = score["choices"][0]["logprobs"]["token_logprobs"][1:]
     logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
     assert logp.gather(1, ids[0, 1:, None])[:, 0].tolist() == pytest.approx(served, abs=1e-4)
+
+
+def test_a_pruned_version_answers_410_and_names_the_versions_kept(service):
+    """Retention (run last: it prunes the versions the tests above made): records stay, weights go, 410 says so."""
+    from safetensors.torch import load_file
+
+    from registry import Registry
+
+    admin, reader = api(service, "admin"), api(service, "reader")
+    reg = Registry(service["tmp"] / "registry")
+    name = "model.layers.1.mlp.down_proj.weight"
+    base = load_file(service["tmp"] / "tiny" / "model.safetensors")[name]
+    for k in range(1, 4):  # three versions of our own on top of the head
+        reg.commit("tiny", reg.resolve("tiny", "latest"), {name: base + 0.01 * k}, originals={name: base})
+    pruned = reg.prune("tiny", keep_last=2)
+    assert pruned, "the versions the tests above made"
+    gone = reader.get(f"/v1/registry/tiny/versions/{pruned[-1]}")
+    kept = [v.id for v in reg.versions("tiny") if not v.pruned]
+    assert gone.status_code == 410 and gone.json()["kept"] == kept and "was pruned" in gone.json()["detail"]
+    asked = reader.post("/v1/completions", json={"model": f"tiny@{pruned[-1]}", "prompt": "The", "max_tokens": 1})
+    assert asked.status_code == 410 and asked.json()["error"]["type"] == "version_pruned"
+    assert admin.put("/v1/registry/tiny/aliases/old", json={"version": pruned[-1]}).status_code == 410
+    assert admin.post("/v1/registry/tiny/rollback", json={"to": pruned[-1]}).status_code == 410
+    listed = {v["id"]: v["pruned"] for v in reader.get("/v1/registry/tiny/versions").json()["data"]}
+    assert listed[pruned[-1]]["policy"] == {"keep_last": 2, "keep_every": 0} and not listed[kept[-1]]
+    latest = reader.post("/v1/completions", json={"model": "tiny@latest", "prompt": "The", "max_tokens": 1})
+    assert latest.status_code == 200
