@@ -98,9 +98,14 @@ class CurvatureCache:
 
         EK-FAC corrections belong to the old eigenbasis, so they are dropped from the folded cache.
         """
-        factors = {name: merge_factors([f, edit_factors[name]]) for name, f in self.factors.items()}
+        factors = {name: merge_factors([f, edit_factors[name].to(f.A.device)]) for name, f in self.factors.items()}
         folds = int(self.meta.get("edit_folds", 0)) + 1
         return replace(self, factors=factors, ekfac=None, meta={**self.meta, "edit_folds": folds})
+
+    def to(self, device: torch.device | str) -> CurvatureCache:
+        """The same cache with its factors on ``device`` (a GPU worker folds and decomposes them there)."""
+        ekfac = {n: v.to(device) for n, v in self.ekfac.items()} if self.ekfac else None
+        return replace(self, factors={n: f.to(device) for n, f in self.factors.items()}, ekfac=ekfac)
 
     def subset(self, layers: tuple[int, ...], names: list[str]) -> CurvatureCache:
         """The factors of some of the cache's layers (``names``: their module names, in the same order)."""

@@ -165,9 +165,11 @@ class OwnCurvature:
         self.factors: dict[str, KFACFactors] = {}
         self.parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = {n: [] for n in modules}
 
-    def add(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, KFACFactors]:
-        """Take in one chunk's per-token features; returns that chunk's factors."""
-        chunk = {n: factors_from_features(a, g) for n, (a, g) in features.items()}
+    def add(
+        self, features: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    ) -> dict[str, KFACFactors]:
+        """Take in one chunk's per-token features; returns that chunk's factors, computed on ``device``."""
+        chunk = {n: factors_from_features(a.to(device), g.to(device)) for n, (a, g) in features.items()}
         self.factors = {n: merge_factors([self.factors[n], f]) if n in self.factors else f for n, f in chunk.items()}
         if self.parts is not None:
             for n, ag in features.items():
@@ -376,6 +378,7 @@ def edit(
         config = replace(config, lr=default_lr(params))
         log.info("learning rate %.2g (default_lr: the edited weights' RMS against SmolLM2's)", config.lr)
     started = clock.now(device)
+    cache = cache.to(device) if cache is not None else None  # folds and eigendecompositions on the model's device
     try:
         projectors = make_projectors(cache, config, names, fan_in_fan_out, device)
         warn_unconstrained(names, projectors, config.energy)
@@ -397,7 +400,7 @@ def edit(
             epoch_losses += losses
             step_seconds += seconds
             if config.sequential_chunk and cache is not None:
-                chunk_factors = own.add(edit_features(model, tokenizer, chunk, modules, STATS_BATCH))
+                chunk_factors = own.add(edit_features(model, tokenizer, chunk, modules, STATS_BATCH), device)
                 state = state.folded(chunk_factors)  # O(1) per chunk: the merge is a running token-weighted mean
                 if start + chunk_size < len(requests):  # later chunks are projected to protect this one
                     optimizer.set_projectors(make_projectors(state, config, names, fan_in_fan_out, device))

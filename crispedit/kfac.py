@@ -35,6 +35,9 @@ class KFACFactors:
     S: torch.Tensor
     num_tokens: int
 
+    def to(self, device: torch.device | str) -> KFACFactors:
+        return KFACFactors(self.A.to(device), self.S.to(device), self.num_tokens)
+
 
 def merge_factors(parts: Iterable[KFACFactors]) -> KFACFactors:
     """Token-weighted average of factors (paper Alg. 2 line 6): A = Σ_c N_c A_c / Σ_c N_c, same for S."""
