@@ -3,7 +3,7 @@
 Switching from version a to version b writes b's tensors and puts the base value back for tensors that
 only a changed. Tensors come from an LRU of recently used versions, so a switch is a few in-memory
 copies (milliseconds). Readers of one version share the weights; a switch waits until no reader is
-inside, so a query never runs on half-swapped weights.
+inside, so a query never runs on half-swapped weights. One batch may also mix versions (``use_rows``).
 """
 
 from __future__ import annotations
@@ -99,6 +99,55 @@ class HotSwapModel:
             if self.current != version_id:
                 self._switch(version_id)
         return version_id
+
+    def _row_weights(self, host: str, version_id: str) -> dict[str, torch.Tensor]:
+        """The tensors in which ``version_id`` differs from ``host``, at ``version_id``'s values."""
+        host_digests, _ = self._version_tensors(host)
+        digests, tensors = self._version_tensors(version_id)
+        return {n: tensors[n] if n in digests else self._base_value(n)
+                for n in set(digests) | set(host_digests) if digests.get(n) != host_digests.get(n)}
+
+    @contextlib.contextmanager
+    def use_rows(self, rows_of: dict[str, list[int]]) -> Iterator[nn.Module]:
+        """Run one batch whose rows ask for different versions (``{version ref: row indices}``).
+
+        The version with the most rows is put in place; for every other version, each tensor it changed
+        differently is applied to its own rows by a forward hook on the module holding it, out[rows] = x[rows] Wᵀ
+        (+ bias). Every layer those versions did not change is shared by all the rows. Hooks act only in the
+        calling thread, so other readers of the model never see them.
+        """
+        ids = {self.registry.resolve(self.name, ref): rows for ref, rows in rows_of.items()}
+        host = max(ids, key=lambda v: (len(ids[v]), v == self.current))
+        owner = threading.get_ident()
+        modules = dict(self.model.named_modules())
+        hooks = []
+
+        def override(module: nn.Module, rows: torch.Tensor, weight: torch.Tensor):
+            transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores (d_in, d_out)
+
+            def hook(_, inputs, output):
+                if threading.get_ident() == owner:
+                    x = inputs[0][rows]
+                    y = x @ weight if transposed else x @ weight.T
+                    output[rows] = y if module.bias is None else y + module.bias
+                return output
+            return module.register_forward_hook(hook)
+
+        with self.use(host) as model:
+            try:
+                with self._cond:
+                    others = {v: self._row_weights(host, v) for v in ids if v != host}
+                for version_id, weights in others.items():
+                    rows = torch.tensor(ids[version_id], device=next(iter(self.params.values())).device)
+                    for name, weight in weights.items():
+                        module = modules[name.rsplit(".", 1)[0]]
+                        if name.rsplit(".", 1)[1] != "weight" or type(module).__name__ not in ("Linear", "Conv1D"):
+                            raise ValueError(f"{name} cannot be applied per row; serve {version_id} on its own")
+                        hooks.append(override(module, rows, weight))
+                yield model
+            finally:
+                for h in hooks:
+                    h.remove()
 
     @contextlib.contextmanager
     def use(self, ref: str) -> Iterator[nn.Module]:

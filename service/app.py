@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     reg = Registry(settings.registry_root)
     servers = {name: ModelServer(name, base, reg, settings.device, settings.generation_slots,
-                                 settings.dtype)
+                                 settings.dtype, settings.generation_batch)
                for name, base in settings.model_bases().items()}
 
     @asynccontextmanager

@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from crispedit.models import load_model, model_fingerprint
 from registry import Gone, HotSwapModel, NotFound, Registry, RegistryError
+from service.batching import Batcher, Job, RowLimits
 from service.metrics import TOKENS_GENERATED
 
 QUEUED_PIECES = 64  # text pieces a stream runs ahead of its reader
@@ -159,7 +160,7 @@ class ModelServer:
     """One loaded base model serving every version of one registered model."""
 
     def __init__(self, name: str, base: str, registry: Registry, device: str = "auto", slots: int = 4,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", batch: int = 16) -> None:
         self.name = name
         # at most `slots` forward passes at once: beyond a few, CPU threads only thrash
         self.slots = threading.BoundedSemaphore(slots)
@@ -168,6 +169,10 @@ class ModelServer:
         registry.create_model(name, base, model_fingerprint(self.model))
         self.holder = HotSwapModel(self.model, registry, name)
         self.device = next(self.model.parameters()).device
+        ends = self.model.generation_config.eos_token_id
+        self.eos_ids = {*(ends if isinstance(ends, list) else [ends] if ends is not None else []),
+                        self.tokenizer.eos_token_id} - {None}
+        self.batcher = Batcher(self._run_batch, self.slots, batch, name=f"batcher-{name}")
 
     def resolve(self, ref: str | None) -> str:
         if ref is None:
@@ -227,12 +232,18 @@ class ModelServer:
         prompt_ids = inputs["input_ids"][0].tolist()
         if max_tokens == 0:  # echo alone: the prompt is scored, nothing generated
             return Generation("", "length", len(prompt_ids), 0, prompt_ids, [])
-        criteria = StoppingCriteriaList([Cancelled(cancel)]) if cancel is not None else None
-        with self.slots, self.holder.use(version) as model:
-            out = model.generate(**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed),
-                                 stopping_criteria=criteria,
-                                 **({"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}))
-        new = out[0, len(prompt_ids):].tolist()
+        sample = temperature >= 1e-4
+        if sample and seed is not None:  # its own sampler, seeded: it cannot share a batch
+            criteria = StoppingCriteriaList([Cancelled(cancel)]) if cancel is not None else None
+            with self.slots, self.holder.use(version) as model:
+                out = model.generate(**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed),
+                                     stopping_criteria=criteria,
+                                     **({"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}))
+            new = out[0, len(prompt_ids):].tolist()
+        else:
+            new = self._batched(Job(version, prompt_ids, max_tokens, stop or [],
+                                    (sample, temperature if sample else None, top_p if sample else None),
+                                    cancel or threading.Event()))
         text, stopped = self._cut(self.tokenizer.decode(new, skip_special_tokens=True), stop or [])
         if stopped:  # the tokens through the one the stop sequence starts in
             new = next((new[:k] for k in range(1, len(new) + 1)
@@ -240,6 +251,40 @@ class ModelServer:
         reason = finish_reason(new, max_tokens, stopped, self.tokenizer.eos_token_id)
         TOKENS_GENERATED.labels(self.name).inc(len(new))
         return Generation(text, reason, len(prompt_ids), len(new), prompt_ids, new)
+
+    def _batched(self, job: Job) -> list[int]:
+        """A job's generated tokens, from a batch shared with the other requests pending for its version."""
+        self.batcher.submit(job)
+        while not job.done.wait(0.25):
+            if job.cancel.is_set() and self.batcher.withdraw(job):
+                return []
+        if job.error is not None:
+            raise job.error
+        return job.new_ids
+
+    @torch.no_grad()
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """One generation for every job of a batch (one sampling setting, any versions), rows left-padded."""
+        sample, temperature, top_p = jobs[0].key
+        rows_of: dict[str, list[int]] = {}
+        for row, job in enumerate(jobs):
+            rows_of.setdefault(job.version, []).append(row)
+        width = max(len(j.prompt_ids) for j in jobs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, job in enumerate(jobs):
+            ids[row, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
+            mask[row, width - len(job.prompt_ids):] = 1
+        limits = RowLimits(jobs, width, self.tokenizer, self.eos_ids)
+        kwargs = self._gen_kwargs(max(j.max_tokens for j in jobs), temperature if sample else 0.0,
+                                  top_p if sample else 1.0, None)
+        with self.holder.use_rows(rows_of) as model:
+            out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs,
+                                 stopping_criteria=StoppingCriteriaList([limits]))
+        for row, job in enumerate(jobs):
+            new = out[row, width:].tolist()
+            job.new_ids = new[: limits.lengths[row]] if limits.lengths[row] is not None else new[: job.max_tokens]
 
     @torch.no_grad()
     def token_logprobs(self, version: str, ids: list[int], top: int) -> tuple[list[float | None], list[dict | None]]:
