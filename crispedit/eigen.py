@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-# the precision of the eigendecompositions, on the factors' own device. On SmolLM2's cache fp32 gives the same
-# γ-mask as fp64 and a projected step of the same curvature to 5 digits (lab/eigh_precision.py), in half the time
-# on a CPU; a GPU's fp64 throughput is a fraction of its fp32
+# the precision of the eigendecompositions, on the factors' own device. On SmolLM2's cache fp32 keeps the same
+# share of directions as fp64 and gives a projected step of the same curvature to 5 digits (lab/eigh_precision.py),
+# in half the time on a CPU; a GPU's fp64 throughput is a fraction of its fp32
 EIGH_PRECISION = torch.float32
 
 

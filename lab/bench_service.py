@@ -36,7 +36,7 @@ DONE = {"succeeded", "rejected", "failed", "cancelled"}
 class Stack:
     """`crispedit serve` (API, one worker, embedded Redis) on its own registry, sharing converted models."""
 
-    def __init__(self, home: Path, root: Path, coalesce_max: int, curvature: Path) -> None:
+    def __init__(self, home: Path, root: Path, coalesce_max: int, curvature: Path, extra: dict | None = None) -> None:
         (root / "registry" / "curvature").mkdir(parents=True, exist_ok=True)
         if curvature.exists():
             shutil.copy(curvature, root / "registry" / "curvature" / "smollm2.safetensors")
@@ -44,7 +44,7 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CRISPEDIT_")}
         env.update(CRISPEDIT_HOME=str(home), CRISPEDIT_REGISTRY_ROOT=str(root / "registry"),
-                   CRISPEDIT_API_KEYS=f"{KEY}:admin", CRISPEDIT_COALESCE_MAX=str(coalesce_max))
+                   CRISPEDIT_API_KEYS=f"{KEY}:admin", CRISPEDIT_COALESCE_MAX=str(coalesce_max), **(extra or {}))
         self.log = root / "serve.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(self.port)],
                                      env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
