@@ -264,7 +264,19 @@ class ModelServer:
 
     @torch.no_grad()
     def _run_batch(self, jobs: list[Job]) -> None:
-        """One generation for every job of a batch (one sampling setting, any versions), rows left-padded."""
+        """One generation for every job of a batch (one sampling setting, any versions), rows left-padded.
+
+        A version that cannot be loaded (pruned, damaged) fails its own jobs, not the batch."""
+        for version in {j.version for j in jobs}:
+            try:
+                self.holder.preload(version)
+            except Exception as err:
+                for job in jobs:
+                    if job.version == version:
+                        job.error = err
+        jobs = [j for j in jobs if j.error is None]
+        if not jobs:
+            return
         sample, temperature, top_p = jobs[0].key
         rows_of: dict[str, list[int]] = {}
         for row, job in enumerate(jobs):

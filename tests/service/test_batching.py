@@ -98,3 +98,32 @@ def test_one_batch_serves_several_versions_each_with_its_own_edited_layers(serve
     assert batches == [["v0", "v1", "v2"]]
     assert [results[i].new_ids for i in range(len(asks))] == expected
     assert alone(server, "Water boils at", 10, "v0") == expected[1]  # no hook is left behind
+
+
+def test_a_version_that_cannot_load_fails_its_own_rows_only(server):
+    from registry import BlobError
+
+    reg, params = server.registry, dict(server.model.named_parameters())
+    name = "model.layers.0.mlp.down_proj.weight"
+    damaged = reg.commit("tiny", reg.resolve("tiny", "latest"), {name: params[name].detach() + 1.0},
+                         originals={name: params[name].detach()})
+    reg.blobs.path(damaged.tensors[name]).write_bytes(b"not a tensor")  # a disk fault after the commit
+    expected = alone(server, "Water boils at", 6, "v2")
+    results: dict[str, object] = {}
+
+    def ask(version: str) -> None:
+        try:
+            results[version] = server.generate(version, "Water boils at", 6, temperature=0.0)
+        except BlobError as err:
+            results[version] = err
+
+    server.slots.acquire()
+    threads = [threading.Thread(target=ask, args=(v,)) for v in (damaged.id, "v2")]
+    for t in threads:
+        t.start()
+    while len(server.batcher.pending) < 2:
+        threading.Event().wait(0.01)
+    server.slots.release()
+    for t in threads:
+        t.join(timeout=60)
+    assert isinstance(results[damaged.id], BlobError) and results["v2"].new_ids == expected
