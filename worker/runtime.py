@@ -56,6 +56,7 @@ def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
                  settings.cache_samples, settings.cache_seq_len)
         capability = build_cache(model, tok, layers, settings.corpus, settings.cache_samples, settings.cache_seq_len)
         capability.save(path)
+    capability = capability.to(next(model.parameters()).device)  # folded and decomposed there for every edit
     # held-out text for the capability guard, sampled from the base model itself (no dataset needed)
     guard = [tok.decode(ids, skip_special_tokens=True) for ids in sample_from_model(model, tok, 8, 64, seed=12345,
                                                                             progress=False)]
