@@ -5,8 +5,9 @@ model is built from a config on the device; the tokenizer is a small byte-level 
 synthetic edits, whose ids all lie inside the model's vocabulary. For each shape it measures, with synchronised
 timers, and writes after every phase (so a run cut short keeps what it measured):
 
-- ``cache``: the K-FAC pass over SAMPLES × SEQ_LEN random tokens for the 5 edited layers, and the projectors'
-  eigendecompositions on the GPU (fp32, and fp64 beside it on the smaller shape);
+- ``cache``: the K-FAC pass over SAMPLES × SEQ_LEN random tokens for the 5 edited layers, the projectors'
+  eigendecompositions on the GPU (fp32, and fp64 beside it on the smaller shapes), and one projection of every
+  layer's gradient (a step's share of the work);
 - ``ft_vs_crispedit``: one epoch of EDITS synthetic edits at batch 32, FT against CrispEdit: the median step,
   and the wall time of 25 epochs extrapolated from it (CrispEdit's includes its one projector build);
 - ``coalescing``: 32 edits posted together as one job against single-edit jobs, each job as a worker runs it
@@ -127,16 +128,25 @@ def build_cache(model, samples: int, seq_len: int, device: torch.device) -> tupl
                    "peak_gb": peak_memory_gb(device)}
 
 
-def projector_seconds(cache: CurvatureCache, device: torch.device, precision: torch.dtype) -> float:
+def projectors_timed(cache: CurvatureCache, device: torch.device, precision: torch.dtype) -> tuple[float, float]:
+    """(seconds to build the projectors, milliseconds of one projection of every layer's gradient: a step's share)."""
     import crispedit.eigen
 
     saved, crispedit.eigen.EIGH_PRECISION = crispedit.eigen.EIGH_PRECISION, precision
     try:
         started = clock.now(device)
-        make_projectors(cache, EditConfig(energy=0.8), list(cache.factors), False, device)
-        return round(clock.now(device) - started, 2)
+        projectors = make_projectors(cache, EditConfig(energy=0.8), list(cache.factors), False, device)
+        built = clock.now(device) - started
     finally:
         crispedit.eigen.EIGH_PRECISION = saved
+    grads = [torch.randn(len(f.S), len(f.A), device=device) for f in cache.factors.values()]
+    times = []
+    for _ in range(5):
+        started = clock.now(device)
+        for projector, grad in zip(projectors, grads, strict=True):
+            projector(grad)
+        times.append(clock.now(device) - started)
+    return round(built, 2), round(1000 * statistics.median(times), 1)
 
 
 def ft_vs_crispedit(model, tok, cache: CurvatureCache, edits: list[EditRequest], device, build_s: float) -> dict:
@@ -214,9 +224,9 @@ def main() -> None:
         save(shape, "model", {"parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
                        "init_s": round(clock.now(device) - started, 2), "weights_gb": peak_memory_gb(device)})
         cache, built = build_cache(model, args.samples, args.seq_len, device)
-        built["eigh_fp32_s"] = projector_seconds(cache, device, torch.float32)
+        built["eigh_fp32_s"], built["projection_ms"] = projectors_timed(cache, device, torch.float32)
         if shape != "8b":  # fp64 beside it, where it fits the time
-            built["eigh_fp64_s"] = projector_seconds(cache, device, torch.float64)
+            built["eigh_fp64_s"], _ = projectors_timed(cache, device, torch.float64)
         save(shape, "cache", built)
         save(shape, "ft_vs_crispedit", ft_vs_crispedit(model, tok, cache, edits, device, built["eigh_fp32_s"]))
         if shape in args.coalesce_on.split(","):
