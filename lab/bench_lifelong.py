@@ -12,7 +12,8 @@ apart) in all and per version. Rejected batches are counted and left out of the 
 
 Usage: .venv/bin/python -m lab.bench_lifelong --n 300 [--checkpoints 100,200,300] [--window 100]
        [--minutes M] [--cache CACHE] [--out runs/lifelong]    (needs ../shared/data; a built cache saves a
-       first build; after M minutes the edits still queued are cancelled and the rest measured)
+       first build; after M minutes the edits still queued are cancelled and the rest measured;
+       --measure-only measures the registry of an earlier run at --checkpoints)
 """
 
 from __future__ import annotations
@@ -123,12 +124,20 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=100, help="edits in the first and last timing windows")
     parser.add_argument("--cache", default="", help="a built curvature cache for SmolLM2 (saves a first build)")
     parser.add_argument("--minutes", type=float, default=1e9, help="cancel the edits still queued after this long")
+    parser.add_argument("--measure-only", action="store_true", help="measure the registry in --out, post nothing")
     parser.add_argument("--home", default=str(Path.home() / ".cache" / "crispedit"))
     parser.add_argument("--out", default="runs/lifelong")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     requests = load_edit_dataset("zsre", n=args.n, offset=args.offset)
+    if args.measure_only:  # a run's registry, measured again (other checkpoints, or after a cut-short run)
+        report = {"disk": disk(out / "registry"),
+                  "checkpoints": checkpoint_rows(out / "registry", requests,
+                                                 [int(c) for c in args.checkpoints.split(",")])}
+        (out / "checkpoints.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(report["disk"]))
+        return
     # one client posts every edit: the per-key rate limit would refuse most of them
     stack = Stack(Path(args.home), out, coalesce_max=32, curvature=Path(args.cache),
                   extra={"CRISPEDIT_EDIT_POSTS_PER_MINUTE": "0"})
@@ -141,11 +150,12 @@ def main() -> None:
     finally:
         stack.stop()
     done = list(jobs.values())
+    ended = [j for j in done if j["status"] in ("succeeded", "rejected")]  # a cancelled job never ran
     statuses = [j["status"] for j in done]
     report = {"n": len(requests), "date": time.strftime("%Y-%m-%d"), "wall_s": round(max(j["updated_at"]
-              for j in done) - started, 1), **{s: statuses.count(s) for s in sorted(set(statuses))},
-              "batches": len({tuple(sorted(j["batch"] or [j["id"]])) for j in done}),
-              "seconds_per_edit": seconds_per_edit(done, started, args.window),
+              for j in ended) - started, 1), **{s: statuses.count(s) for s in sorted(set(statuses))},
+              "batches": len({tuple(sorted(j["batch"] or [j["id"]])) for j in ended}),
+              "seconds_per_edit": seconds_per_edit(ended, started, args.window),
               "api_rss_mb": {"first": round(rss[0]), "max": round(max(rss)), "last": round(rss[-1])},
               "disk": disk(out / "registry"),
               "rejections": sorted({j["error"] for j in done if j["status"] == "rejected"})[:5]}
@@ -154,7 +164,7 @@ def main() -> None:
     report["checkpoints"] = checkpoint_rows(out / "registry", requests,
                                             [int(c) for c in args.checkpoints.split(",")])
     (out / "lifelong.json").write_text(json.dumps(report, indent=1))
-    print("median batch size:", statistics.median(len(j["batch"] or [1]) for j in done))
+    print("median batch size:", statistics.median(len(j["batch"] or [1]) for j in ended))
 
 
 if __name__ == "__main__":
