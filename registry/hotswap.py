@@ -116,7 +116,9 @@ class HotSwapModel:
         (+ bias). Every layer those versions did not change is shared by all the rows. Hooks act only in the
         calling thread, so other readers of the model never see them.
         """
-        ids = {self.registry.resolve(self.name, ref): rows for ref, rows in rows_of.items()}
+        ids: dict[str, list[int]] = {}
+        for ref, rows in rows_of.items():  # two names of one version ("latest", "v3") share its weights
+            ids.setdefault(self.registry.resolve(self.name, ref), []).extend(rows)
         host = max(ids, key=lambda v: (len(ids[v]), v == self.current))
         owner = threading.get_ident()
         modules = dict(self.model.named_modules())

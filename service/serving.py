@@ -253,7 +253,7 @@ class ModelServer:
         return Generation(text, reason, len(prompt_ids), len(new), prompt_ids, new)
 
     def _batched(self, job: Job) -> list[int]:
-        """A job's generated tokens, from a batch shared with the other requests pending for its version."""
+        """A job's generated tokens, from a batch shared with the other requests pending with its sampling settings."""
         self.batcher.submit(job)
         while not job.done.wait(0.25):
             if job.cancel.is_set() and self.batcher.withdraw(job):
