@@ -98,6 +98,14 @@ def test_one_batch_serves_several_versions_each_with_its_own_edited_layers(serve
     assert batches == [["v0", "v1", "v2"]]
     assert [results[i].new_ids for i in range(len(asks))] == expected
     assert alone(server, "Water boils at", 10, "v0") == expected[1]  # no hook is left behind
+    # two names of one version in one batch: both rows get its weights (here "latest" is v2)
+    x = server._inputs("Water boils at")["input_ids"].repeat(3, 1)
+    with torch.no_grad():
+        with server.holder.use_rows({"v0": [0], "v2": [1], "latest": [2]}) as model:
+            logits = model(input_ids=x).logits
+        with server.holder.use("v2") as model:
+            solo = model(input_ids=x[:1]).logits
+    torch.testing.assert_close(logits[1:], solo.expand(2, -1, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_a_version_that_cannot_load_fails_its_own_rows_only(server):
