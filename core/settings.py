@@ -82,8 +82,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(256, description="upper bound on max_tokens of a completion")
     generation_slots: int = Field(4, ge=1, description="per model: at most this many generations run at once in the "
                                                        "API process; the rest wait their turn")
-    generation_batch: int = Field(16, ge=1, description="per model: concurrent completions of one version and "
-                                  "sampling setting share each forward pass, up to this many (1: each alone)")
+    generation_batch: int = Field(16, ge=1, description="per model: concurrent completions with the same "
+                                  "sampling settings share each forward pass, whatever version each asks for, up to "
+                                  "this many (1: each alone)")
     alias_poll_seconds: float = Field(5.0, gt=0, description="API processes preload newly aliased versions when "
                                       "notified over Redis pub/sub, and poll the registry this often as fallback")
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda[:N]")

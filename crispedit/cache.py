@@ -176,7 +176,8 @@ def build_cache(
     corpus = parts[0][0]
     modules = editable_modules(model, layers)
     windows = capability_windows(model, tokenizer, corpus, n_samples, seq_len, seed=seed)
-    started = clock.now(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    started = clock.now(device)
     with Bar(total=sum(len(w) - 1 for w in windows), unit="tok", desc="K-FAC", disable=not progress) as bar:
         factors = kfac_factors(model, modules, batches_of(windows, batch_size), fisher, seed, on_batch=bar.update)
     corrected = None
@@ -198,7 +199,7 @@ def build_cache(
             "samples": n_samples,
             "seq_len": seq_len,
             "fisher": fisher,
-            "seconds": round(clock.now(next(model.parameters()).device) - started, 2),
+            "seconds": round(clock.now(device) - started, 2),
         },
         ekfac=None if corrected is None else {k: v.cpu() for k, v in corrected.items()},
     )

@@ -23,6 +23,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 
@@ -76,20 +77,20 @@ def disk(root: Path) -> dict:
 
 def checkpoint_rows(root: Path, requests, checkpoints: list[int]) -> list[dict]:
     from crispedit.capability import heldout_texts, mean_kl, perplexity
-    from crispedit.corpus import sample_from_model
     from crispedit.evaluate import edit_quality
     from crispedit.models import load_model
-    from crispedit.neighbours import first_line, greedy_answers
+    from lab.bench_neighbours import unchanged
     from registry import HotSwapModel, Registry
+    from worker.runtime import guard_texts
 
     model, tok = load_model("smollm2", device="cpu")
     reg = Registry(root)
     holder = HotSwapModel(model, reg, "smollm2")
+    runtime = SimpleNamespace(model=model, tokenizer=tok, holder=holder)  # what bench_neighbours.unchanged reads
     by_prompt = {r.prompt: r for r in requests}
     applied, rows = [], []
     lineage = reg.lineage("smollm2", "latest")[::-1]
-    guard = [tok.decode(ids, skip_special_tokens=True) for ids in sample_from_model(model, tok, 8, 64, seed=12345,
-                                                                                    progress=False)]
+    guard = guard_texts(model, tok)
     paragraphs = heldout_texts(shared_data_dir() / "capability/wikitext2/wiki.test.raw", 40)
     holder.switch_to("v0")
     base_ppl = perplexity(model, tok, paragraphs)
@@ -100,17 +101,14 @@ def checkpoint_rows(root: Path, requests, checkpoints: list[int]) -> list[dict]:
         if not todo or len(applied) < todo[0]:
             continue
         todo.pop(0)
-        loc = [r.locality_prompt for r in applied if r.locality_prompt][:100]
-        holder.switch_to("v0")
-        before = [first_line(tok, a) for a in greedy_answers(model, tok, loc)]
-        holder.switch_to(version.id)
-        after = [first_line(tok, a) for a in greedy_answers(model, tok, loc)]
+        # the share of locality answers kept; unchanged() leaves ``version`` in place for the rows below
+        loc, _ = unchanged(runtime, version.id, [r.locality_prompt for r in applied if r.locality_prompt][:100])
         rel = edit_quality(model, tok, applied, generated=False)["rel_tf"]
         ppl = perplexity(model, tok, paragraphs)
         tensors = reg.tensors("smollm2", version.id)
         kl = mean_kl(model, tok, guard, {n: base[n] for n in tensors}, tensors)
         rows.append({"edits": len(applied), "version": version.id, "rel_tf": round(rel, 3),
-                     "loc": round(sum(b == a for b, a in zip(before, after, strict=True)) / len(loc), 3),
+                     "loc": round(loc, 3),
                      "kl": round(kl, 4), "ppl_change_pct": round(100 * (ppl / base_ppl - 1), 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows

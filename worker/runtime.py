@@ -38,6 +38,12 @@ def curvature_path(settings: Settings, name: str) -> Path:
     return settings.registry_root / "curvature" / f"{name}.safetensors"
 
 
+def guard_texts(model, tok) -> list[str]:
+    """Held-out text for the capability guard, sampled from the base model itself (no dataset needed)."""
+    return [tok.decode(ids, skip_special_tokens=True)
+            for ids in sample_from_model(model, tok, 8, 64, seed=12345, progress=False)]
+
+
 def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
     settings = settings or get_settings()
     base = settings.model_bases()[name]
@@ -57,9 +63,7 @@ def load_runtime(name: str, settings: Settings | None = None) -> ModelRuntime:
         capability = build_cache(model, tok, layers, settings.corpus, settings.cache_samples, settings.cache_seq_len)
         capability.save(path)
     capability = capability.to(next(model.parameters()).device)  # folded and decomposed there for every edit
-    # held-out text for the capability guard, sampled from the base model itself (no dataset needed)
-    guard = [tok.decode(ids, skip_special_tokens=True) for ids in sample_from_model(model, tok, 8, 64, seed=12345,
-                                                                            progress=False)]
+    guard = guard_texts(model, tok)
     anchors = load_anchors(model, tok, settings.anchors) if settings.anchors else None
     text = load_text_anchors(model, tok, source) if (source := settings.text_anchor_source()) else None
     log.info("%s: loaded %s with its curvature cache (%d tokens)%s%s", name, base, capability.num_tokens,

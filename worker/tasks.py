@@ -120,11 +120,11 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         if payload.get("promote"):
             rt.registry.set_alias(name, "production", version.id)
         announce_aliases(store.redis, rt.settings.key_prefix, rt.registry, name)
-        if rt.settings.keep_last:
-            retain(rt)
         for job_id in ids:
             store.finish(name, job_id, status="succeeded", version=version.id, metrics=outcome["metrics"])
         log.info("%s: %d edit(s) from %d request(s) committed as %s", name, len(requests), len(ids), version.id)
+        if rt.settings.keep_last:
+            retain(rt)
     except (EditError, ValueError, TypeError, Conflict) as err:
         for job_id in ids:
             store.finish(name, job_id, status="failed", error=str(err))
@@ -135,10 +135,15 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
 
 
 def retain(rt: ModelRuntime) -> None:
-    """The retention policy: prune the weights of versions it does not keep, then free their blobs."""
-    pruned = rt.registry.prune(rt.name, rt.settings.keep_last, rt.settings.keep_every)
+    """The retention policy: prune the weights of versions it does not keep, then free their blobs. Run once the
+    jobs are finished: a failure here leaves the next commit to prune, and never fails an edit already committed."""
+    try:
+        pruned = rt.registry.prune(rt.name, rt.settings.keep_last, rt.settings.keep_every)
+        freed = gc(rt.registry, grace_seconds=PRUNE_GC_GRACE) if pruned else None
+    except Exception:
+        log.error("%s: retention failed; the next commit tries again: %s", rt.name, traceback.format_exc())
+        return
     if pruned:
-        freed = gc(rt.registry, grace_seconds=PRUNE_GC_GRACE)
         log.info("%s: retention pruned %s; %d unreferenced blob(s) freed (%.1f MB)", rt.name, ", ".join(pruned),
                  freed["removed"], freed["bytes_freed"] / 1e6)
 
