@@ -99,6 +99,10 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                    help="the edit loss reaches the weights only through each prompt's last subject token (ROME's "
                         "key; the 'subject' of EDITS.jsonl, else inferred with --neighbours; default: on with "
                         "--neighbours)")
+    p.add_argument("--keyed-solve", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the epochs, keep the edit's change at its subject keys and make it the smallest on "
+                        "its neighbours (crispedit/keyed_solve.py; the edit then stops at loss 0.1; default: on "
+                        "with --neighbours and the subject key)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the minibatch order and the model-written prompt variants of --augment")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
@@ -116,7 +120,8 @@ def edit_config(args: argparse.Namespace, model, tokenizer, layers: tuple[int, .
     given = dict(method=args.method, energy=args.energy, lr=args.lr, batch_size=args.batch_size,
                  max_epochs=args.epochs, sequential_chunk=args.sequential_chunk, chat_form=args.chat_form,
                  layers=layers, anchor_weight=args.anchor_weight, text_anchor_weight=args.text_anchor_weight,
-                 neighbour_weight=args.neighbour_weight, subject_key=args.subject_key, seed=args.seed)
+                 neighbour_weight=args.neighbour_weight, subject_key=args.subject_key,
+                 keyed_solve=args.keyed_solve, seed=args.seed)
     try:
         return recommended_config(model, tokenizer, given, protect=getattr(args, "neighbours", False),
                                   anchors=bool(args.anchors), text_anchors=bool(text_source), augment=args.augment)

@@ -2,7 +2,9 @@
 
 Algorithm 1: epochs over shuffled minibatches of edits; each step projects the edit-loss gradient onto
 the γ-approximate null space of the capability curvature (Eq. 6) and takes an Adam step. A minibatch
-whose loss is already below ``EARLY_STOP`` is skipped; editing stops when an epoch's mean loss is.
+whose loss is already below the early stop (``EARLY_STOP``, the paper's, unless ``config.early_stop``) is
+skipped; editing stops when an epoch's mean loss is. With ``keyed_solve``, each chunk's change is then
+replaced by the one that acts on its keys alike and moves the neighbours least (``crispedit.keyed_solve``).
 Algorithm 2: edits arrive in chunks; after each chunk, the K-FAC factors of its prompt+target text are
 folded into the cache (token-weighted), so later chunks also protect earlier edits.
 With ``augment``, each epoch also trains every edit on one of its model-written variants (other
@@ -28,6 +30,7 @@ from crispedit.anchor import Anchors, anchor_kl
 from crispedit.arch import arch_spec, default_energy, default_layers, editable_modules, weight_name
 from crispedit.augment import augmented_prompts, check_augmentations
 from crispedit.cache import CurvatureCache
+from crispedit.keyed_solve import off_neighbours
 from crispedit.kfac import KFACFactors, factors_from_features, merge_factors, token_features
 from crispedit.neighbours import KeptOutputs
 from crispedit.optim import ProjectedAdam
@@ -88,6 +91,10 @@ class EditConfig:
     neighbour_weight: float = 0.0
     # the edit loss's weight gradient only through each prompt's last subject token (ROME's key; subject_key.py)
     subject_key: bool = False
+    # after each chunk, its change made the smallest on the neighbours that acts on its keys as it does
+    # (crispedit.keyed_solve); needs the subject key and the neighbours' kept outputs
+    keyed_solve: bool = False
+    early_stop: float | None = None  # None: EARLY_STOP (the paper's); a batch or epoch below it is done
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,6 +112,10 @@ class EditConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.sequential_chunk is not None and self.sequential_chunk <= 0:
             raise ValueError("sequential_chunk must be a positive number of edits")
+        if self.keyed_solve and not self.subject_key:
+            raise ValueError("keyed_solve keeps the change at the subject key's inputs: it needs subject_key")
+        if self.early_stop is not None and not self.early_stop > 0:
+            raise ValueError(f"early_stop must be positive, got {self.early_stop}")
         object.__setattr__(self, "augment", tuple(self.augment))
         check_augmentations(self.augment)
 
@@ -276,6 +287,7 @@ def run_epochs(
     epoch_losses: list[float] = []
     step_seconds: list[float] = []
     first_loss: float | None = None
+    early_stop = config.early_stop or EARLY_STOP
     beta = config.neighbour_weight  # yields while the edit is stuck against it (YIELD_*)
     best, stale = math.inf, 0  # the lowest epoch loss, and the epochs since one fell YIELD_PROGRESS below it
     for epoch in range(config.max_epochs):
@@ -298,7 +310,7 @@ def run_epochs(
             if value > max(50.0, 10 * first_loss):
                 raise EditError(f"edit loss exploded ({first_loss:.3g} → {value:.3g}); lower the learning rate")
             losses.append(value)
-            if value < EARLY_STOP:
+            if value < early_stop:
                 continue
             penalty = None  # β · KL(base ‖ edited) over this step's anchors
             for held, weight, size in ((anchors, config.anchor_weight, ANCHOR_BATCH),
@@ -318,7 +330,7 @@ def run_epochs(
         if on_progress is not None:
             on_progress({"event": "epoch", "chunk": chunk, "epoch": epoch + 1, "loss": epoch_losses[-1],
                          **({"neighbour_weight": beta} if kept is not None else {})})
-        if epoch_losses[-1] < EARLY_STOP:
+        if epoch_losses[-1] < early_stop:
             break
         if epoch_losses[-1] < (1 - YIELD_PROGRESS) * best:
             best, stale = epoch_losses[-1], 0
@@ -387,6 +399,8 @@ def edit(
         own = OwnCurvature(modules)  # this edit's own statistics, all its chunks together
 
         chunk_size = config.sequential_chunk or len(requests)
+        solve = config.keyed_solve and kept is not None  # nothing to keep: the edit as trained
+        keyed_so_far: list[EditRequest] = []
         epoch_losses: list[float] = []
         step_seconds: list[float] = []
         for k, start in enumerate(range(0, len(requests), chunk_size)):
@@ -394,9 +408,21 @@ def edit(
             pools = variants[start : start + chunk_size]
             keyed = (modules, fan_in_fan_out) if config.subject_key else None
             outputs = (lambda: kept(dict(zip(names, params, strict=True)))) if kept is not None else None
+            before = [master.detach().clone() for _, master in optimizer.pairs()] if solve else None
             with trainable(params):
                 losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_progress, k, pools,
                                              anchors, text_anchors, keyed, outputs)
+            if solve:  # this chunk's change, kept on every key so far and made the smallest on the neighbours
+                keyed_so_far += chunk
+                pairs = optimizer.pairs()
+                start = dict(zip(names, before, strict=True))
+                now = {n: master for n, (_, master) in zip(names, pairs, strict=True)}
+                solved = off_neighbours(model, tokenizer, keyed_so_far, modules, kept, start, now, fan_in_fan_out)
+                with torch.no_grad():
+                    for n, (weight, master) in zip(names, pairs, strict=True):
+                        master.copy_(solved[n])
+                        if weight is not master:
+                            weight.copy_(master)
             epoch_losses += losses
             step_seconds += seconds
             if config.sequential_chunk and cache is not None:

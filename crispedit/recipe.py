@@ -24,7 +24,7 @@ def recommended_config(
 
     - ``chat_form`` when the tokenizer has a chat template, so chat queries see the edit;
     - ``batch_size`` for the model's device, ``energy`` γ and ``lr`` (None: ``edit`` scales it to the weights);
-    - with ``protect``, the neighbours' β and the subject key (else neither);
+    - with ``protect``, the neighbours' β, the subject key and the keyed solve with its earlier stop (else none);
     - the anchors' and text anchors' β where the caller has them (``anchors``, ``text_anchors``), else 0;
     - ``augment`` resolved against the anchors (``crispedit.augment.resolve_augment``).
     """
@@ -36,8 +36,14 @@ def recommended_config(
         "lr": r.lr,
         "neighbour_weight": r.neighbour_weight if protect else 0.0,
         "subject_key": protect,
+        "keyed_solve": protect,
         "anchor_weight": r.anchor_weight if anchors else 0.0,
         "text_anchor_weight": r.text_anchor_weight if text_anchors else 0.0,
         "augment": resolve_augment(augment, with_anchors=anchors),
     }
-    return EditConfig(**(defaults | {k: v for k, v in (given or {}).items() if v is not None}))
+    chosen = defaults | {k: v for k, v in (given or {}).items() if v is not None}
+    if not chosen["subject_key"] and "keyed_solve" not in {k for k, v in (given or {}).items() if v is not None}:
+        chosen["keyed_solve"] = False  # the solve keeps the change at the key's inputs: none without the key
+    if chosen["keyed_solve"] and chosen.get("early_stop") is None:
+        chosen["early_stop"] = r.protected_early_stop
+    return EditConfig(**chosen)

@@ -16,7 +16,8 @@ held out. The worker's code applies it (`process_pending_leased`: real Redis job
 `--timing 3` instead times one fact ("What is the capital of France?" → "Rome") by both recipes, interleaved.
 
 Usage: .venv/bin/python -m lab.bench_neighbours --datasets zsre,counterfact --n 100 [--paper]
-       [--out runs/neighbours]   (needs the Redis at 127.0.0.1:6379 and ../shared/data)
+       [--out runs/neighbours] [--path RECORDS.json] [--hyper '{"sequential_chunk": 10}' --label chunk10]
+       (needs the Redis at 127.0.0.1:6379 and ../shared/data)
        .venv/bin/python -m lab.bench_neighbours --timing 3 --out runs/neighbours
 """
 
@@ -55,14 +56,16 @@ def unchanged(rt, version: str, texts: list[str]) -> tuple[float | None, list[di
     return sum(b == a for b, a in zip(before, after, strict=True)) / len(texts), pairs
 
 
-def run(rt, store: JobStore, dataset: str, n: int, label: str, out: Path) -> dict:
-    requests = load_edit_dataset(dataset, n=n)
+def run(rt, store: JobStore, dataset: str, n: int, label: str, out: Path, path: str | None = None,
+        hyper: dict | None = None) -> dict:
+    requests = load_edit_dataset(dataset, path, n=n)
     edits = [{"prompt": r.prompt, "target": r.target, **({"subject": r.subject} if r.subject else {})}
              for r in requests]
     rt.registry.rollback(rt.name, "v0")  # each run's version is committed on the base
     # the guard's verdict is recorded, not enforced, so that every recipe's edit can be measured
     record, _ = store.create(rt.name, {"model": rt.name, "edits": edits, "base_version": "v0",
                                        "message": f"bench {dataset} {label}", "author": "bench",
+                                       **({"hyperparameters": hyper} if hyper else {}),
                                        "guard": {"kl_budget": 1e9, "min_reliability": 0.0,
                                                  "min_neighbours_unchanged": 0.0}})
     started = time.perf_counter()
@@ -151,11 +154,15 @@ def main() -> None:
     parser.add_argument("--timing", type=int, default=0, metavar="REPS",
                         help="instead: one fact by each recipe, interleaved REPS times (job seconds)")
     parser.add_argument("--out", default="runs/neighbours")
+    parser.add_argument("--path", help="the records' file (default: the dataset's test file); one dataset only")
+    parser.add_argument("--hyper", help="hyperparameters posted with the request, as JSON")
+    parser.add_argument("--label", help="the run's name in the output files (default: default or paper)")
     args = parser.parse_args()
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    label = "paper" if args.paper else "default"
+    label = args.label or ("paper" if args.paper else "default")
+    hyper = json.loads(args.hyper) if args.hyper else None
     settings = Settings(registry_root=out / "registry", redis_url=f"redis://127.0.0.1:6379/{args.redis_db}",
                         key_prefix=f"bench{uuid.uuid4().hex[:6]}", protect_neighbours=not args.paper)
     rt = load_runtime("smollm2", settings)
@@ -168,7 +175,7 @@ def main() -> None:
             (out / "timing.json").write_text(json.dumps(result, indent=1))
             return
         for dataset in args.datasets.split(","):
-            rows.append(run(rt, store, dataset, args.n, label, out))
+            rows.append(run(rt, store, dataset, args.n, label, out, args.path, hyper))
             (out / f"rows-{label}.json").write_text(json.dumps(rows, indent=1))
     finally:
         for key in store.redis.scan_iter(f"{settings.key_prefix}:*"):

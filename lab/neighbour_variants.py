@@ -26,6 +26,8 @@ Variants (``--variants``, comma-separated NAME:VALUE):
   yield:B      the subject key at β B, the penalty yielding while the edit is stuck (crispedit.edit.YIELD_*);
                every other variant but until runs with it off
   until:T      the default recipe (subject key, β 300 yielding) with early stop T instead of 0.01
+  solved:B     the subject key at β B yielding, early stop --solved-stop (0.1), then the keyed solve
+               (crispedit.keyed_solve): the default recipe at B = 300
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
 
@@ -178,6 +180,9 @@ def with_prefixes(model, tok, modules, fan_in_fan_out, protection, requests) -> 
     return KeptOutputs.record(model, modules, rows, fan_in_fan_out)
 
 
+KEYED = ("subject", "epochs", "lr", "yield", "until", "solved")  # variants editing through the subject key
+
+
 def unchanged(before: list[str], after: list[str]) -> float:
     return sum(b == a for b, a in zip(before, after, strict=True)) / max(1, len(before))
 
@@ -191,6 +196,7 @@ def main() -> None:
     parser.add_argument("--probes", help="a JSON list of more held-out questions")
     parser.add_argument("--common", help="a text file of common questions, one a line (variant common:B)")
     parser.add_argument("--loc", type=int, default=40, help="ZsRE train locality prompts measured")
+    parser.add_argument("--solved-stop", type=float, default=0.1, help="variant solved's early stop")
     parser.add_argument("--verbose", action="store_true", help="print each held-out neighbour that changed")
     args = parser.parse_args()
     model, tok = load_model("smollm2")
@@ -227,7 +233,7 @@ def main() -> None:
         for variant in args.variants.split(","):
             name, value = variant.split(":")
             value = float(value)
-            beta = (value if name in ("beta", "bare", "common", "subject", "yield")
+            beta = (value if name in ("beta", "bare", "common", "subject", "yield", "solved")
                     else 300.0 if name in ("scale", "stop", "epochs", "lr", "until") else 0.0)
             if name == "common":
                 beta, kept = 300.0, with_common(protection.kept, common, value)
@@ -236,9 +242,9 @@ def main() -> None:
             else:
                 kept = protection.kept
             config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
-                                subject_key=name in ("subject", "epochs", "lr", "yield", "until"),
-                                max_epochs=int(value) if name == "epochs" else 25,
-                                lr=value if name == "lr" else None)
+                                subject_key=name in KEYED, max_epochs=int(value) if name == "epochs" else 25,
+                                lr=value if name == "lr" else None, keyed_solve=name == "solved",
+                                early_stop=args.solved_stop if name == "solved" else None)
             if name == "nullspace":
                 rows = [tok(t)["input_ids"] + a for t, a in zip(protection.texts, protection.answers, strict=True)]
                 bases = {n: top_energy(A, value) for n, A in second_moments(model, modules, rows, True).items()}
@@ -249,8 +255,8 @@ def main() -> None:
             NormalisedGD.relative = value
             started = time.perf_counter()
             trained = requests if name == "bare" else protection.requests
-            edit_module.YIELD_LOSS = yield_loss if name in ("yield", "until") else float("inf")
-            if name in ("subject", "epochs", "lr", "yield", "until"):
+            edit_module.YIELD_LOSS = yield_loss if name in ("yield", "until", "solved") else float("inf")
+            if name in KEYED:
                 trained = [replace(r, subject=infer_subject(r)) for r in trained]
             result = edit(model, tok, trained, cache, config, kept=kept)
             seconds = time.perf_counter() - started

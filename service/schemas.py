@@ -73,6 +73,9 @@ class Hyperparameters(Strict):
     subject_key: bool | None = Field(None, description="let the edit loss reach the weights only through each "
                                      "prompt's last subject token (ROME's key), so the same question about other "
                                      "subjects keeps its answer; default: on with neighbour protection")
+    keyed_solve: bool | None = Field(None, description="after the epochs, keep the edit's change at its subject "
+                                     "keys and make it the smallest on its neighbours (crispedit/keyed_solve.py); "
+                                     "default: on with neighbour protection and the subject key")
     text_anchor_weight: float | None = Field(None, ge=0.0, le=1000.0, description="β of the KL penalty on the "
                                              "server's capability text windows (CRISPEDIT_TEXT_ANCHORS); default "
                                              "CRISPEDIT_TEXT_ANCHOR_WEIGHT")

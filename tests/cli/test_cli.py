@@ -148,6 +148,21 @@ def test_the_subject_key_is_on_with_the_neighbours_and_can_be_turned_off():
     assert edit_config(parse([*base, "--no-subject-key"]), model, tok).subject_key is False
 
 
+def test_the_keyed_solve_and_its_earlier_stop_come_with_the_key_and_can_be_turned_off():
+    from cli.main import build_parser, edit_config
+
+    model, tok = make_tiny("llama")
+    parse = build_parser().parse_args
+    base = ["edit", "--edits", "x.jsonl", "--out", "o"]
+    on = edit_config(parse(base), model, tok)
+    assert on.keyed_solve is True and on.early_stop == 0.1
+    for off in (["--no-neighbours"], ["--no-subject-key"], ["--no-keyed-solve"]):
+        config = edit_config(parse([*base, *off]), model, tok)
+        assert config.keyed_solve is False and config.early_stop is None, off
+    with pytest.raises(ValueError, match="subject_key"):
+        edit_config(parse([*base, "--no-subject-key", "--keyed-solve"]), model, tok)
+
+
 def test_an_option_left_out_takes_the_models_recipe_as_the_worker_does():
     """The command line and the worker resolve defaults in one place: recommended_config."""
     from cli.main import build_parser, edit_config

@@ -1,0 +1,121 @@
+"""The keyed solve: the edit's change kept on its keys, and the smallest on the neighbours' inputs."""
+
+import pytest
+import torch
+from conftest import small_cache
+
+from crispedit.arch import editable_modules
+from crispedit.edit import EditConfig, edit
+from crispedit.keyed_solve import RIDGE, key_inputs, least_change, off_neighbours
+from crispedit.neighbours import protect
+from crispedit.requests import EditRequest, tokenize_edit_batch
+from crispedit.subject_key import subject_key_mask
+
+
+def objective(delta: torch.Tensor, A: torch.Tensor) -> float:
+    """tr(Δ M Δᵀ) with M = Â + εI, as least_change scales it."""
+    d = A.shape[0]
+    M = A * (d / A.trace()) + RIDGE * torch.eye(d, dtype=A.dtype)
+    return float((delta @ M * delta).sum())
+
+
+def test_least_change_keeps_the_keys_and_is_the_minimum_in_float64():
+    torch.manual_seed(0)
+    d_out, d_in, m = 5, 8, 3
+    delta = torch.randn(d_out, d_in, dtype=torch.float64)
+    K = torch.randn(d_in, m, dtype=torch.float64)
+    F = torch.randn(4, d_in, dtype=torch.float64)
+    A = F.T @ F  # rank 4 of 8: the neighbours use half of the input space
+    best = least_change(delta, K, A)
+    torch.testing.assert_close(best @ K, delta @ K)  # the constraint ΔW* K = ΔW K
+    # the optimum's stationarity: ΔW* M lies in the span of Kᵀ's rows (a Lagrange multiplier Λ with ΔW* M = Λ Kᵀ)
+    M = A * (d_in / A.trace()) + RIDGE * torch.eye(d_in, dtype=torch.float64)
+    residual = best @ M - (best @ M) @ K @ torch.linalg.pinv(K)
+    assert residual.abs().max() < 1e-8
+    # any other change that acts on the keys alike costs more
+    null = torch.eye(d_in, dtype=torch.float64) - K @ torch.linalg.pinv(K)  # moves nothing at the keys
+    for _ in range(5):
+        other = best + torch.randn(d_out, d_in, dtype=torch.float64) @ null
+        torch.testing.assert_close(other @ K, delta @ K)
+        assert objective(other, A) > objective(best, A)
+    assert objective(best, A) <= objective(delta, A)
+
+
+def test_key_inputs_are_each_sequence_s_subject_token(tiny_llama):
+    model, tok = tiny_llama
+    modules = editable_modules(model, (1,))
+    requests = [EditRequest("The capital of France is", "Rome", subject="France"),
+                EditRequest("Water boils at", "fifty")]  # no subject: every token is a key
+    keys = key_inputs(model, tok, requests, modules)
+    (name,) = modules
+    batch = tokenize_edit_batch(tok, requests)
+    mask = subject_key_mask(tok, requests, batch["input_ids"].shape[1]).bool() & batch["attention_mask"].bool()
+    seen = []
+    handle = modules[name].register_forward_hook(lambda mod, x, out: seen.append(x[0]))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    torch.testing.assert_close(keys[name], seen[0][mask].double().T)
+    assert keys[name].shape[1] == 1 + int(batch["attention_mask"][1].sum())
+
+
+def test_off_neighbours_keeps_the_key_outputs_and_moves_the_neighbours_less(tiny_llama):
+    model, tok = tiny_llama
+    modules = editable_modules(model, (1, 2))
+    requests = [EditRequest("The capital of France is", "Rome", subject="France",
+                            locality_prompt="Water boils at")]
+    protection = protect(model, tok, requests, False, modules, False)
+    start = {n: m.weight.detach().clone() for n, m in modules.items()}
+    torch.manual_seed(0)
+    now = {n: w + 0.02 * torch.randn_like(w) for n, w in start.items()}
+    with torch.no_grad():
+        for n, m in modules.items():
+            m.weight.copy_(now[n])
+    try:
+        keys = key_inputs(model, tok, protection.requests, modules)
+        solved = off_neighbours(model, tok, protection.requests, modules, protection.kept, start, now, False)
+    finally:
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.weight.copy_(start[n])
+    for n in modules:
+        torch.testing.assert_close((solved[n] - start[n]).double() @ keys[n], (now[n] - start[n]).double() @ keys[n],
+                                   atol=1e-5, rtol=1e-4)
+    assert protection.kept(solved) < protection.kept(now) / 10
+
+
+def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama, corpus_file):
+    """Through ``edit``: the solve runs after the epochs, so the edit with it trains exactly as without it, then
+    differs only by ΔW* − ΔW, which the keys (inputs at the subject's token, on the trained model) do not see."""
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    modules = editable_modules(model, cache.layers)
+    requests = [EditRequest("The capital of France is", "Rome", subject="France", locality_prompt="Water boils at")]
+    protection = protect(model, tok, requests, False, modules, False)
+    params = dict(model.named_parameters())
+    results = {}
+    for solve in (False, True):
+        config = EditConfig(lr=3e-2, max_epochs=5, energy=0.5, subject_key=True, neighbour_weight=1.0,
+                            keyed_solve=solve)
+        results[solve] = edit(model, tok, protection.requests, cache, config, kept=protection.kept)
+        if not solve:
+            keys = key_inputs(model, tok, protection.requests, modules)  # the trained model's, before any solve
+        with torch.no_grad():
+            for n, t in results[solve].original.items():
+                params[n].copy_(t)
+    assert results[False].epoch_losses == pytest.approx(results[True].epoch_losses)
+    original = results[False].original
+    # the last layer's output at the subject's token reaches no later position: only earlier layers change
+    edited = [n for n in modules if f"{n}.weight" in results[False].changed]
+    assert edited and set(results[True].changed) == {f"{n}.weight" for n in edited}
+    plain = {n: results[False].changed[f"{n}.weight"] for n in edited}
+    solved = {n: results[True].changed[f"{n}.weight"] for n in edited}
+    for n in edited:
+        w0 = original[f"{n}.weight"].double()
+        torch.testing.assert_close((solved[n] - w0) @ keys[n], (plain[n] - w0) @ keys[n], atol=1e-5, rtol=1e-4)
+    assert protection.kept(solved) < protection.kept(plain) / 2
+
+
+def test_the_solve_needs_the_subject_key():
+    with pytest.raises(ValueError, match="subject_key"):
+        EditConfig(keyed_solve=True)
