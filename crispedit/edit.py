@@ -415,9 +415,9 @@ def edit(
             if solve:  # this chunk's change, kept on every key so far and made the smallest on the neighbours
                 keyed_so_far += chunk
                 pairs = optimizer.pairs()
-                start = dict(zip(names, before, strict=True))
+                began = dict(zip(names, before, strict=True))
                 now = {n: master for n, (_, master) in zip(names, pairs, strict=True)}
-                solved = off_neighbours(model, tokenizer, keyed_so_far, modules, kept, start, now, fan_in_fan_out)
+                solved = off_neighbours(model, tokenizer, keyed_so_far, modules, kept, began, now, fan_in_fan_out)
                 with torch.no_grad():
                     for n, (weight, master) in zip(names, pairs, strict=True):
                         master.copy_(solved[n])

@@ -94,9 +94,9 @@ def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama,
     protection = protect(model, tok, requests, False, modules, False)
     params = dict(model.named_parameters())
     results = {}
-    for solve in (False, True):
+    for solve in (False, True):  # in sequential mode, as the worker edits
         config = EditConfig(lr=3e-2, max_epochs=5, energy=0.5, subject_key=True, neighbour_weight=1.0,
-                            keyed_solve=solve)
+                            keyed_solve=solve, sequential_chunk=1)
         results[solve] = edit(model, tok, protection.requests, cache, config, kept=protection.kept)
         if not solve:
             keys = key_inputs(model, tok, protection.requests, modules)  # the trained model's, before any solve
