@@ -85,7 +85,7 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                         "phrase chat targets as the model answers, and report which answers changed (default: on)")
     p.add_argument("--neighbour-weight", type=float, default=None,
                    help="β of the penalty on the edited layers' output change over the neighbours' tokens "
-                        "(default with --neighbours: the model's recipe in crispedit/arch.py, 300; 0: not kept)")
+                        "(default with --neighbours: the model's recipe in crispedit/arch.py, 30; 0: not kept)")
     p.add_argument("--anchor-weight", type=float, default=None,
                    help="β of the KL(base‖edited) penalty on the anchors (default with --anchors: 1, tuned on "
                         "ZsRE train; 0: off, the paper's recipe)")

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
                                      "phrase chat targets as the model answers, and report which answers changed")
     neighbour_weight: float | None = Field(None, ge=0, description="β of the penalty on the edited layers' "
                                            "output change over the neighbours' tokens; unset: the model's recipe "
-                                           "(crispedit/arch.py, 300); a request's hyperparameters.neighbour_weight "
+                                           "(crispedit/arch.py, 30); a request's hyperparameters.neighbour_weight "
                                            "overrides it; 0: not kept, still reported")
     anchors: str = Field("", description="ANCHORS.jsonl of {\"prompt\", \"answer\"} pairs (unrelated questions) whose "
                                          "base-model predictions every edit keeps, by a KL penalty; '' = none")
