@@ -7,7 +7,7 @@ and on the inputs of the neighbours (``crispedit.neighbours``) that is what chan
 changes that act on the keys as ΔW does, the one that moves the neighbours' outputs least is ROME's
 least-squares update with the neighbours' second moment as its metric:
 
-    ΔW* = argmin_{ΔW'} tr(ΔW' M ΔW'ᵀ)  s.t.  ΔW' K = ΔW K      =  ΔW K (Kᵀ M⁻¹ K)⁻¹ Kᵀ M⁻¹,
+    ΔW* = argmin_{ΔW'} tr(ΔW' M ΔW'ᵀ)  s.t.  ΔW' K = ΔW K      =  ΔW K (Kᵀ M⁻¹ K)⁺ Kᵀ M⁻¹,
     M = Â_N + εI,   Â_N = A_N · d_in / tr(A_N),   A_N = mean_t a_t a_tᵀ over the neighbours' tokens.
 
 It does in closed form what the epochs after the fact is learnt do under the neighbours' penalty (pull the
@@ -62,7 +62,7 @@ def key_inputs(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], mo
 
 
 def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor) -> torch.Tensor:
-    """ΔW K (Kᵀ M⁻¹ K)⁻¹ Kᵀ M⁻¹ with M = Â_N + εI, in float64; ``delta`` is (d_out × d_in)."""
+    """ΔW K (Kᵀ M⁻¹ K)⁺ Kᵀ M⁻¹ with M = Â_N + εI, in float64; ``delta`` is (d_out × d_in)."""
     d = A_N.shape[0]
     M = A_N.double() * (d / float(A_N.trace())) + RIDGE * torch.eye(d, dtype=torch.float64, device=A_N.device)
     MiK = torch.linalg.solve(M, K)
@@ -77,11 +77,11 @@ def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest]
     """Each module's weight with its change ``now − start`` replaced by ΔW*, keyed on ``sequences`` (the edit's
     trained sequences, as the model now answers them); tensors in the modules' layout and ``now``'s dtype."""
     keys = key_inputs(model, tokenizer, sequences, modules)
-    A = kept.A
     out = {}
-    for name in modules:
+    for name in modules:  # one layer's A_N at a time: d_in² each
         as_out_in = (lambda t: t.T) if fan_in_fan_out else (lambda t: t)
         delta = as_out_in(now[name]) - as_out_in(start[name])
-        new = as_out_in(start[name]).double() + least_change(delta, keys[name], A[name].to(delta.device))
+        A_N = kept.second_moment(name).to(delta.device)
+        new = as_out_in(start[name]).double() + least_change(delta, keys[name], A_N)
         out[name] = as_out_in(new).to(now[name].dtype)
     return out

@@ -356,10 +356,15 @@ class KeptOutputs:
         """tr(Δ A Δᵀ): ‖Δ Fᵀ‖² from the factor, or Σ (Δ A) ⊙ Δ from A itself."""
         return (delta @ F.T).square().sum() if self.factored else ((delta @ F) * delta).sum()
 
+    def second_moment(self, name: str) -> torch.Tensor:
+        """A = mean_t a_t a_tᵀ of one module, dense."""
+        F = self.F[name]
+        return F.T @ F if self.factored else F
+
     @property
     def A(self) -> dict[str, torch.Tensor]:
-        """A = mean_t a_t a_tᵀ of each module, dense."""
-        return {n: F.T @ F if self.factored else F for n, F in self.F.items()}
+        """A of each module, dense."""
+        return {n: self.second_moment(n) for n in self.F}
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         terms = []
