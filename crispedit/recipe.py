@@ -41,8 +41,9 @@ def recommended_config(
         "text_anchor_weight": r.text_anchor_weight if text_anchors else 0.0,
         "augment": resolve_augment(augment, with_anchors=anchors),
     }
-    chosen = defaults | {k: v for k, v in (given or {}).items() if v is not None}
-    if not chosen["subject_key"] and "keyed_solve" not in {k for k, v in (given or {}).items() if v is not None}:
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    chosen = defaults | given
+    if not chosen["subject_key"] and "keyed_solve" not in given:
         chosen["keyed_solve"] = False  # the solve keeps the change at the key's inputs: none without the key
     if chosen["keyed_solve"] and chosen.get("early_stop") is None:
         chosen["early_stop"] = r.protected_early_stop
