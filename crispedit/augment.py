@@ -15,6 +15,7 @@ The evaluation rephrases are never used: every variant comes from the base model
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -98,10 +99,23 @@ def paraphrases(model: nn.Module, tokenizer, requests: Sequence[EditRequest], n:
     return out
 
 
-@torch.no_grad()
+SAMPLED_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {(n, length): prefixes}
+
+
 def context_prefixes(model: nn.Module, tokenizer, n: int = 12, length: int = 10) -> list[str]:
     """ROME's context templates: texts of ``length`` tokens sampled from the model after a common first
-    word (following an end token, as at the start of a document), cut to their first line; ≥ 3 words."""
+    word (following an end token, as at the start of a document), cut to their first line; ≥ 3 words.
+
+    Sampled once per model object: they stand for any text before a question, not for one edit, so a worker
+    that edits one loaded model again and again does not pay for them each time."""
+    kept = SAMPLED_PREFIXES.setdefault(model, {})
+    if (n, length) not in kept:
+        kept[(n, length)] = sample_prefixes(model, tokenizer, n, length)
+    return list(kept[(n, length)])
+
+
+@torch.no_grad()
+def sample_prefixes(model: nn.Module, tokenizer, n: int, length: int) -> list[str]:
     device = next(model.parameters()).device
     starts = [(tokenizer.eos_token or "") + PREFIX_STARTS[i % len(PREFIX_STARTS)] for i in range(n)]
     enc = tokenizer(starts, return_tensors="pt", padding=True, padding_side="left").to(device)

@@ -4,7 +4,8 @@ Algorithm 1: epochs over shuffled minibatches of edits; each step projects the e
 the γ-approximate null space of the capability curvature (Eq. 6) and takes an Adam step. A minibatch
 whose loss is already below the early stop (``EARLY_STOP``, the paper's, unless ``config.early_stop``) is
 skipped; editing stops when an epoch's mean loss is. With ``keyed_solve``, each chunk's change is then
-replaced by the one that acts on its keys alike and moves the neighbours least (``crispedit.keyed_solve``).
+replaced by the one that acts on its keys (and its ``key_variants``' mean keys) alike and moves the neighbours
+least (``crispedit.keyed_solve``).
 Algorithm 2: edits arrive in chunks; after each chunk, the K-FAC factors of its prompt+target text are
 folded into the cache (token-weighted), so later chunks also protect earlier edits.
 With ``augment``, each epoch also trains every edit on one of its model-written variants (other
@@ -94,6 +95,9 @@ class EditConfig:
     # after each chunk, its change made the smallest on the neighbours that acts on its keys as it does
     # (crispedit.keyed_solve); needs the subject key and the neighbours' kept outputs
     keyed_solve: bool = False
+    # model-written variants of each prompt ("paraphrase", "prefix": crispedit.augment) on which the keyed solve
+    # keeps the change as trained too, so it still holds where the question is worded or preceded otherwise
+    key_variants: tuple[str, ...] = ()
     early_stop: float | None = None  # None: EARLY_STOP (the paper's); a batch or epoch below it is done
     seed: int = 0
 
@@ -116,8 +120,11 @@ class EditConfig:
             raise ValueError("keyed_solve keeps the change at the subject key's inputs: it needs subject_key")
         if self.early_stop is not None and not self.early_stop > 0:
             raise ValueError(f"early_stop must be positive, got {self.early_stop}")
-        object.__setattr__(self, "augment", tuple(self.augment))
-        check_augmentations(self.augment)
+        for name in ("augment", "key_variants"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            check_augmentations(getattr(self, name))
+        if self.key_variants and not self.keyed_solve:
+            raise ValueError("key_variants are keys of the keyed solve: they need keyed_solve")
 
     @property
     def text_anchor_batch(self) -> int:
@@ -401,6 +408,9 @@ def edit(
         chunk_size = config.sequential_chunk or len(requests)
         solve = config.keyed_solve and kept is not None  # nothing to keep: the edit as trained
         keyed_so_far: list[EditRequest] = []
+        worded: list[list[EditRequest]] = []  # the key variants of each edit of every chunk so far
+        key_pools = (augmented_prompts(model, tokenizer, requests, config.key_variants, config.seed)
+                     if solve and config.key_variants else [[] for _ in requests])
         epoch_losses: list[float] = []
         step_seconds: list[float] = []
         for k, start in enumerate(range(0, len(requests), chunk_size)):
@@ -414,10 +424,13 @@ def edit(
                                              anchors, text_anchors, keyed, outputs)
             if solve:  # this chunk's change, kept on every key so far and made the smallest on the neighbours
                 keyed_so_far += chunk
+                for pool in key_pools[start : start + chunk_size]:  # one group per edit and form
+                    worded += [pool, [v.in_chat_form(tokenizer) for v in pool]] if config.chat_form else [pool]
                 pairs = optimizer.pairs()
                 began = dict(zip(names, before, strict=True))
                 now = {n: master for n, (_, master) in zip(names, pairs, strict=True)}
-                solved = off_neighbours(model, tokenizer, keyed_so_far, modules, kept, began, now, fan_in_fan_out)
+                solved = off_neighbours(model, tokenizer, keyed_so_far, modules, kept, began, now, fan_in_fan_out,
+                                        worded)
                 with torch.no_grad():
                     for n, (weight, master) in zip(names, pairs, strict=True):
                         master.copy_(solved[n])

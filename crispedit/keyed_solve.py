@@ -12,8 +12,14 @@ least-squares update with the neighbours' second moment as its metric:
 
 It does in closed form what the epochs after the fact is learnt do under the neighbours' penalty (pull the
 change off the neighbours while the edit holds), so a protected edit stops earlier (``EditConfig.early_stop``).
+
+Reworded, or after other text, the question gives the subject's token another input k' = k + δ. The trained ΔW
+carries part of the edit there, and a ΔW* held to K alone drops it. So the key variants (``EditConfig.key_variants``:
+each prompt reworded and prefixed by the model, ``crispedit.augment``) join K as one column per edit and form,
+their mean k̄ (ROME's key, averaged over contexts): ΔW* k̄ = ΔW k̄ too, and K grows with the edits, not with the
+variants.
 Adding the capability cache's input factor to M kept fewer neighbours (France → Rome: 0.70 held out at weight 1
-against 0.80 without), so M is the neighbours' alone.
+against 0.80 without; 8 facts of our own: 0.50 at weight 0.1 against 0.65), so M is the neighbours' alone.
 """
 
 from __future__ import annotations
@@ -33,13 +39,17 @@ RIDGE = 1e-3  # ε, against Â_N's mean eigenvalue 1: directions no neighbour us
 KEY_RTOL = 1e-10
 
 
+
+
 @torch.no_grad()
 def key_inputs(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], modules: dict[str, nn.Module],
-               batch_size: int = 16) -> dict[str, torch.Tensor]:
+               batch_size: int = 16, groups: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """K of each module (d_in × m): its inputs at each sequence's key token (every token where the subject is
-    unknown), as ``tokenize_edit_batch`` lays the sequences out."""
+    unknown), as ``tokenize_edit_batch`` lays the sequences out; with ``groups`` (a group index per sequence,
+    0 … g−1), the mean key of each group instead (d_in × g)."""
     device = next(model.parameters()).device
     found: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    owners: list[torch.Tensor] = []
     mask_now: list[torch.Tensor] = []
 
     def grab(name: str):
@@ -54,17 +64,31 @@ def key_inputs(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], mo
             batch = tokenize_edit_batch(tokenizer, part, device)
             key = subject_key_mask(tokenizer, part, batch["input_ids"].shape[1]).to(device).bool()
             mask_now[:] = [key & batch["attention_mask"].bool()]
+            owners.append(mask_now[0].nonzero()[:, 0].cpu() + i)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for h in handles:
             h.remove()
-    return {name: torch.cat(parts).T for name, parts in found.items()}
+    keys = {name: torch.cat(parts).T for name, parts in found.items()}
+    if groups is None:
+        return keys
+    owner_group = torch.as_tensor(groups)[torch.cat(owners)].to(device)
+    count = torch.zeros(len(set(groups)), dtype=torch.float64, device=device).index_add_(
+        0, owner_group, torch.ones(len(owner_group), dtype=torch.float64, device=device))
+    sums = {name: torch.zeros(K.shape[0], len(count), dtype=K.dtype, device=device).index_add_(1, owner_group, K)
+            for name, K in keys.items()}
+    return {name: total / count for name, total in sums.items()}
+
+
+def normalised(A: torch.Tensor) -> torch.Tensor:
+    """Â = A · d / tr(A): mean eigenvalue 1, in float64."""
+    return A.double() * (A.shape[0] / float(A.trace()))
 
 
 def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor) -> torch.Tensor:
     """ΔW K (Kᵀ M⁻¹ K)⁺ Kᵀ M⁻¹ with M = Â_N + εI, in float64; ``delta`` is (d_out × d_in)."""
     d = A_N.shape[0]
-    M = A_N.double() * (d / float(A_N.trace())) + RIDGE * torch.eye(d, dtype=torch.float64, device=A_N.device)
+    M = normalised(A_N) + RIDGE * torch.eye(d, dtype=torch.float64, device=A_N.device)
     MiK = torch.linalg.solve(M, K)
     G = K.T @ MiK
     return delta.double() @ K @ torch.linalg.pinv(G, rtol=KEY_RTOL, hermitian=True) @ MiK.T
@@ -73,10 +97,16 @@ def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor) -> tor
 @torch.no_grad()
 def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], modules: dict[str, nn.Module],
                    kept: KeptOutputs, start: dict[str, torch.Tensor], now: dict[str, torch.Tensor],
-                   fan_in_fan_out: bool) -> dict[str, torch.Tensor]:
+                   fan_in_fan_out: bool, variants: Sequence[Sequence[EditRequest]] = ()) -> dict[str, torch.Tensor]:
     """Each module's weight with its change ``now − start`` replaced by ΔW*, keyed on ``sequences`` (the edit's
-    trained sequences, as the model now answers them); tensors in the modules' layout and ``now``'s dtype."""
+    trained sequences, as the model now answers them) and on each group of ``variants`` (other wordings of one
+    edit in one form), by its mean key; tensors in the modules' layout and ``now``'s dtype."""
     keys = key_inputs(model, tokenizer, sequences, modules)
+    groups = [g for g in variants if g]
+    if groups:
+        flat = [v for g in groups for v in g]
+        more = key_inputs(model, tokenizer, flat, modules, groups=[i for i, g in enumerate(groups) for _ in g])
+        keys = {name: torch.cat([K, more[name]], dim=1) for name, K in keys.items()}
     out = {}
     for name in modules:  # one layer's A_N at a time: d_in² each
         as_out_in = (lambda t: t.T) if fan_in_fan_out else (lambda t: t)

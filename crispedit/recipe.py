@@ -24,7 +24,8 @@ def recommended_config(
 
     - ``chat_form`` when the tokenizer has a chat template, so chat queries see the edit;
     - ``batch_size`` for the model's device, ``energy`` γ and ``lr`` (None: ``edit`` scales it to the weights);
-    - with ``protect``, the neighbours' β, the subject key and the keyed solve with its earlier stop (else none);
+    - with ``protect``, the neighbours' β, the subject key and the keyed solve with its key variants and earlier
+      stop (else none);
     - the anchors' and text anchors' β where the caller has them (``anchors``, ``text_anchors``), else 0;
     - ``augment`` resolved against the anchors (``crispedit.augment.resolve_augment``).
     """
@@ -37,6 +38,7 @@ def recommended_config(
         "neighbour_weight": r.neighbour_weight if protect else 0.0,
         "subject_key": protect,
         "keyed_solve": protect,
+        "key_variants": r.key_variants if protect else (),
         "anchor_weight": r.anchor_weight if anchors else 0.0,
         "text_anchor_weight": r.text_anchor_weight if text_anchors else 0.0,
         "augment": resolve_augment(augment, with_anchors=anchors),
@@ -45,6 +47,8 @@ def recommended_config(
     chosen = defaults | given
     if not chosen["subject_key"] and "keyed_solve" not in given:
         chosen["keyed_solve"] = False  # the solve keeps the change at the key's inputs: none without the key
+    if not chosen["keyed_solve"] and "key_variants" not in given:
+        chosen["key_variants"] = ()
     if chosen["keyed_solve"] and chosen.get("early_stop") is None:
         chosen["early_stop"] = r.protected_early_stop
     return EditConfig(**chosen)

@@ -6,6 +6,7 @@ Each variant edits the same facts on the same curvature cache (chat form, batch 
 - held out: another draw of derived neighbours (seed 11, 6 per kind) minus every protected prompt, plus the
   questions of ``--probes``, asked in chat, the same measure;
 - loc: locality prompts of ZsRE's *train* file (records 500 on), asked raw, the same measure;
+- ΔPPL: perplexity change on 40 WikiText-2 *validation* paragraphs (the benchmarks' test text stays unseen);
 - Rel TF on the raw prompts, chat answers that contain the target, edit seconds and optimizer steps.
 
 Variants (``--variants``, comma-separated NAME:VALUE):
@@ -27,9 +28,14 @@ Variants (``--variants``, comma-separated NAME:VALUE):
                every other variant but until runs with it off
   until:T      the default recipe (subject key, β 300 yielding) with early stop T instead of 0.01
   solved:B     the subject key at β B yielding, early stop --solved-stop (0.1), then the keyed solve
-               (crispedit.keyed_solve): the default recipe at B = 300
+               (crispedit.keyed_solve) on the trained prompts' keys alone
+  keys:B       solved:B with the key variants (paraphrase, prefix) kept at the solve: the default recipe at
+               B = 30; keysp:B with paraphrases only, keysx:B with prefixes only
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
+
+With ``--dataset zsre|counterfact --n N`` the facts are N tuning records (ZsRE's train file; CounterFact from
+record 2000 on) instead, and Gen TF on their rephrases is printed too.
 
 Usage: .venv/bin/python -m lab.neighbour_variants CACHE [--facts lab/tuning_facts.json]
        [--variants beta:0,beta:300] [--per-kind 3,6] [--probes FILE.json] [--common FILE.txt] [--verbose]
@@ -49,6 +55,7 @@ import torch
 
 from crispedit.arch import arch_spec, editable_modules
 from crispedit.cache import CurvatureCache
+from crispedit.capability import heldout_texts, perplexity
 from crispedit.corpus import batches_of
 from crispedit.edit import EditConfig, edit
 from crispedit.evaluate import edit_quality
@@ -70,6 +77,7 @@ from lab.edit_sets import load_edit_dataset, shared_data_dir
 
 FACTS = Path(__file__).with_name("tuning_facts.json")
 edit_module = importlib.import_module("crispedit.edit")  # the module: the package exports a function `edit`
+KEY_VARIANTS = {"keys": ("paraphrase", "prefix"), "keysp": ("paraphrase",), "keysx": ("prefix",)}
 
 
 @torch.no_grad()
@@ -197,11 +205,18 @@ def main() -> None:
     parser.add_argument("--common", help="a text file of common questions, one a line (variant common:B)")
     parser.add_argument("--loc", type=int, default=40, help="ZsRE train locality prompts measured")
     parser.add_argument("--solved-stop", type=float, default=0.1, help="variant solved's early stop")
+    parser.add_argument("--dataset", help="zsre or counterfact: tuning records instead of --facts")
+    parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--verbose", action="store_true", help="print each held-out neighbour that changed")
     args = parser.parse_args()
     model, tok = load_model("smollm2")
     cache = CurvatureCache.load(args.cache, model=model)
-    requests = [EditRequest(p, t) for p, t in json.loads(Path(args.facts).read_text())]
+    if args.dataset == "zsre":
+        requests = load_edit_dataset("zsre", shared_data_dir() / "editing/zsre/zsre_mend_train_1k.json", n=args.n)
+    elif args.dataset:
+        requests = load_edit_dataset(args.dataset, n=args.n, offset=2000)
+    else:
+        requests = [EditRequest(p, t) for p, t in json.loads(Path(args.facts).read_text())]
     modules = editable_modules(model, cache.layers)
     fan_in_fan_out = arch_spec(model).fan_in_fan_out
     started = time.perf_counter()
@@ -220,6 +235,8 @@ def main() -> None:
         return [first_line(tok, a) for a in greedy_answers(model, tok, texts)]
 
     held_before, loc_before = answers(held_texts), answers(loc_texts)
+    paragraphs = heldout_texts(shared_data_dir() / "capability/wikitext2/wiki.valid.tokens.txt", 40)
+    base_ppl = perplexity(model, tok, paragraphs)
     common = None
     if args.common:
         questions = [q.strip() for q in Path(args.common).read_text().splitlines() if q.strip()]
@@ -232,6 +249,8 @@ def main() -> None:
     for per_kind, protection in protections.items():
         for variant in args.variants.split(","):
             name, value = variant.split(":")
+            key_variants = KEY_VARIANTS.get(name, ())
+            name = "solved" if key_variants else name
             value = float(value)
             beta = (value if name in ("beta", "bare", "common", "subject", "yield", "solved")
                     else 300.0 if name in ("scale", "stop", "epochs", "lr", "until") else 0.0)
@@ -244,7 +263,8 @@ def main() -> None:
             config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
                                 subject_key=name in KEYED, max_epochs=int(value) if name == "epochs" else 25,
                                 lr=value if name == "lr" else None, keyed_solve=name == "solved",
-                                early_stop=args.solved_stop if name == "solved" else None)
+                                early_stop=args.solved_stop if name == "solved" else None,
+                                key_variants=key_variants)
             if name == "nullspace":
                 rows = [tok(t)["input_ids"] + a for t, a in zip(protection.texts, protection.answers, strict=True)]
                 bases = {n: top_energy(A, value) for n, A in second_moments(model, modules, rows, True).items()}
@@ -270,7 +290,9 @@ def main() -> None:
                 edited = {n: p.detach().clone() for n, p in model.named_parameters() if n in result.original}
                 with torch.no_grad():
                     localise(model, tok, modules, protection, result.original, edited, value)
-            rel = edit_quality(model, tok, requests, generated=False)["rel_tf"]
+            quality = edit_quality(model, tok, requests, generated=False)
+            rel, gen = quality["rel_tf"], quality["gen_tf"]
+            ppl = 100 * (perplexity(model, tok, paragraphs) / base_ppl - 1)
             report = neighbour_report(model, tok, requests, protection)
             held_after, loc_after = answers(held_texts), answers(loc_texts)
             chat = answers([asked(tok, r.prompt, True) for r in requests])
@@ -278,8 +300,10 @@ def main() -> None:
             hits = sum(r.target.lower() in a.lower() for r, a in zip(requests, chat, strict=True))
             print(f"per kind {per_kind} {variant}: protected {report['unchanged']:.2f}, held out "
                   f"{unchanged(held_before, held_after):.2f} ({len(held)}; first 5 words {unchanged(*heads):.2f}), "
-                  f"loc {unchanged(loc_before, loc_after):.2f}"
-                  f" ({len(loc_texts)}), Rel TF {rel:.2f}, chat answers with the target {hits}/{len(requests)}, edit "
+                  f"loc {unchanged(loc_before, loc_after):.2f} ({len(loc_texts)}), ΔPPL {ppl:+.2f} %, "
+                  f"Rel TF {rel:.2f}, "
+                  + (f"Gen TF {gen:.3f}, " if gen is not None else "") +
+                  f"chat answers with the target {hits}/{len(requests)}, edit "
                   f"{seconds:.1f} s ({result.steps} steps, {len(result.epoch_losses)} epochs, final loss "
                   f"{result.epoch_losses[-1]:.3f})", flush=True)
             print("   epoch losses", " ".join(f"{x:.3f}" for x in result.epoch_losses), flush=True)

@@ -173,7 +173,7 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
 
     kept = protection.kept if protection else None
     if kept is None:  # no neighbour could be derived, or protection is off: nothing to keep, the paper's stop
-        config = replace(config, neighbour_weight=0.0, keyed_solve=False, early_stop=None)
+        config = replace(config, neighbour_weight=0.0, keyed_solve=False, key_variants=(), early_stop=None)
     result = edit(rt.model, rt.tokenizer, requests, state, config, on_progress=progress, anchors=rt.anchors,
                   text_anchors=rt.text_anchors, kept=kept)
     try:

@@ -59,6 +59,21 @@ def test_key_inputs_are_each_sequence_s_subject_token(tiny_llama):
     assert keys[name].shape[1] == 1 + int(batch["attention_mask"][1].sum())
 
 
+
+def test_grouped_key_inputs_are_each_group_s_mean_key(tiny_llama):
+    model, tok = tiny_llama
+    modules = editable_modules(model, (1,))
+    (name,) = modules
+    variants = [EditRequest("The capital of France is", "Rome", subject="France"),
+                EditRequest("Well. The capital of France is", "Rome", subject="France"),
+                EditRequest("Water boils at", "fifty")]  # every token a key: the group's mean over all of them
+    each = key_inputs(model, tok, variants, modules)[name]
+    grouped = key_inputs(model, tok, variants, modules, groups=[0, 0, 1])[name]
+    assert grouped.shape == (each.shape[0], 2)
+    torch.testing.assert_close(grouped[:, 0], each[:, :2].mean(1))
+    torch.testing.assert_close(grouped[:, 1], each[:, 2:].mean(1))
+
+
 def test_off_neighbours_keeps_the_key_outputs_and_moves_the_neighbours_less(tiny_llama):
     model, tok = tiny_llama
     modules = editable_modules(model, (1, 2))
@@ -71,17 +86,24 @@ def test_off_neighbours_keeps_the_key_outputs_and_moves_the_neighbours_less(tiny
     with torch.no_grad():
         for n, m in modules.items():
             m.weight.copy_(now[n])
+    variants = [[EditRequest("Well, the capital of France is", "Rome", subject="France"),
+                 EditRequest("France's capital is", "Rome", subject="France")]]
     try:
         keys = key_inputs(model, tok, protection.requests, modules)
+        mean_keys = key_inputs(model, tok, variants[0], modules, groups=[0, 0])
         solved = off_neighbours(model, tok, protection.requests, modules, protection.kept, start, now, False)
+        worded = off_neighbours(model, tok, protection.requests, modules, protection.kept, start, now, False, variants)
     finally:
         with torch.no_grad():
             for n, m in modules.items():
                 m.weight.copy_(start[n])
     for n in modules:
-        torch.testing.assert_close((solved[n] - start[n]).double() @ keys[n], (now[n] - start[n]).double() @ keys[n],
-                                   atol=1e-5, rtol=1e-4)
+        delta = (now[n] - start[n]).double()
+        for result, K in ((solved[n], keys[n]), (worded[n], torch.cat([keys[n], mean_keys[n]], dim=1))):
+            torch.testing.assert_close((result - start[n]).double() @ K, delta @ K, atol=1e-5, rtol=1e-4)
+        assert ((solved[n] - start[n]).double() @ mean_keys[n] - delta @ mean_keys[n]).abs().max() > 1e-4
     assert protection.kept(solved) < protection.kept(now) / 10
+    assert protection.kept(solved) <= protection.kept(worded) < protection.kept(now)
 
 
 def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama, corpus_file):
