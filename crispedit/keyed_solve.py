@@ -18,6 +18,7 @@ carries part of the edit there, and a ΔW* held to K alone drops it. So the key 
 each prompt reworded and prefixed by the model, ``crispedit.augment``) join K as one column per edit and form,
 their mean k̄ (ROME's key, averaged over contexts): ΔW* k̄ = ΔW k̄ too, and K grows with the edits, not with the
 variants.
+
 Adding the capability cache's input factor to M kept fewer neighbours (France → Rome: 0.70 held out at weight 1
 against 0.80 without; 8 facts of our own: 0.50 at weight 0.1 against 0.65), so M is the neighbours' alone.
 """
@@ -37,8 +38,6 @@ RIDGE = 1e-3  # ε, against Â_N's mean eigenvalue 1: directions no neighbour us
 # Kᵀ M⁻¹ K is inverted on its eigenvalues above this share of the largest: a key that repeats others (more keys
 # than inputs, or the same token twice) adds no constraint instead of an ill-conditioned one
 KEY_RTOL = 1e-10
-
-
 
 
 @torch.no_grad()
@@ -80,15 +79,10 @@ def key_inputs(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], mo
     return {name: total / count for name, total in sums.items()}
 
 
-def normalised(A: torch.Tensor) -> torch.Tensor:
-    """Â = A · d / tr(A): mean eigenvalue 1, in float64."""
-    return A.double() * (A.shape[0] / float(A.trace()))
-
-
 def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor) -> torch.Tensor:
     """ΔW K (Kᵀ M⁻¹ K)⁺ Kᵀ M⁻¹ with M = Â_N + εI, in float64; ``delta`` is (d_out × d_in)."""
     d = A_N.shape[0]
-    M = normalised(A_N) + RIDGE * torch.eye(d, dtype=torch.float64, device=A_N.device)
+    M = A_N.double() * (d / float(A_N.trace())) + RIDGE * torch.eye(d, dtype=torch.float64, device=A_N.device)
     MiK = torch.linalg.solve(M, K)
     G = K.T @ MiK
     return delta.double() @ K @ torch.linalg.pinv(G, rtol=KEY_RTOL, hermitian=True) @ MiK.T
