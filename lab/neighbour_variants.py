@@ -31,6 +31,7 @@ Variants (``--variants``, comma-separated NAME:VALUE):
                (crispedit.keyed_solve) on the trained prompts' keys alone
   keys:B       solved:B with the key variants (paraphrase, prefix) kept at the solve: the default recipe at
                B = 30; keysp:B with paraphrases only, keysx:B with prefixes only
+  ridge:E      keys:30 with the solve's ridge ε = E instead of crispedit.keyed_solve.RIDGE
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
 
@@ -77,6 +78,7 @@ from lab.edit_sets import load_edit_dataset, shared_data_dir
 
 FACTS = Path(__file__).with_name("tuning_facts.json")
 edit_module = importlib.import_module("crispedit.edit")  # the module: the package exports a function `edit`
+keyed_solve_module = importlib.import_module("crispedit.keyed_solve")
 KEY_VARIANTS = {"keys": ("paraphrase", "prefix"), "keysp": ("paraphrase",), "keysx": ("prefix",)}
 
 
@@ -246,9 +248,12 @@ def main() -> None:
         common = KeptOutputs.record(model, modules, rows, fan_in_fan_out)
     make_projectors = edit_module.make_projectors
     yield_loss, early_stop = edit_module.YIELD_LOSS, edit_module.EARLY_STOP
+    ridge = keyed_solve_module.RIDGE
     for per_kind, protection in protections.items():
         for variant in args.variants.split(","):
             name, value = variant.split(":")
+            keyed_solve_module.RIDGE = float(value) if name == "ridge" else ridge
+            name, value = ("keys", "30") if name == "ridge" else (name, value)
             key_variants = KEY_VARIANTS.get(name, ())
             name = "solved" if key_variants else name
             value = float(value)
