@@ -72,8 +72,7 @@ def key_inputs(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], mo
     if groups is None:
         return keys
     owner_group = torch.as_tensor(groups)[torch.cat(owners)].to(device)
-    count = torch.zeros(len(set(groups)), dtype=torch.float64, device=device).index_add_(
-        0, owner_group, torch.ones(len(owner_group), dtype=torch.float64, device=device))
+    count = torch.bincount(owner_group, minlength=len(set(groups)))
     sums = {name: torch.zeros(K.shape[0], len(count), dtype=K.dtype, device=device).index_add_(1, owner_group, K)
             for name, K in keys.items()}
     return {name: total / count for name, total in sums.items()}

@@ -59,7 +59,6 @@ def test_key_inputs_are_each_sequence_s_subject_token(tiny_llama):
     assert keys[name].shape[1] == 1 + int(batch["attention_mask"][1].sum())
 
 
-
 def test_grouped_key_inputs_are_each_group_s_mean_key(tiny_llama):
     model, tok = tiny_llama
     modules = editable_modules(model, (1,))
