@@ -1,15 +1,23 @@
-"""Content-addressed tensor blobs: one safetensors file per tensor, named by the sha256 of its bytes."""
+"""Content-addressed tensor blobs: one safetensors file per tensor, named by the sha256 of its bytes.
+
+A blob holds a whole tensor, or a change: another blob's tensor (its ``parent``, named in the file's metadata)
+plus U V (``registry.delta``). Reading a change reads and checks its parents too, down to a whole tensor.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
+
+from registry.delta import rebuild
 
 
 class BlobError(RuntimeError):
@@ -37,7 +45,9 @@ class BlobStore:
         return self.dir / digest[:2] / f"{digest}.safetensors"
 
     def put(self, tensor: torch.Tensor) -> str:
-        data = save_bytes({"tensor": tensor.detach().contiguous().cpu()})
+        return self._write(save_bytes({"tensor": tensor.detach().contiguous().cpu()}))
+
+    def _write(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         try:  # already stored: touch it, so gc's grace period also covers a blob that is being reused
             os.utime(self.path(digest))
@@ -45,15 +55,53 @@ class BlobStore:
             write_atomic(self.path(digest), data)
         return digest
 
-    def get(self, digest: str) -> torch.Tensor:
-        path = self.path(digest)
+    def put_change(self, parent: str, U: torch.Tensor, V: torch.Tensor) -> str:
+        """A blob for the tensor ``parent``'s + U V; ``depth`` counts the changes down to a whole tensor."""
+        depth = str(self.depth(parent) + 1)
+        return self._write(save_bytes({"U": U.detach().contiguous().cpu(), "V": V.detach().contiguous().cpu()},
+                                      metadata={"parent": parent, "depth": depth}))
+
+    def missing(self, digest: str) -> BlobError:
+        return BlobError(f"blob {digest} is missing from {self.dir}; run `crispedit registry verify`")
+
+    def _read(self, digest: str) -> bytes:
         try:
-            data = path.read_bytes()
+            data = self.path(digest).read_bytes()
         except FileNotFoundError as err:
-            raise BlobError(f"blob {digest} is missing from {self.dir}; run `crispedit registry verify`") from err
+            raise self.missing(digest) from err
         if hashlib.sha256(data).hexdigest() != digest:
             raise BlobError(f"blob {digest} is corrupt (its bytes do not match its hash); restore it from a backup")
-        return load_bytes(data)["tensor"]
+        return data
+
+    def get(self, digest: str) -> torch.Tensor:
+        data = self._read(digest)
+        tensors = load_bytes(data)
+        if "tensor" in tensors:
+            return tensors["tensor"]
+        parent = metadata(data).get("parent")
+        if parent is None or set(tensors) != {"U", "V"}:
+            raise BlobError(f"blob {digest} holds neither a tensor nor a change to one")
+        # hashes name contents, so a chain of parents cannot loop back on itself
+        return rebuild(self.get(parent), tensors["U"], tensors["V"])
+
+    def _metadata(self, digest: str) -> dict[str, str]:
+        try:
+            with open(self.path(digest), "rb") as f:
+                head = f.read(8)
+                head += f.read(struct.unpack("<Q", head)[0])
+            return metadata(head)
+        except FileNotFoundError as err:
+            raise self.missing(digest) from err
+        except (struct.error, ValueError) as err:
+            raise BlobError(f"blob {digest} has an unreadable header; restore it from a backup") from err
+
+    def parent(self, digest: str) -> str | None:
+        """The blob a change is applied to (None for a whole tensor); reads the file's header only."""
+        return self._metadata(digest).get("parent")
+
+    def depth(self, digest: str) -> int:
+        """How many changes lie between this blob and a whole tensor (0 for a whole tensor)."""
+        return int(self._metadata(digest).get("depth", 0))
 
     def check(self, digest: str) -> str | None:
         """None if the blob is present and intact, else what is wrong with it."""
@@ -73,3 +121,9 @@ class BlobStore:
         size = path.stat().st_size
         path.unlink()
         return size
+
+
+def metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (its header: a little-endian u64 size, then JSON)."""
+    size = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {})

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import time
 
+from registry.blobs import BlobError
 from registry.store import Registry, RegistryError
 
 
 def referenced_digests(registry: Registry) -> set[str]:
+    """Every blob a manifest names, and every blob those changes are applied to (raises if one is unreadable:
+    its parents are unknown, so nothing may be freed until it is restored)."""
     digests: set[str] = set()
     for model in registry.models():
         digests.update(registry.model_info(model)["base_tensors"].values())
@@ -16,6 +19,15 @@ def referenced_digests(registry: Registry) -> set[str]:
             digests.update(version.tensors.values())
             for parts in version.curvature.get("layers", {}).values():
                 digests.update(v for v in parts.values() if isinstance(v, str))
+    todo = list(digests)
+    while todo:
+        try:
+            parent = registry.blobs.parent(todo.pop())
+        except BlobError as err:
+            raise RegistryError(f"gc stopped: {err}") from err
+        if parent is not None and parent not in digests:
+            digests.add(parent)
+            todo.append(parent)
     return digests
 
 

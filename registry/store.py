@@ -2,13 +2,14 @@
 
 Layout under one root (a local folder, or a volume shared by several machines)::
 
-    blobs/<sha[:2]>/<sha>.safetensors         one tensor each, content-addressed (blobs.py)
+    blobs/<sha[:2]>/<sha>.safetensors         one tensor each, or a low-rank change to one, content-addressed
     models/<model>/model.json                 base checkpoint, fingerprint, base values of edited tensors
     models/<model>/versions/v<N>.json         immutable manifests; v0 is the base
     models/<model>/aliases/<alias>.json       {"version": "v3"}: latest, production, any user name
     models/<model>/.lock                      flock: one writer at a time per model
 
-A manifest maps every tensor that differs from the base to a blob, so any version is "base + its map".
+A manifest maps every tensor that differs from the base to a blob, so any version is "base + its map". A
+small edit's blob holds only its low-rank change from the parent version's blob (``registry.delta``).
 Commits write blobs, then the manifest, then move ``latest``, all under the model's lock and only if
 ``latest`` still equals the caller's parent: two writers can never interleave or lose a version, and a
 crash at any point leaves no alias pointing at a missing version.
@@ -28,9 +29,11 @@ from pathlib import Path
 import torch
 
 from registry.blobs import BlobStore, write_atomic
+from registry.delta import low_rank_change
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION = re.compile(r"^v(0|[1-9][0-9]{0,8})$")
+MAX_CHAIN = 32  # changes read to rebuild one tensor at most: then it is stored whole again
 
 
 class RegistryError(RuntimeError):
@@ -235,7 +238,8 @@ class Registry:
                         raise RegistryError(f"the base value of {name} is needed the first time it is edited")
                     info["base_tensors"][name] = self.blobs.put(originals[name])
             mapping = dict(parent_version.tensors)
-            mapping.update({name: self.blobs.put(t) for name, t in tensors.items()})
+            for name, t in tensors.items():
+                mapping[name] = self._put_weight(parent_version.tensors.get(name) or info["base_tensors"][name], t)
             layers = {
                 module: {k: (self.blobs.put(v) if isinstance(v, torch.Tensor) else v) for k, v in parts.items()}
                 for module, parts in (curvature or {}).items()
@@ -250,6 +254,15 @@ class Registry:
             self._write_version(version)
             self._write_alias(model, "latest", version.id)
             return version
+
+    def _put_weight(self, parent: str, tensor: torch.Tensor) -> str:
+        """A blob for ``tensor``: its change from the ``parent`` blob's tensor where that change is of low rank
+        (``registry.delta``) and the chain of changes is short, else the whole tensor."""
+        if self.blobs.depth(parent) < MAX_CHAIN:
+            factors = low_rank_change(self.blobs.get(parent), tensor.detach().cpu())
+            if factors is not None:
+                return self.blobs.put_change(parent, *factors)
+        return self.blobs.put(tensor)
 
     def rollback(self, model: str, to: str, aliases: tuple[str, ...] = ("latest", "production")) -> str:
         """Move ``latest`` (the edit head) and ``production`` back to ``to``; history stays as it is."""
