@@ -73,16 +73,25 @@ class BlobStore:
             raise BlobError(f"blob {digest} is corrupt (its bytes do not match its hash); restore it from a backup")
         return data
 
-    def get(self, digest: str) -> torch.Tensor:
+    def _load(self, digest: str) -> tuple[torch.Tensor | None, str | None, dict[str, torch.Tensor]]:
+        """(the whole tensor, None, {}) or (None, the parent's digest, {"U": …, "V": …}), its bytes checked."""
         data = self._read(digest)
-        tensors = load_bytes(data)
+        try:
+            tensors, meta = load_bytes(data), metadata(data)
+        except Exception as err:  # the bytes match their hash, yet safetensors cannot read them
+            raise BlobError(f"blob {digest} is not a safetensors file") from err
         if "tensor" in tensors:
-            return tensors["tensor"]
-        parent = metadata(data).get("parent")
-        if parent is None or set(tensors) != {"U", "V"}:
+            return tensors["tensor"], None, {}
+        if meta.get("parent") is None or set(tensors) != {"U", "V"}:
             raise BlobError(f"blob {digest} holds neither a tensor nor a change to one")
+        return None, meta["parent"], tensors
+
+    def get(self, digest: str) -> torch.Tensor:
+        whole, parent, factors = self._load(digest)
+        if whole is not None:
+            return whole
         # hashes name contents, so a chain of parents cannot loop back on itself
-        return rebuild(self.get(parent), tensors["U"], tensors["V"])
+        return rebuild(self.get(parent), factors["U"], factors["V"])
 
     def _metadata(self, digest: str) -> dict[str, str]:
         try:
@@ -103,13 +112,17 @@ class BlobStore:
         """How many changes lie between this blob and a whole tensor (0 for a whole tensor)."""
         return int(self._metadata(digest).get("depth", 0))
 
-    def check(self, digest: str) -> str | None:
-        """None if the blob is present and intact, else what is wrong with it."""
-        try:
-            self.get(digest)
-        except BlobError as err:
-            return str(err)
-        return None
+    def check(self, digest: str, seen: dict[str, str | None] | None = None) -> str | None:
+        """None if the blob, and every blob a change is built on, is present and intact, else what is wrong.
+        ``seen`` remembers the blobs already checked, so a store-wide check reads each blob once."""
+        seen = {} if seen is None else seen
+        if digest not in seen:
+            try:
+                _, parent, _ = self._load(digest)
+                seen[digest] = self.check(parent, seen) if parent else None
+            except BlobError as err:
+                seen[digest] = str(err)
+        return seen[digest]
 
     def digests(self) -> Iterator[str]:
         if self.dir.exists():

@@ -34,6 +34,7 @@ def referenced_digests(registry: Registry) -> set[str]:
 def verify(registry: Registry) -> list[str]:
     """Every problem in the store, as sentences; an empty list means the store is sound."""
     problems: list[str] = []
+    seen: dict[str, str | None] = {}  # blobs checked so far: versions share their parents' blobs
     for model in registry.models():
         try:
             versions = {v.id: v for v in registry.versions(model)}
@@ -47,11 +48,11 @@ def verify(registry: Registry) -> list[str]:
             if v.parent is not None and v.parent not in versions:
                 problems.append(f"{model} {v.id}: parent {v.parent} is missing")
         for name, digest in registry.model_info(model)["base_tensors"].items():
-            if (err := registry.blobs.check(digest)) is not None:
+            if (err := registry.blobs.check(digest, seen)) is not None:
                 problems.append(f"{model} base value of {name}: {err}")
         for v in versions.values():
             for name, digest in v.tensors.items():
-                if (err := registry.blobs.check(digest)) is not None:
+                if (err := registry.blobs.check(digest, seen)) is not None:
                     problems.append(f"{model} {v.id} {name}: {err}")
     return problems
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from safetensors.torch import save
 
 import registry.store
-from registry import Registry, RegistryError, gc, verify
+from registry import BlobError, Registry, RegistryError, gc, verify
 from registry.delta import low_rank_change, rebuild
 
 NAME = "model.layers.1.mlp.down_proj.weight"
@@ -70,6 +71,14 @@ def test_a_corrupt_parent_is_reported_for_every_version_built_on_it(tmp_path):
     with pytest.raises(RegistryError, match="gc stopped"):  # its parent is unknown: nothing may be freed
         path.write_bytes(b"\0" * 8)
         gc(reg, grace_seconds=0)
+
+
+def test_a_blob_that_is_neither_tensor_nor_change_is_refused(tmp_path):
+    reg, _ = chain(tmp_path, 1)
+    odd = reg.blobs._write(save({"X": torch.ones(2)}))  # its bytes match its hash, yet it is not ours
+    assert "neither a tensor nor a change" in reg.blobs.check(odd)
+    with pytest.raises(BlobError, match="neither"):
+        reg.blobs.get(odd)
 
 
 def test_gc_keeps_the_parents_of_kept_changes(tmp_path):
