@@ -15,9 +15,9 @@ change off the neighbours while the edit holds), so a protected edit stops earli
 
 Reworded, or after other text, the question gives the subject's token another input k' = k + δ. The trained ΔW
 carries part of the edit there, and a ΔW* held to K alone drops it. So the key variants (``EditConfig.key_variants``:
-each prompt reworded and prefixed by the model, ``crispedit.augment``) join K as one column per edit and form,
-their mean k̄ (ROME's key, averaged over contexts): ΔW* k̄ = ΔW k̄ too, and K grows with the edits, not with the
-variants.
+each prompt after context prefixes the model writes, or reworded by it, ``crispedit.augment``) join K as one column
+per edit and form, their mean k̄ (ROME's key, averaged over contexts): ΔW* k̄ = ΔW k̄ too, and K grows with the
+edits, not with the variants.
 
 Adding the capability cache's input factor to M kept fewer neighbours (France → Rome: 0.70 held out at weight 1
 against 0.80 without; 8 facts of our own: 0.50 at weight 0.1 against 0.65), so M is the neighbours' alone.
