@@ -16,6 +16,8 @@ pytestmark = pytest.mark.slow
 def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path, redis_db):
     from openai import OpenAI
 
+    from registry import Registry
+
     port = free_port()
     env = {**os.environ, "CRISPEDIT_REGISTRY_ROOT": str(tmp_path / "registry"), "CRISPEDIT_MODELS": "smollm2",
            "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
@@ -50,6 +52,12 @@ def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path, redis_db):
         report = client.get("/v1/registry/smollm2/versions/v1").json()["metrics"]["neighbours"]
         assert report == status["metrics"]["neighbours"] and report["checked"] >= 3
         assert report["unchanged"] >= 0.1 and report["edits"][0]["prompt"] == question
+        # the keyed solve changes each weight at low rank, so v1 stores that change from v0, not whole tensors
+        reg = Registry(tmp_path / "registry")
+        stored = list(reg.get("smollm2", "v1").tensors.values())
+        assert stored and all(reg.blobs.parent(d) is not None for d in stored)
+        whole = sum(reg.blobs.get(d).numel() * reg.blobs.get(d).element_size() for d in stored)
+        assert sum(reg.blobs.path(d).stat().st_size for d in stored) < 0.05 * whole
         client.post("/v1/registry/smollm2/rollback", json={"to": "v0"})
         assert "Paris" in ask("smollm2")  # queries follow the rollback without a restart
     finally:
