@@ -32,7 +32,7 @@ from worker.tasks import process_pending_leased
 FACTS = Path(__file__).with_name("tuning_facts.json")
 
 
-def record_fidelity(errors: list[float]):
+def record_fidelity(errors: list[float]) -> None:
     """Wrap Registry._put_weight: after each put, the stored tensor's distance from the given one, in ulps."""
     put = Registry._put_weight
 

@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--dataset", help="zsre or counterfact: tuning records instead of --facts")
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--verbose", action="store_true", help="print each held-out neighbour that changed")
+    parser.add_argument("--max-epochs", type=int, default=25, help="every variant's epoch limit but epochs:N's")
     args = parser.parse_args()
     model, tok = load_model("smollm2")
     cache = CurvatureCache.load(args.cache, model=model)
@@ -266,7 +267,8 @@ def main() -> None:
             else:
                 kept = protection.kept
             config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
-                                subject_key=name in KEYED, max_epochs=int(value) if name == "epochs" else 25,
+                                subject_key=name in KEYED,
+                                max_epochs=int(value) if name == "epochs" else args.max_epochs,
                                 lr=value if name == "lr" else None, keyed_solve=name == "solved",
                                 early_stop=args.solved_stop if name == "solved" else None,
                                 key_variants=key_variants)
