@@ -72,8 +72,8 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr,
                    help="Adam learning rate (default: 2e-3 scaled to the edited weights' RMS against SmolLM2's)")
     p.add_argument("--batch-size", type=int, default=None, help="edits per step (default: 4 on a CPU, 32 on a GPU)")
-    p.add_argument("--epochs", type=int, default=d.max_epochs, help="at most this many epochs (they stop early once "
-                   "the mean target NLL is below 0.01)")
+    p.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default 40 with neighbour "
+                   "protection, 25 without; they stop early once the mean target NLL is below 0.1, 0.01 without)")
     p.add_argument("--sequential-chunk", type=int, default=None, help="Alg. 2: fold curvature every K edits")
     p.add_argument("--chat-form", action=argparse.BooleanOptionalAction, default=None,
                    help="also train each edit through the chat template (default: when the model has one)")

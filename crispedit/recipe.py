@@ -24,8 +24,8 @@ def recommended_config(
 
     - ``chat_form`` when the tokenizer has a chat template, so chat queries see the edit;
     - ``batch_size`` for the model's device, ``energy`` γ and ``lr`` (None: ``edit`` scales it to the weights);
-    - with ``protect``, the neighbours' β, the subject key and the keyed solve with its key variants and earlier
-      stop (else none);
+    - with ``protect``, the neighbours' β, the subject key and the keyed solve with its key variants, earlier
+      stop and more epochs (else none);
     - the anchors' and text anchors' β where the caller has them (``anchors``, ``text_anchors``), else 0;
     - ``augment`` resolved against the anchors (``crispedit.augment.resolve_augment``).
     """
@@ -51,4 +51,6 @@ def recommended_config(
         chosen["key_variants"] = ()
     if chosen["keyed_solve"] and chosen.get("early_stop") is None:
         chosen["early_stop"] = r.protected_early_stop
+    if chosen["keyed_solve"] and chosen.get("max_epochs") is None:
+        chosen["max_epochs"] = r.protected_max_epochs
     return EditConfig(**chosen)

@@ -63,7 +63,8 @@ class Hyperparameters(Strict):
                              "edited weights' RMS against SmolLM2's (2e-3 on SmolLM2, 1.7e-4 on Gemma 3 270M)")
     batch_size: int | None = Field(None, ge=1, le=512, description="edits per optimizer step; default: the server's "
                                    "CRISPEDIT_EDIT_BATCH_SIZE")
-    max_epochs: int = Field(25, ge=1, le=200)
+    max_epochs: int | None = Field(None, ge=1, le=200, description="at most this many epochs; default 25, and 40 "
+                                   "with neighbour protection (a protected batch learns more slowly)")
     chat_form: bool | None = None  # also train through the chat template; default: when the model has one
     anchor_weight: float | None = Field(None, ge=0.0, le=100.0, description="β of the KL penalty on the server's "
                                         "anchor questions (CRISPEDIT_ANCHORS); default CRISPEDIT_ANCHOR_WEIGHT")

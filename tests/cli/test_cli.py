@@ -156,9 +156,11 @@ def test_the_keyed_solve_and_its_earlier_stop_come_with_the_key_and_can_be_turne
     base = ["edit", "--edits", "x.jsonl", "--out", "o"]
     on = edit_config(parse(base), model, tok)
     assert on.keyed_solve is True and on.early_stop == 0.1 and on.key_variants == ("prefix",)
+    assert on.max_epochs == 40 and edit_config(parse([*base, "--epochs", "30"]), model, tok).max_epochs == 30
     for off in (["--no-neighbours"], ["--no-subject-key"], ["--no-keyed-solve"]):
         config = edit_config(parse([*base, *off]), model, tok)
         assert config.keyed_solve is False and config.early_stop is None and config.key_variants == (), off
+        assert config.max_epochs == 25, off
     with pytest.raises(ValueError, match="subject_key"):
         edit_config(parse([*base, "--no-subject-key", "--keyed-solve"]), model, tok)
 
