@@ -71,7 +71,7 @@ class Recipe:
     protected_max_epochs: int = 40
     # the keyed solve also keeps the change on each edit's prompt after model-written context prefixes (their mean
     # key per edit): alone, it held the change to the prompt's own key and halved CounterFact's generality. The
-    # model's rewordings as well gave the same figures on CounterFact and ZsRE tuning edits, at 1.6 s more per edit
+    # model's rewordings as well gave the same figures on CounterFact and ZsRE tuning edits, at 1.6-3.8 s more per edit
     key_variants: tuple[str, ...] = ("prefix",)
     anchor_weight: float = 1.0  # β of the KL on question anchors, when a server has them (ZsRE train)
     text_anchor_weight: float = 10.0  # β of the KL on capability text windows, when a server has them (ZsRE train)

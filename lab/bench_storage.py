@@ -60,7 +60,7 @@ def version_bytes(reg: Registry, model: str, vid: str) -> dict:
     v = reg.get(model, vid)
     parent = reg.get(model, v.parent).tensors
     new = [d for n, d in v.tensors.items() if parent.get(n) != d]
-    whole = sum(reg.blobs.get(d).numel() * reg.blobs.get(d).element_size() for d in new)
+    whole = sum(t.numel() * t.element_size() for t in map(reg.blobs.get, new))
     return {"stored_bytes": sum(reg.blobs.path(d).stat().st_size for d in new), "whole_bytes": whole,
             "depths": sorted({reg.blobs.depth(d) for d in new})}
 

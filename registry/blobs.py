@@ -55,11 +55,10 @@ class BlobStore:
             write_atomic(self.path(digest), data)
         return digest
 
-    def put_change(self, parent: str, U: torch.Tensor, V: torch.Tensor) -> str:
-        """A blob for the tensor ``parent``'s + U V; ``depth`` counts the changes down to a whole tensor."""
-        depth = str(self.depth(parent) + 1)
+    def put_change(self, parent: str, depth: int, U: torch.Tensor, V: torch.Tensor) -> str:
+        """A blob for the tensor ``parent``'s + U V, ``depth`` changes down to a whole tensor (the parent's + 1)."""
         return self._write(save_bytes({"U": U.detach().contiguous().cpu(), "V": V.detach().contiguous().cpu()},
-                                      metadata={"parent": parent, "depth": depth}))
+                                      metadata={"parent": parent, "depth": str(depth)}))
 
     def missing(self, digest: str) -> BlobError:
         return BlobError(f"blob {digest} is missing from {self.dir}; run `crispedit registry verify`")

@@ -258,10 +258,11 @@ class Registry:
     def _put_weight(self, parent: str, tensor: torch.Tensor) -> str:
         """A blob for ``tensor``: its change from the ``parent`` blob's tensor where that change is of low rank
         (``registry.delta``) and the chain of changes is short, else the whole tensor."""
-        if self.blobs.depth(parent) < MAX_CHAIN:
+        depth = self.blobs.depth(parent)
+        if depth < MAX_CHAIN:
             factors = low_rank_change(self.blobs.get(parent), tensor.detach().cpu())
             if factors is not None:
-                return self.blobs.put_change(parent, *factors)
+                return self.blobs.put_change(parent, depth + 1, *factors)
         return self.blobs.put(tensor)
 
     def rollback(self, model: str, to: str, aliases: tuple[str, ...] = ("latest", "production")) -> str:
