@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from crispedit.layer_inputs import read_inputs
 from crispedit.neighbours import KeptOutputs
 from crispedit.requests import EditRequest, tokenize_edit_batch
 from crispedit.subject_key import subject_key_mask
@@ -49,25 +50,14 @@ def key_inputs(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], mo
     device = next(model.parameters()).device
     found: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     owners: list[torch.Tensor] = []
-    mask_now: list[torch.Tensor] = []
-
-    def grab(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            found[name].append(inputs[0][mask_now[0]].double())
-        return hook
-
-    handles = [m.register_forward_hook(grab(n)) for n, m in modules.items()]
-    try:
-        for i in range(0, len(sequences), batch_size):
-            part = list(sequences[i : i + batch_size])
-            batch = tokenize_edit_batch(tokenizer, part, device)
-            key = subject_key_mask(tokenizer, part, batch["input_ids"].shape[1]).to(device).bool()
-            mask_now[:] = [key & batch["attention_mask"].bool()]
-            owners.append(mask_now[0].nonzero()[:, 0].cpu() + i)
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
+    for i in range(0, len(sequences), batch_size):
+        part = list(sequences[i : i + batch_size])
+        batch = tokenize_edit_batch(tokenizer, part, device)
+        key = subject_key_mask(tokenizer, part, batch["input_ids"].shape[1]).to(device).bool()
+        mask = key & batch["attention_mask"].bool()
+        owners.append(mask.nonzero()[:, 0].cpu() + i)
+        read_inputs(model, modules, lambda name, a, mask=mask: found[name].append(a[mask].double()),
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     keys = {name: torch.cat(parts).T for name, parts in found.items()}
     if groups is None:
         return keys
