@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from crispedit.requests import EditRequest
 
@@ -68,24 +69,68 @@ def keep_paraphrase(request: EditRequest, text: str) -> str | None:
     return text
 
 
+class GreedyRows(LogitsProcessor):
+    """Leaves only the argmax to draw in the rows marked greedy: sampling them is greedy decoding."""
+
+    def __init__(self, greedy: torch.Tensor) -> None:
+        self.greedy = greedy
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.argmax(-1, keepdim=True)
+        only_top = torch.full_like(scores, -torch.inf).scatter(1, top, scores.gather(1, top))
+        return torch.where(self.greedy.to(scores.device)[:, None], only_top, scores)
+
+
+class Enough(StoppingCriteria):
+    """Ends a row once its predicate holds for the text the row has written so far (rows without one run on)."""
+
+    def __init__(self, tokenizer, prompt_length: int, done: Sequence[Callable[[str], bool] | None]) -> None:
+        self.tokenizer, self.prompt_length, self.done = tokenizer, prompt_length, done
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([bool(f and f(t)) for f, t in zip(self.done, texts, strict=True)], device=input_ids.device)
+
+
 @torch.no_grad()
+def completions(
+    model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int = 32, sampled: bool | Sequence[bool] = True,
+    enough: Sequence[Callable[[str], bool] | None] | None = None, temperature: float = 0.8, batch_size: int = 64,
+) -> list[str]:
+    """One completion of each text, up to its first newline: sampled (``temperature``, top-p 0.95) or greedy, per
+    text where ``sampled`` is a list; a text's ``enough`` predicate, where given, also ends it once it holds.
+
+    Greedy and sampled texts share one generation: a decoding step reads every weight whatever the number of
+    rows, so on a CPU one row costs nearly as much as a few dozen."""
+    device = next(model.parameters()).device
+    sampled = [sampled] * len(texts) if isinstance(sampled, bool) else list(sampled)
+    enough = list(enough) if enough is not None else [None] * len(texts)
+    out: list[str] = []
+    for i in range(0, len(texts), batch_size):
+        part, draw = list(texts[i : i + batch_size]), sampled[i : i + batch_size]
+        enc = tokenizer(part, return_tensors="pt", padding=True, padding_side="left").to(device)
+        length = enc["input_ids"].shape[1]
+        options = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if any(draw):
+            options = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0,
+                       "logits_processor": LogitsProcessorList([GreedyRows(~torch.tensor(draw))])}
+        stops = enough[i : i + batch_size]
+        more = StoppingCriteriaList([Enough(tokenizer, length, stops)]) if any(stops) else None
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, stop_strings=["\n"], tokenizer=tokenizer,
+                             pad_token_id=tokenizer.pad_token_id, stopping_criteria=more, **options)
+        out += tokenizer.batch_decode(ids[:, length:], skip_special_tokens=True)
+    return out
+
+
 def sample_completions(
     model: nn.Module, tokenizer, texts: Sequence[str], n: int, max_new_tokens: int = 32, batch_size: int = 16,
     temperature: float | None = 0.8,
 ) -> list[list[str]]:
-    """``n`` completions of each text, up to its first newline: sampled, or greedy with ``temperature=None``."""
-    device = next(model.parameters()).device
-    options = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if temperature else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    replies: list[list[str]] = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left")
-        enc = enc.to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=n, stop_strings=["\n"],
-                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, **options)
-        decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        replies.extend(decoded[j : j + n] for j in range(0, len(decoded), n))
-    return replies
+    """``n`` completions of each text, up to its first newline: sampled, or greedy with ``temperature=None``;
+    ``batch_size`` texts (× n rows) a generation."""
+    flat = completions(model, tokenizer, [t for t in texts for _ in range(n)], max_new_tokens,
+                       sampled=temperature is not None, temperature=temperature or 1.0, batch_size=batch_size * n)
+    return [flat[j : j + n] for j in range(0, len(flat), n)]
 
 
 def paraphrases(model: nn.Module, tokenizer, requests: Sequence[EditRequest], n: int = 4) -> list[list[str]]:

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from crispedit.augment import sample_completions
+from crispedit.augment import completions
 from crispedit.corpus import batches_of
 from crispedit.evaluate import cut_answer
+from crispedit.layer_inputs import read_inputs
 from crispedit.requests import EditRequest
 
 SIBLING_SHOTS = (
@@ -59,6 +60,7 @@ STOPWORDS = CONNECTORS | {"a", "an", "is", "was", "are", "were", "what", "which"
                           "how", "does", "did", "do", "by", "to", "at", "with", "from", "as", "that", "this",
                           "it", "its", "his", "her", "their", "name"}
 SIMILAR = 0.5  # a relation candidate sharing this share of the prompt's other words may be a rewording
+SPARE_ITEMS = 3  # a sibling list is read to n + this many items: some repeat the subject or each other
 ANSWER_TOKENS = 24  # a reference answer is the parent's greedy first line, at most this many tokens
 NEIGHBOUR_GUARD = 0.1  # the guard rejects an edit keeping fewer of its neighbours' answers (the paper recipe: 0-0.03)
 
@@ -100,26 +102,45 @@ def infer_subject(request: EditRequest) -> str | None:
     return last[-1] if last else None
 
 
-def continuations(
-    model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int, n: int = 1, sample: bool = False,
-) -> list[list[str]]:
-    """``n`` continuations of each text, cut at its first newline: greedy, or sampled (temperature 0.8)."""
-    replies = sample_completions(model, tokenizer, texts, n, max_new_tokens, temperature=0.8 if sample else None)
-    return [[r.split("\n")[0] for r in group] for group in replies]
+def written_around(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], subjects: Sequence[str], n: int
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Up to ``n`` siblings of each subject (things of the same kind, :func:`distinct_items`) and ``n`` other prompts
+    about it (:func:`kept_prompts`): the model's greedy list after the subject (two sampled lists more where that
+    names fewer than ``n``), then ``2n`` sampled prompts about it.
 
+    A list is read to its ``n + SPARE_ITEMS``-th item and a prompt to the length it may have: decoding on would cost
+    a step each for text nobody reads."""
+    lists = [SIBLING_SHOTS.format(subject=s) for s in subjects]
 
-def sibling_subjects(model: nn.Module, tokenizer, subjects: Sequence[str], n: int) -> list[list[str]]:
-    """Up to ``n`` distinct things of the same kind as each subject, as the model lists them after it: its greedy
-    list, then (only for subjects whose greedy list names fewer than ``n``) two sampled lists."""
-    texts = [SIBLING_SHOTS.format(subject=s) for s in subjects]
-    found = [distinct_items(s, lines) for s, lines in zip(subjects, continuations(model, tokenizer, texts, 32),
-                                                             strict=True)]
-    short = [i for i, items in enumerate(found) if len(items) < n]
+    def listed(text: str) -> bool:
+        return text.count(",") >= n + SPARE_ITEMS
+
+    def items(replies: Sequence[str]) -> list[str]:  # a list that ``listed`` cut ends in a comma or a part-item
+        lines = [r.split("\n")[0] for r in replies]
+        return [line.rsplit(",", 1)[0] if listed(line) else line for line in lines]
+
+    greedy = completions(model, tokenizer, lists, 32, sampled=False, enough=[listed] * len(lists), batch_size=16)
+    found = [distinct_items(s, items([line])) for s, line in zip(subjects, greedy, strict=True)]
+    short = [i for i, kinds in enumerate(found) if len(kinds) < n]
     if short:
-        sampled = continuations(model, tokenizer, [texts[i] for i in short], 32, n=2, sample=True)
-        for i, lines in zip(short, sampled, strict=True):
-            found[i] = distinct_items(subjects[i], [", ".join(found[i]), *lines])
-    return [items[:n] for items in found]
+        more = completions(model, tokenizer, [lists[i] for i in short for _ in range(2)], 32,
+                           enough=[listed] * 2 * len(short), batch_size=32)
+        for k, i in enumerate(short):
+            found[i] = distinct_items(subjects[i], [", ".join(found[i]), *items(more[2 * k : 2 * k + 2])])
+    asks_question = [r.prompt.rstrip().endswith("?") for r in requests]
+    asks = [(QUESTION_SHOTS if q else SENTENCE_SHOTS).format(subject=s) for q, s in zip(asks_question, subjects,
+                                                                                         strict=True)]
+    drafts = completions(model, tokenizer, [a for a in asks for _ in range(2 * n)], 24, batch_size=16 * 2 * n,
+                         enough=[too_long(r) for r in requests for _ in range(2 * n)])
+    prompts = [kept_prompts(r, s, q, [x.split("\n")[0] for x in drafts[2 * n * k : 2 * n * (k + 1)]], n)
+               for k, (r, s, q) in enumerate(zip(requests, subjects, asks_question, strict=True))]
+    return [kinds[:n] for kinds in found], prompts
+
+
+def too_long(request: EditRequest) -> Callable[[str], bool]:
+    """Whether a drafted prompt about the request's subject has grown past what :func:`kept_prompts` keeps."""
+    return lambda text: len(text.split()) > longest_prompt(request)
 
 
 def distinct_items(subject: str, lines: Sequence[str]) -> list[str]:
@@ -140,24 +161,21 @@ def similar(candidate: str, prompt: str, subject: str) -> bool:
     return bool(ours) and len(theirs & ours) / len(ours) >= SIMILAR
 
 
-def subject_questions(
-    model: nn.Module, tokenizer, requests: Sequence[EditRequest], subjects: Sequence[str], n: int
-) -> list[list[str]]:
-    """Up to ``n`` other prompts about each subject, in the prompt's form (question or sentence start)."""
-    asks_question = [r.prompt.rstrip().endswith("?") for r in requests]
-    texts = [(QUESTION_SHOTS if q else SENTENCE_SHOTS).format(subject=s) for q, s in zip(asks_question, subjects,
-                                                                                          strict=True)]
-    out = []
-    for r, s, q, replies in zip(requests, subjects, asks_question, continuations(model, tokenizer, texts, 24, n=2 * n,
-                                                                                 sample=True), strict=True):
-        kept: dict[str, None] = {}
-        for text in (x.strip().rstrip(" .") if not q else x.strip() for x in replies):
-            if (s.lower() in text.lower() and (text.endswith("?") if q else not text.endswith("?"))
-                    and text.lower() != r.prompt.strip().lower() and not similar(text, r.prompt, s)
-                    and r.target.lower() not in text.lower() and len(text.split()) <= 2 * len(r.prompt.split()) + 4):
-                kept[text] = None
-        out.append(list(kept)[:n])
-    return out
+def longest_prompt(request: EditRequest) -> int:
+    """Words a derived prompt about the request's subject may have: about twice the request's prompt."""
+    return 2 * len(request.prompt.split()) + 4
+
+
+def kept_prompts(request: EditRequest, subject: str, question: bool, drafts: Sequence[str], n: int) -> list[str]:
+    """Up to ``n`` of the drafted prompts about ``subject``, in the request's form (question or sentence start):
+    naming the subject, not the request's target, not the request's prompt or a rewording of it, not too long."""
+    kept: dict[str, None] = {}
+    for text in (x.strip().rstrip(" .") if not question else x.strip() for x in drafts):
+        if (subject.lower() in text.lower() and (text.endswith("?") if question else not text.endswith("?"))
+                and text.lower() != request.prompt.strip().lower() and not similar(text, request.prompt, subject)
+                and request.target.lower() not in text.lower() and len(text.split()) <= longest_prompt(request)):
+            kept[text] = None
+    return list(kept)[:n]
 
 
 def derive_neighbours(
@@ -173,10 +191,9 @@ def derive_neighbours(
     known = [i for i, s in enumerate(subjects) if s]
     with torch.random.fork_rng(devices=[]):  # seeded sampling, without touching the caller's random state
         torch.manual_seed(seed)
-        kept_subjects = [subjects[i] for i in known]
-        siblings = dict(zip(known, sibling_subjects(model, tokenizer, kept_subjects, per_kind), strict=True))
-        related = dict(zip(known, subject_questions(model, tokenizer, [requests[i] for i in known], kept_subjects,
-                                                    per_kind), strict=True))
+        lists, prompts = written_around(model, tokenizer, [requests[i] for i in known], [subjects[i] for i in known],
+                                        per_kind)
+        siblings, related = dict(zip(known, lists, strict=True)), dict(zip(known, prompts, strict=True))
     out: list[Neighbour] = []
     seen = set(edited)
     for i, r in enumerate(requests):
@@ -383,33 +400,25 @@ class KeptOutputs:
         first, counts = shared_prefixes(rows)
         total = sum(counts)
         weights = [[counts[node] ** 0.5 if node is not None else 0.0 for node in row] for row in first]
-        weight_now: list[torch.Tensor] = []
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
         sums: dict[str, torch.Tensor] = {}
         as_factor = len(counts) < min(m.weight.shape[0 if fan_in_fan_out else 1] for m in modules.values())
 
-        def hook(name):
-            def grab(module, inputs, output):
-                w = weight_now[0]
-                a = inputs[0][w > 0].float() * w[w > 0].unsqueeze(1)  # each distinct token once, × √count
-                if as_factor:
-                    parts[name].append(a)
-                else:
-                    sums[name] = a.T @ a if name not in sums else sums[name] + a.T @ a
-            return grab
+        def take(name: str, inputs: torch.Tensor, w: torch.Tensor) -> None:
+            a = inputs[w > 0].float() * w[w > 0].unsqueeze(1)  # each distinct token once, × √count
+            if as_factor:
+                parts[name].append(a)
+            else:
+                sums[name] = a.T @ a if name not in sums else sums[name] + a.T @ a
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-        try:
-            for group in similar_lengths(rows, batch_size):
-                batch = next(batches_of([rows[i] for i in group], len(group)))
-                w = torch.zeros(batch["input_ids"].shape)
-                for j, i in enumerate(group):
-                    w[j, : len(weights[i])] = torch.tensor(weights[i])
-                weight_now[:] = [w.to(device)]
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        finally:
-            for h in handles:
-                h.remove()
+        for group in similar_lengths(rows, batch_size):
+            batch = next(batches_of([rows[i] for i in group], len(group)))
+            w = torch.zeros(batch["input_ids"].shape)
+            for j, i in enumerate(group):
+                w[j, : len(weights[i])] = torch.tensor(weights[i])
+            w = w.to(device)
+            read_inputs(model, modules, lambda name, a, w=w: take(name, a, w),
+                        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         factors = {n: torch.cat(p) / total**0.5 for n, p in parts.items()} if as_factor else \
             {n: a / total for n, a in sums.items()}
         return cls(factors, {n: m.weight for n, m in modules.items()}, fan_in_fan_out, factored=as_factor)
