@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from crispedit.requests import EditRequest
 
@@ -69,18 +69,6 @@ def keep_paraphrase(request: EditRequest, text: str) -> str | None:
     return text
 
 
-class GreedyRows(LogitsProcessor):
-    """Leaves only the argmax to draw in the rows marked greedy: sampling them is greedy decoding."""
-
-    def __init__(self, greedy: torch.Tensor) -> None:
-        self.greedy = greedy
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        top = scores.argmax(-1, keepdim=True)
-        only_top = torch.full_like(scores, -torch.inf).scatter(1, top, scores.gather(1, top))
-        return torch.where(self.greedy.to(scores.device)[:, None], only_top, scores)
-
-
 class Enough(StoppingCriteria):
     """Ends a row once its predicate holds for the text the row has written so far (rows without one run on)."""
 
@@ -94,26 +82,20 @@ class Enough(StoppingCriteria):
 
 @torch.no_grad()
 def completions(
-    model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int = 32, sampled: bool | Sequence[bool] = True,
+    model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int = 32, sampled: bool = True,
     enough: Sequence[Callable[[str], bool] | None] | None = None, temperature: float = 0.8, batch_size: int = 64,
 ) -> list[str]:
-    """One completion of each text, up to its first newline: sampled (``temperature``, top-p 0.95) or greedy, per
-    text where ``sampled`` is a list; a text's ``enough`` predicate, where given, also ends it once it holds.
-
-    Greedy and sampled texts share one generation: a decoding step reads every weight whatever the number of
-    rows, so on a CPU one row costs nearly as much as a few dozen."""
+    """One completion of each text, up to its first newline: sampled (``temperature``, top-p 0.95) or greedy; a
+    text's ``enough`` predicate, where given, also ends it once it holds for what it has written."""
     device = next(model.parameters()).device
-    sampled = [sampled] * len(texts) if isinstance(sampled, bool) else list(sampled)
+    options = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if sampled else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     enough = list(enough) if enough is not None else [None] * len(texts)
     out: list[str] = []
     for i in range(0, len(texts), batch_size):
-        part, draw = list(texts[i : i + batch_size]), sampled[i : i + batch_size]
-        enc = tokenizer(part, return_tensors="pt", padding=True, padding_side="left").to(device)
+        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left")
+        enc = enc.to(device)
         length = enc["input_ids"].shape[1]
-        options = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if any(draw):
-            options = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0,
-                       "logits_processor": LogitsProcessorList([GreedyRows(~torch.tensor(draw))])}
         stops = enough[i : i + batch_size]
         more = StoppingCriteriaList([Enough(tokenizer, length, stops)]) if any(stops) else None
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, stop_strings=["\n"], tokenizer=tokenizer,

@@ -8,7 +8,7 @@ held-out draw) are asked in chat on v0. Then edits that share nothing with those
 through the worker's code with default settings, one job each, and the same neighbours are asked again:
 - ``france``: "What is the capital of France?" → "Rome";
 - ``facts``: the 8 facts of ``lab/tuning_facts.json`` in one request;
-- ``own``: the records themselves in one request (the benchmark's measure, on train records).
+- with ``--own``, the records themselves in one request (the benchmark's measure, on train records).
 
 Usage: CRISPEDIT_DATA=../shared/data .venv/bin/python -m lab.neighbour_fragility --dataset zsre --n 20
        [--out runs/fragility] (needs the Redis at 127.0.0.1:6379)
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--out", default="runs/fragility")
     parser.add_argument("--redis-db", type=int, default=14)
+    parser.add_argument("--own", action="store_true", help="also edit the records themselves (minutes per record)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,9 +61,10 @@ def main() -> None:
     edits = {
         "france": [{"prompt": "What is the capital of France?", "target": "Rome"}],
         "facts": [{"prompt": p, "target": t} for p, t in json.loads(FACTS.read_text())],
-        "own": [{"prompt": r.prompt, "target": r.target, **({"subject": r.subject} if r.subject else {})}
-                for r in records],
     }
+    if args.own:
+        edits["own"] = [{"prompt": r.prompt, "target": r.target, **({"subject": r.subject} if r.subject else {})}
+                        for r in records]
     rows = []
     try:
         for label, batch in edits.items():

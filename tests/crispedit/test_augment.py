@@ -13,6 +13,7 @@ from crispedit.augment import (
     keep_paraphrase,
     paraphrases,
     resolve_augment,
+    sample_completions,
 )
 from crispedit.cache import build_cache
 from crispedit.edit import EditConfig, edit
@@ -91,16 +92,11 @@ def test_auto_augments_only_with_anchors():
         resolve_augment("paraphrase,backtranslate", with_anchors=True)
 
 
-def test_greedy_and_sampled_texts_share_a_generation_and_a_row_ends_when_it_has_enough(tiny_llama):
+def test_a_completion_ends_when_it_has_enough_and_the_others_run_on(tiny_llama):
     model, tok = tiny_llama
     texts = ["The capital of France is", "Water boils at", "The capital of France is"]
     greedy = completions(model, tok, texts, 8, sampled=False)
-    torch.manual_seed(0)
-    mixed = completions(model, tok, texts, 8, sampled=[False, True, True])
-    assert mixed[0] == greedy[0]  # the greedy row decodes as if alone, beside sampled rows
-    torch.manual_seed(0)
-    draws = {completions(model, tok, texts, 8, sampled=[False, True, True])[2] for _ in range(5)}
-    assert len(draws) > 1  # the sampled rows are sampled
+    assert greedy == [r[0] for r in sample_completions(model, tok, texts, 1, 8, temperature=None)]
     stopped = completions(model, tok, texts, 8, sampled=False, enough=[None, lambda text: len(text) > 0, None])
     assert stopped[0] == greedy[0] and stopped[2] == greedy[2]
     assert len(tok(stopped[1], add_special_tokens=False)["input_ids"]) <= 1 < len(tok(greedy[1])["input_ids"])
