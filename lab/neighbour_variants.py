@@ -32,6 +32,7 @@ Variants (``--variants``, comma-separated NAME:VALUE):
   keys:B       solved:B with the key variants (paraphrase, prefix) kept at the solve: the default recipe at
                B = 30; keysp:B with paraphrases only, keysx:B with prefixes only
   ridge:E      keys:30 with the solve's ridge ε = E instead of crispedit.keyed_solve.RIDGE
+  lrx:M        keysx:30 (the default) with M × the default learning rate
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
 
@@ -255,6 +256,8 @@ def main() -> None:
             name, value = variant.split(":")
             keyed_solve_module.RIDGE = float(value) if name == "ridge" else ridge
             name, value = ("keys", "30") if name == "ridge" else (name, value)
+            lr = float(value) * edit_module.default_lr([m.weight for m in modules.values()]) if name == "lrx" else None
+            name, value = ("keysx", "30") if name == "lrx" else (name, value)
             key_variants = KEY_VARIANTS.get(name, ())
             name = "solved" if key_variants else name
             value = float(value)
@@ -269,7 +272,7 @@ def main() -> None:
             config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
                                 subject_key=name in KEYED,
                                 max_epochs=int(value) if name == "epochs" else args.max_epochs,
-                                lr=value if name == "lr" else None, keyed_solve=name == "solved",
+                                lr=value if name == "lr" else lr, keyed_solve=name == "solved",
                                 early_stop=args.solved_stop if name == "solved" else None,
                                 key_variants=key_variants)
             if name == "nullspace":
