@@ -11,12 +11,13 @@ through the worker's code with default settings, one job each, and the same neig
 - with ``--own``, the records themselves in one request (the benchmark's measure, on train records).
 
 Usage: CRISPEDIT_DATA=../shared/data .venv/bin/python -m lab.neighbour_fragility --dataset zsre --n 20
-       [--out runs/fragility] (needs the Redis at 127.0.0.1:6379)
+       [--paper | --ridge E] [--own] [--out runs/fragility] (needs the Redis at 127.0.0.1:6379)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import uuid
 from pathlib import Path
@@ -31,6 +32,7 @@ from worker.runtime import load_runtime
 from worker.tasks import process_pending_leased
 
 FACTS = Path(__file__).with_name("tuning_facts.json")
+keyed_solve = importlib.import_module("crispedit.keyed_solve")  # the module, whatever the package exports
 
 
 def answers(rt, version: str, texts: list[str]) -> list[str]:
@@ -45,11 +47,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/fragility")
     parser.add_argument("--redis-db", type=int, default=14)
     parser.add_argument("--own", action="store_true", help="also edit the records themselves (minutes per record)")
+    parser.add_argument("--paper", action="store_true", help="the paper's recipe: no neighbour protection")
+    parser.add_argument("--ridge", type=float, help="the keyed solve's ridge instead of crispedit.keyed_solve.RIDGE")
     args = parser.parse_args()
+    if args.ridge is not None:
+        keyed_solve.RIDGE = args.ridge
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(registry_root=out / "registry", redis_url=f"redis://127.0.0.1:6379/{args.redis_db}",
-                        key_prefix=f"bench{uuid.uuid4().hex[:6]}")
+                        key_prefix=f"bench{uuid.uuid4().hex[:6]}", protect_neighbours=not args.paper)
     rt = load_runtime("smollm2", settings)
     store = JobStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
     records = (load_edit_dataset("zsre", shared_data_dir() / "editing/zsre/zsre_mend_train_1k.json", n=args.n)
@@ -85,7 +91,8 @@ def main() -> None:
     finally:
         for key in store.redis.scan_iter(f"{settings.key_prefix}:*"):
             store.redis.delete(key)
-    (out / f"{args.dataset}-{args.n}.json").write_text(json.dumps(rows, indent=1))
+    label = "-paper" if args.paper else f"-ridge{args.ridge}" if args.ridge is not None else ""
+    (out / f"{args.dataset}-{args.n}{label}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
