@@ -32,6 +32,7 @@ Variants (``--variants``, comma-separated NAME:VALUE):
   keys:B       solved:B with the key variants (paraphrase, prefix) kept at the solve: the default recipe at
                B = 30; keysp:B with paraphrases only, keysx:B with prefixes only
   ridge:E      keys:30 with the solve's ridge ε = E instead of crispedit.keyed_solve.RIDGE
+  ridgex:E     keysx:30 (the default) with the solve's ridge ε = E
   lrx:M        keysx:30 (the default) with M × the default learning rate
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
@@ -254,8 +255,8 @@ def main() -> None:
     for per_kind, protection in protections.items():
         for variant in args.variants.split(","):
             name, value = variant.split(":")
-            keyed_solve_module.RIDGE = float(value) if name == "ridge" else ridge
-            name, value = ("keys", "30") if name == "ridge" else (name, value)
+            keyed_solve_module.RIDGE = float(value) if name in ("ridge", "ridgex") else ridge
+            name, value = {"ridge": ("keys", "30"), "ridgex": ("keysx", "30")}.get(name, (name, value))
             lr = float(value) * edit_module.default_lr([m.weight for m in modules.values()]) if name == "lrx" else None
             name, value = ("keysx", "30") if name == "lrx" else (name, value)
             key_variants = KEY_VARIANTS.get(name, ())
