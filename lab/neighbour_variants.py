@@ -256,9 +256,9 @@ def main() -> None:
         for variant in args.variants.split(","):
             name, value = variant.split(":")
             keyed_solve_module.RIDGE = float(value) if name in ("ridge", "ridgex") else ridge
-            name, value = {"ridge": ("keys", "30"), "ridgex": ("keysx", "30")}.get(name, (name, value))
             lr = float(value) * edit_module.default_lr([m.weight for m in modules.values()]) if name == "lrx" else None
-            name, value = ("keysx", "30") if name == "lrx" else (name, value)
+            name, value = {"ridge": ("keys", "30"), "ridgex": ("keysx", "30"), "lrx": ("keysx", "30")}.get(
+                name, (name, value))
             key_variants = KEY_VARIANTS.get(name, ())
             name = "solved" if key_variants else name
             value = float(value)
