@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crispedit.requests import IGNORE, EditRequest, tokenize_edit_batch
+from crispedit.requests import EditRequest, target_positions, tokenize_edit_batch
 
 QA_TEMPLATE = "Please answer the question:\n\nQ: {q}\nA:"
 MAX_NEW_TOKENS = 40
@@ -43,12 +43,13 @@ def teacher_forced_predictions(
         chunk = zip(prompts[i : i + batch_size], targets[i : i + batch_size], strict=True)
         reqs = [EditRequest(p, t) for p, t in chunk]
         batch = tokenize_edit_batch(tokenizer, reqs, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        predicted = logits[:, :-1].argmax(-1)
-        labels = batch["labels"][:, 1:]
-        for row in range(len(reqs)):
-            mask = labels[row] != IGNORE
-            out.append((predicted[row][mask].tolist(), labels[row][mask].tolist()))
+        predicts = target_positions(batch["labels"])  # logits only where a target token is predicted
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=predicts).logits
+        sizes = predicts.sum(1).tolist()
+        predicted = logits.argmax(-1).split(sizes)
+        labels = batch["labels"][:, 1:][predicts[:, :-1]].split(sizes)
+        out += [(p.tolist(), t.tolist()) for p, t in zip(predicted, labels, strict=True)]
     return out
 
 

@@ -307,11 +307,14 @@ def still_greedy(model: nn.Module, tokenizer, texts: Sequence[str], answers: Seq
     out: list[bool] = []
     for i, batch in enumerate(batches_of(rows, batch_size)):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        for j, answer in enumerate(answers[i * batch_size : (i + 1) * batch_size]):
+        chunk = answers[i * batch_size : (i + 1) * batch_size]
+        keep = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=device)  # where an answer token is next
+        for j, answer in enumerate(chunk):
             start = len(prompts[i * batch_size + j])
-            predicted = logits[j, start - 1 : start - 1 + len(answer)].argmax(-1).tolist()
-            out.append(predicted == list(answer))
+            keep[j, start - 1 : start - 1 + len(answer)] = True
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        predicted = logits.argmax(-1).split(keep.sum(1).tolist())
+        out += [p.tolist() == list(a) for p, a in zip(predicted, chunk, strict=True)]
     return out
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 IGNORE = -100
 
@@ -109,5 +110,19 @@ def tokenize_edit_batch(tokenizer, requests: Sequence[EditRequest], device: torc
 
 
 def target_nll(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens: the edit loss L_edit of Eq. 1."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    """Mean cross-entropy over the target tokens: the edit loss L_edit of Eq. 1.
+
+    Logits are taken only at the positions that predict a target token: the vocabulary projection of every
+    other position (the question, a chat template's system prompt) is a fifth of the pass, forward and backward,
+    and no term of the loss."""
+    predicts = target_positions(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=predicts).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # a bf16 model's loss in fp32
+    return F.cross_entropy(logits, batch["labels"][:, 1:][predicts[:, :-1]])
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, T) bool: the positions whose next token is a target token (label ≠ IGNORE)."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE
+    return predicts
