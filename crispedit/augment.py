@@ -84,24 +84,44 @@ class Enough(StoppingCriteria):
 def completions(
     model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int = 32, sampled: bool = True,
     enough: Sequence[Callable[[str], bool] | None] | None = None, temperature: float = 0.8, batch_size: int = 64,
+    copies: int = 1,
 ) -> list[str]:
-    """One completion of each text, up to its first newline: sampled (``temperature``, top-p 0.95) or greedy; a
-    text's ``enough`` predicate, where given, also ends it once it holds for what it has written."""
+    """``copies`` completions of each text (text-major), up to the first newline: sampled (``temperature``, top-p
+    0.95) or greedy; a text's ``enough`` predicate, where given, also ends its rows once it holds for what they have
+    written. ``batch_size`` rows a generation.
+
+    The copies of a text share one pass over it (:func:`shared_prefill`): a few-shot prompt costs more to read than
+    its few sampled tokens to write."""
     device = next(model.parameters()).device
     options = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if sampled else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     enough = list(enough) if enough is not None else [None] * len(texts)
+    per = max(1, batch_size // copies)
     out: list[str] = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left")
-        enc = enc.to(device)
+    for i in range(0, len(texts), per):
+        enc = tokenizer(list(texts[i : i + per]), return_tensors="pt", padding=True, padding_side="left").to(device)
         length = enc["input_ids"].shape[1]
-        stops = enough[i : i + batch_size]
+        cache = shared_prefill(model, enc, copies) if copies > 1 and length > 1 else None
+        enc = {k: v.repeat_interleave(copies, 0) for k, v in enc.items()}
+        stops = [f for f in enough[i : i + per] for _ in range(copies)]
         more = StoppingCriteriaList([Enough(tokenizer, length, stops)]) if any(stops) else None
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, stop_strings=["\n"], tokenizer=tokenizer,
-                             pad_token_id=tokenizer.pad_token_id, stopping_criteria=more, **options)
+        ids = model.generate(**enc, cache=cache, max_new_tokens=max_new_tokens, stop_strings=["\n"],
+                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, stopping_criteria=more,
+                             **options)
         out += tokenizer.batch_decode(ids[:, length:], skip_special_tokens=True)
     return out
+
+
+def shared_prefill(model: nn.Module, enc: dict, copies: int):
+    """The key-value cache of every token but the last of each (left-padded) text, repeated for its ``copies``:
+    generation then reads only the last token. Positions count from each text's first real token, as
+    ``generate`` counts them."""
+    mask = enc["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = model(input_ids=enc["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(copies)
+    return cache
 
 
 def sample_completions(
@@ -110,8 +130,8 @@ def sample_completions(
 ) -> list[list[str]]:
     """``n`` completions of each text, up to its first newline: sampled, or greedy with ``temperature=None``;
     ``batch_size`` texts (× n rows) a generation."""
-    flat = completions(model, tokenizer, [t for t in texts for _ in range(n)], max_new_tokens,
-                       sampled=temperature is not None, temperature=temperature or 1.0, batch_size=batch_size * n)
+    flat = completions(model, tokenizer, texts, max_new_tokens, sampled=temperature is not None,
+                       temperature=temperature or 1.0, batch_size=batch_size * n, copies=n)
     return [flat[j : j + n] for j in range(0, len(flat), n)]
 
 

@@ -124,15 +124,15 @@ def written_around(
     found = [distinct_items(s, items([line])) for s, line in zip(subjects, greedy, strict=True)]
     short = [i for i, kinds in enumerate(found) if len(kinds) < n]
     if short:
-        more = completions(model, tokenizer, [lists[i] for i in short for _ in range(2)], 32,
-                           enough=[listed] * 2 * len(short), batch_size=32)
+        more = completions(model, tokenizer, [lists[i] for i in short], 32, enough=[listed] * len(short),
+                           batch_size=32, copies=2)
         for k, i in enumerate(short):
             found[i] = distinct_items(subjects[i], [", ".join(found[i]), *items(more[2 * k : 2 * k + 2])])
     asks_question = [r.prompt.rstrip().endswith("?") for r in requests]
     asks = [(QUESTION_SHOTS if q else SENTENCE_SHOTS).format(subject=s) for q, s in zip(asks_question, subjects,
                                                                                          strict=True)]
-    drafts = completions(model, tokenizer, [a for a in asks for _ in range(2 * n)], 24, batch_size=16 * 2 * n,
-                         enough=[too_long(r) for r in requests for _ in range(2 * n)])
+    drafts = completions(model, tokenizer, asks, 24, batch_size=16 * 2 * n, enough=[too_long(r) for r in requests],
+                         copies=2 * n)
     prompts = [kept_prompts(r, s, q, [x.split("\n")[0] for x in drafts[2 * n * k : 2 * n * (k + 1)]], n)
                for k, (r, s, q) in enumerate(zip(requests, subjects, asks_question, strict=True))]
     return [kinds[:n] for kinds in found], prompts

@@ -100,3 +100,16 @@ def test_a_completion_ends_when_it_has_enough_and_the_others_run_on(tiny_llama):
     stopped = completions(model, tok, texts, 8, sampled=False, enough=[None, lambda text: len(text) > 0, None])
     assert stopped[0] == greedy[0] and stopped[2] == greedy[2]
     assert len(tok(stopped[1], add_special_tokens=False)["input_ids"]) <= 1 < len(tok(greedy[1])["input_ids"])
+
+
+def test_copies_read_their_text_once_and_write_what_repeated_texts_write(tiny):
+    model, tok = tiny
+    texts = ["The capital of France is", "Water", "A list of metals: copper, iron,"]  # lengths differ: left padding
+    for sampled in (False, True):
+        torch.manual_seed(0)
+        repeated = completions(model, tok, [t for t in texts for _ in range(3)], 6, sampled=sampled)
+        torch.manual_seed(0)
+        shared = completions(model, tok, texts, 6, sampled=sampled, copies=3)
+        assert shared == repeated
+    torch.manual_seed(0)
+    assert len(set(completions(model, tok, texts[:1], 6, copies=8))) > 1  # the copies are draws, not one answer
