@@ -23,6 +23,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from crispedit.requests import EditRequest
+from crispedit.shared_prefix import generate_rows
 
 AUGMENTATIONS = ("paraphrase", "prefix", "qa")
 
@@ -90,38 +91,24 @@ def completions(
     0.95) or greedy; a text's ``enough`` predicate, where given, also ends its rows once it holds for what they have
     written. ``batch_size`` rows a generation.
 
-    The copies of a text share one pass over it (:func:`shared_prefill`): a few-shot prompt costs more to read than
-    its few sampled tokens to write."""
-    device = next(model.parameters()).device
+    The rows' common beginning (the few-shot examples) is read once (``crispedit.shared_prefix``): it costs more
+    to read for every row than the few sampled tokens do to write."""
     options = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if sampled else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     enough = list(enough) if enough is not None else [None] * len(texts)
     per = max(1, batch_size // copies)
     out: list[str] = []
     for i in range(0, len(texts), per):
-        enc = tokenizer(list(texts[i : i + per]), return_tensors="pt", padding=True, padding_side="left").to(device)
-        length = enc["input_ids"].shape[1]
-        cache = shared_prefill(model, enc, copies) if copies > 1 and length > 1 else None
-        enc = {k: v.repeat_interleave(copies, 0) for k, v in enc.items()}
+        rows = [tokenizer(t)["input_ids"] for t in texts[i : i + per]]
         stops = [f for f in enough[i : i + per] for _ in range(copies)]
-        more = StoppingCriteriaList([Enough(tokenizer, length, stops)]) if any(stops) else None
-        ids = model.generate(**enc, cache=cache, max_new_tokens=max_new_tokens, stop_strings=["\n"],
-                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, stopping_criteria=more,
-                             **options)
-        out += tokenizer.batch_decode(ids[:, length:], skip_special_tokens=True)
+
+        def stopping(width: int, stops=stops) -> StoppingCriteriaList | None:
+            return StoppingCriteriaList([Enough(tokenizer, width, stops)]) if any(stops) else None
+
+        ids, width = generate_rows(model, rows, tokenizer.pad_token_id, copies, stopping, tokenizer=tokenizer,
+                                   max_new_tokens=max_new_tokens, stop_strings=["\n"], **options)
+        out += tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)
     return out
-
-
-def shared_prefill(model: nn.Module, enc: dict, copies: int):
-    """The key-value cache of every token but the last of each (left-padded) text, repeated for its ``copies``:
-    generation then reads only the last token. Positions count from each text's first real token, as
-    ``generate`` counts them."""
-    mask = enc["attention_mask"]
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = model(input_ids=enc["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                  use_cache=True, logits_to_keep=1).cache
-    cache.batch_repeat_interleave(copies)
-    return cache
 
 
 def sample_completions(

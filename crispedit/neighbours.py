@@ -32,6 +32,7 @@ from crispedit.corpus import batches_of
 from crispedit.evaluate import cut_answer
 from crispedit.layer_inputs import read_inputs
 from crispedit.requests import EditRequest
+from crispedit.shared_prefix import generate_rows
 
 SIBLING_SHOTS = (
     "Paris, London, Berlin, Madrid, Vienna, Rome\n"
@@ -221,17 +222,15 @@ def asked(tokenizer, prompt: str, chat: bool) -> str:
 def greedy_answers(
     model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int = ANSWER_TOKENS, batch_size: int = 32
 ) -> list[list[int]]:
-    """Each text's greedy continuation as token ids, through its first newline or end-of-turn token."""
-    device = next(model.parameters()).device
+    """Each text's greedy continuation as token ids, through its first newline or end-of-turn token (the texts'
+    common beginning, a chat template's system prompt, read once: ``crispedit.shared_prefix``)."""
     stops = {tokenizer.eos_token_id, *tokenizer.encode("\n", add_special_tokens=False)[-1:]} - {None}
     out: list[list[int]] = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, padding_side="left")
-        enc = enc.to(device)
-        ids = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, stop_strings=["\n"],
-                             tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
-                             top_k=None)
-        for row in ids[:, enc["input_ids"].shape[1] :].tolist():
+        rows = [tokenizer(t)["input_ids"] for t in texts[i : i + batch_size]]
+        ids, width = generate_rows(model, rows, tokenizer.pad_token_id, do_sample=False, max_new_tokens=max_new_tokens,
+                                   stop_strings=["\n"], tokenizer=tokenizer, temperature=None, top_p=None, top_k=None)
+        for row in ids[:, width:].tolist():
             cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
             out.append(row[:cut])
     return out
