@@ -9,10 +9,11 @@ token per row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import StoppingCriteriaList
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -27,7 +28,8 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
 
 @torch.no_grad()
 def generate_rows(
-    model: nn.Module, rows: Sequence[Sequence[int]], pad_token_id: int, copies: int = 1, stopping=None, **options
+    model: nn.Module, rows: Sequence[Sequence[int]], pad_token_id: int, copies: int = 1,
+    stopping: Callable[[int], StoppingCriteriaList | None] | None = None, **options,
 ) -> tuple[torch.Tensor, int]:
     """``model.generate`` over token ``rows``, each ``copies`` times (row-major), their common prefix read once.
 
