@@ -50,7 +50,7 @@ def main() -> None:
             loss.backward()
             if rep:
                 seconds[label].append(time.perf_counter() - started)
-            losses[label] = float(loss)
+            losses[label] = float(loss.detach())
             for w in weights:
                 w.grad = None
         gaps.append(abs(losses["every position"] - losses["target positions"]))
