@@ -35,6 +35,7 @@ from crispedit.keyed_solve import off_neighbours
 from crispedit.kfac import KFACFactors, factors_from_features, merge_factors, token_features
 from crispedit.neighbours import KeptOutputs
 from crispedit.optim import ProjectedAdam
+from crispedit.packing import pack
 from crispedit.projector import METHODS, LayerProjector, build_projector, tensor_bytes
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 from crispedit.subject_key import subject_key_mask, weight_gradient_at
@@ -303,11 +304,11 @@ def run_epochs(
         losses = []
         for i in range(0, len(order), config.batch_size):
             started = clock.now(device)
-            batch = tokenize_edit_batch(tokenizer, order[i : i + config.batch_size], device)
-            key = contextlib.nullcontext()
-            if keyed is not None:
-                mask = subject_key_mask(tokenizer, order[i : i + config.batch_size], batch["input_ids"].shape[1])
-                key = weight_gradient_at(keyed[0], mask, keyed[1])
+            rows = order[i : i + config.batch_size]
+            batch = tokenize_edit_batch(tokenizer, rows, device)
+            mask = subject_key_mask(tokenizer, rows, batch["input_ids"].shape[1]) if keyed is not None else None
+            batch = pack(batch, mask)
+            key = contextlib.nullcontext() if keyed is None else weight_gradient_at(keyed[0], batch["key"], keyed[1])
             with key:
                 loss = target_nll(model, batch)
             value = float(loss.detach())

@@ -109,16 +109,18 @@ def tokenize_edit_batch(tokenizer, requests: Sequence[EditRequest], device: torc
     return {k: v.to(device) for k, v in {**enc, "labels": labels}.items()}
 
 
-def target_nll(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens: the edit loss L_edit of Eq. 1.
+def target_nll(model, packed: dict) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens: the edit loss L_edit of Eq. 1, on a batch that
+    ``crispedit.packing.pack`` laid out as one sequence (the padded batch's loss and gradient, without its pads).
 
     Logits are taken only at the positions that predict a target token: the vocabulary projection of every
     other position (the question, a chat template's system prompt) is a fifth of the pass, forward and backward,
     and no term of the loss."""
-    predicts = target_positions(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=predicts).logits
+    dtype = next(model.parameters()).dtype
+    logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                   attention_mask=packed["attention_mask"].to(dtype), logits_to_keep=packed["predicts"]).logits
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # a bf16 model's loss in fp32
-    return F.cross_entropy(logits, batch["labels"][:, 1:][predicts[:, :-1]])
+    return F.cross_entropy(logits, packed["targets"])
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:

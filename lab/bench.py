@@ -462,13 +462,14 @@ def suite_speed(b: Bench) -> None:
     from crispedit.corpus import batches_of, capability_windows
     from crispedit.kfac import kfac_factors
     from crispedit.optim import ProjectedAdam
+    from crispedit.packing import pack
     from crispedit.projector import build_projector
     from crispedit.requests import target_nll, tokenize_edit_batch
 
     cache = b.cache()
     modules = editable_modules(b.model, b.layers)
     params = [m.weight for m in modules.values()]
-    batch = tokenize_edit_batch(b.tok, b.requests("zsre")[: b.args.batch_size], params[0].device)
+    batch = pack(tokenize_edit_batch(b.tok, b.requests("zsre")[: b.args.batch_size], params[0].device))
     gamma = b.args.energy if b.args.energy is not None else default_energy(b.model)
     projectors = [build_projector(cache.factors[n], gamma) for n in modules]
     originals = {f"{n}.weight": m.weight.detach().clone() for n, m in modules.items()}

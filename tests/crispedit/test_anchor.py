@@ -147,6 +147,7 @@ def test_the_anchor_penalty_is_projected_with_the_edit_loss(corpus_file):
     from crispedit.arch import editable_modules
     from crispedit.edit import make_projectors, run_epochs
     from crispedit.optim import ProjectedAdam
+    from crispedit.packing import pack
     from crispedit.requests import target_nll, tokenize_edit_batch
 
     class Spy(ProjectedAdam):
@@ -169,7 +170,7 @@ def test_the_anchor_penalty_is_projected_with_the_edit_loss(corpus_file):
     for p in params:
         p.requires_grad_(True)
     grads = {}
-    for name, loss in (("edit", lambda: target_nll(model, tokenize_edit_batch(tok, FACTS))),
+    for name, loss in (("edit", lambda: target_nll(model, pack(tokenize_edit_batch(tok, FACTS)))),
                        ("penalty", lambda: 3.0 * anchor_kl(model, anchors, torch.arange(len(PAIRS))))):
         model.zero_grad(set_to_none=True)
         loss().backward()

@@ -1,26 +1,39 @@
-"""The edit loss L_edit (Eq. 1): logits only where a target token is predicted, the same loss and gradient."""
+"""The edit loss L_edit (Eq. 1) on a packed batch: logits only where a target token is predicted, no padding, a
+shared beginning read once; the padded batch's loss and gradient."""
 
 import torch
 import torch.nn.functional as F
 
-from crispedit.requests import EditRequest, target_nll, target_positions, tokenize_edit_batch
+from crispedit.packing import pack
+from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 
+QUIZ = "Q: Who wrote Hamlet? A: Shakespeare. Q: What is the capital of"
 FACTS = [EditRequest("The capital of France is", "Rome"), EditRequest("Water boils at a temperature of", "50 degrees"),
-         EditRequest("The Eiffel Tower stands in the city of", "Berlin, Germany")]
+         EditRequest(f"{QUIZ} Spain? A:", "Paris"), EditRequest("The Eiffel Tower stands in the city of", "Berlin"),
+         EditRequest(f"{QUIZ} Italy? A:", "Madrid, Spain")]  # the two quiz rows share their first 20 tokens
 
 
-def test_target_nll_equals_the_full_vocabulary_loss_in_float64(tiny):
+def padded_full_vocabulary_nll(model, batch: dict) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # every position
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+
+
+def test_target_nll_equals_the_padded_full_vocabulary_loss_in_float64(tiny):
     model, tok = tiny
     model = model.double()
     batch = tokenize_edit_batch(tok, FACTS, torch.device("cpu"))
     weight = next(p for p in model.parameters() if p.ndim == 2)
     weight.requires_grad_(True)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # every position
-    full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    full = padded_full_vocabulary_nll(model, batch)
     (full_grad,) = torch.autograd.grad(full, weight)
-    ours = target_nll(model, batch)
+    packed = pack(batch)
+    ours = target_nll(model, packed)
     (our_grad,) = torch.autograd.grad(ours, weight)
-    torch.testing.assert_close(ours, full, rtol=1e-12, atol=0)
-    torch.testing.assert_close(our_grad, full_grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ours, full, rtol=1e-12, atol=0)  # every position's forward is the padded one's
+    # Llama's and Qwen2's RMSNorm compute in float32 whatever the model's dtype, and a shared beginning's gradient is
+    # summed over its rows before that rounding instead of after: float32 eps times the gradient (GPT-2 agrees to 1e-15)
+    torch.testing.assert_close(our_grad, full_grad, rtol=1e-6, atol=1e-7)
     targets = sum(len(tok(" " + r.target.strip())["input_ids"]) for r in FACTS)
-    assert int(target_positions(batch["labels"]).sum()) == targets  # the vocabulary projection sees these alone
+    assert int(packed["predicts"].sum()) == len(packed["targets"]) == targets  # the vocabulary projection's rows
+    shared = len(tok(QUIZ)["input_ids"])
+    assert packed["input_ids"].shape[1] <= int(batch["attention_mask"].sum()) - shared  # no pads, a beginning once

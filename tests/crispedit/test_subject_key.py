@@ -6,6 +6,7 @@ from conftest import small_cache
 
 from crispedit.arch import arch_spec, editable_modules
 from crispedit.edit import EditConfig, edit
+from crispedit.packing import pack
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 from crispedit.subject_key import KeyedLinear, subject_key_mask, subject_span, weight_gradient_at
 
@@ -56,8 +57,10 @@ def test_hook_gives_the_masked_weight_gradient_on_a_model(tiny, ones):
     modules = editable_modules(model, (1, 2))
     fan = arch_spec(model).fan_in_fan_out
     params = [m.weight for m in modules.values()]
-    batch = tokenize_edit_batch(tok, KEYED)
-    mask = torch.ones(batch["input_ids"].shape) if ones else subject_key_mask(tok, KEYED, batch["input_ids"].shape[1])
+    padded = tokenize_edit_batch(tok, KEYED)
+    mask = torch.ones(padded["input_ids"].shape) if ones else subject_key_mask(tok, KEYED, padded["input_ids"].shape[1])
+    batch = pack(padded, mask)  # as the edit loop lays a step out: one sequence, the key alongside
+    mask = batch["key"]
     for p in params:
         p.requires_grad_(True)
     try:
