@@ -104,6 +104,11 @@ def test_speed_suite_times_the_projection_inside_the_step(bench_args, tmp_path):
     assert all(0 < p < c for p, c in zip(times["projection_s"], times["crispedit_step_s"], strict=True))
     assert row["step_ratio_within"] > 1 and len(times["kfac_s_per_token"]) == CACHE_REPS
     assert all(torch.equal(p, before[n]) for n, p in b.model.named_parameters())
+    bench_args.steps_only = True  # the steps alone: no cache-build passes timed
+    suite_speed(Bench(bench_args))
+    report = json.loads((tmp_path / "out" / "speed.json").read_text())
+    assert "cache_ratio" not in report["row"] and report["times"]["kfac_s_per_token"] == []
+    assert len(report["times"]["crispedit_step_s"]) == 3
 
 
 def test_one_edit_measured_at_several_scales(bench_args, tmp_path):
