@@ -30,12 +30,12 @@ def pack(batch: dict, key: torch.Tensor | None = None) -> dict:
     position that predicts a target in any of them.
     """
     ids, real, labels = batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["labels"].cpu()
-    rows, firsts = [], []
+    rows, nexts, firsts = [], [], []  # each row's tokens, the label each position predicts, its first target
     for i in range(ids.shape[0]):
         n = int(real[i].sum())
         rows.append(ids[i, :n].tolist())
-        predicting = (labels[i, 1:n] != IGNORE).nonzero()
-        firsts.append(int(predicting[0]) if len(predicting) else n)
+        nexts.append(labels[i, 1:n].tolist())
+        firsts.append(next((t for t, label in enumerate(nexts[i]) if label != IGNORE), n))
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         head = tuple(row[:MIN_SHARED]) + (tuple(key[i, :MIN_SHARED].tolist()) if key is not None else ())
@@ -44,7 +44,7 @@ def pack(batch: dict, key: torch.Tensor | None = None) -> dict:
     tokens: list[int] = []
     positions: list[int] = []
     block: list[int] = []  # each packed token's block: its row i, or len(rows) + g for group g's shared beginning
-    sees: list[int] = []  # the other block a token may attend to: its row's shared beginning (-1: none)
+    sees: list[int] = []  # the other block a token may attend to: its row's shared beginning (-1: a beginning's own)
     where: list[list[int]] = [[] for _ in rows]  # packed index of each row's tokens
     for g, members in enumerate(groups.values()):
         shared = shared_length([rows[i] for i in members], [firsts[i] for i in members],
@@ -60,7 +60,7 @@ def pack(batch: dict, key: torch.Tensor | None = None) -> dict:
             tokens += rows[i][shared:]
             positions += range(shared, len(rows[i]))
             block += [i] * own
-            sees += [len(rows) + g if shared else -1] * own
+            sees += [len(rows) + g] * own  # no token is in that block when nothing is shared
 
     length = len(tokens)
     query_block, query_sees = torch.tensor(block)[:, None], torch.tensor(sees)[:, None]
@@ -73,11 +73,9 @@ def pack(batch: dict, key: torch.Tensor | None = None) -> dict:
     target_at: dict[int, int] = {}
     packed_key = None if key is None else torch.zeros(1, length)
     for i, row in enumerate(rows):
-        for t in range(len(row)):
-            if t + 1 < len(row) and labels[i, t + 1] != IGNORE:
-                target_at[where[i][t]] = int(labels[i, t + 1])
-            if packed_key is not None:
-                packed_key[0, where[i][t]] = key[i, t]
+        target_at.update({where[i][t]: label for t, label in enumerate(nexts[i]) if label != IGNORE})
+        if packed_key is not None:
+            packed_key[0, where[i]] = key[i, : len(row)].to(packed_key.dtype)
     predicts[0, list(target_at)] = True
     device = batch["input_ids"].device
     return {

@@ -72,6 +72,14 @@ def make_tiny(kind: str, seed: int = 0):
     return model, tok
 
 
+def padded_nll(model, batch: dict) -> torch.Tensor:
+    """The edit loss on a right-padded batch (``tokenize_edit_batch``) from logits at every position: the reference
+    for the packed loss."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=-100)
+
+
 def save_tiny_checkpoint(folder, kind: str = "llama"):
     """A tiny model and its tokenizer as a Hugging Face checkpoint folder (what a service serves)."""
     model, tok = make_tiny(kind)

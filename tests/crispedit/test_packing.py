@@ -1,11 +1,11 @@
 """Packing an edit batch into one sequence: which rows share a beginning, and the subject key laid out with them."""
 
 import torch
-import torch.nn.functional as F
+from conftest import padded_nll
 
 from crispedit.arch import arch_spec, editable_modules
 from crispedit.packing import MIN_SHARED, pack
-from crispedit.requests import EditRequest, target_nll, target_positions, tokenize_edit_batch
+from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
 from crispedit.subject_key import subject_key_mask, weight_gradient_at
 
 QUIZ = "Q: Who wrote Hamlet? A: Shakespeare. Q: What is the capital of"
@@ -13,12 +13,6 @@ KEYED = [EditRequest(f"{QUIZ} Spain? A:", "Paris", subject="Spain"),
          EditRequest("The chemical symbol for gold is", "Ag", subject="gold"),
          EditRequest(f"{QUIZ} Italy? A:", "Madrid", subject="Italy"),
          EditRequest(f"{QUIZ} France? A:", "Rome")]  # no subject: its key is all ones, so it shares nothing
-
-
-def padded_keyed_nll(model, batch: dict) -> torch.Tensor:
-    predicts = target_positions(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[predicts]
-    return F.cross_entropy(logits, batch["labels"][:, 1:][predicts[:, :-1]])
 
 
 def test_rows_share_a_beginning_only_where_their_key_agrees(tiny_llama):
@@ -47,7 +41,7 @@ def test_keyed_gradient_of_the_packed_batch_is_the_padded_ones_in_float64(tiny):
         p.requires_grad_(True)
     try:
         with weight_gradient_at(modules, key, fan):
-            padded = torch.autograd.grad(padded_keyed_nll(model, batch), params)
+            padded = torch.autograd.grad(padded_nll(model, batch), params)
         with weight_gradient_at(modules, packed["key"], fan):
             ours = torch.autograd.grad(target_nll(model, packed), params)
     finally:

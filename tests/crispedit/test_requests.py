@@ -2,7 +2,7 @@
 shared beginning read once; the padded batch's loss and gradient."""
 
 import torch
-import torch.nn.functional as F
+from conftest import padded_nll
 
 from crispedit.packing import pack
 from crispedit.requests import EditRequest, target_nll, tokenize_edit_batch
@@ -13,18 +13,13 @@ FACTS = [EditRequest("The capital of France is", "Rome"), EditRequest("Water boi
          EditRequest(f"{QUIZ} Italy? A:", "Madrid, Spain")]  # the two quiz rows share their first 20 tokens
 
 
-def padded_full_vocabulary_nll(model, batch: dict) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # every position
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
-
-
 def test_target_nll_equals_the_padded_full_vocabulary_loss_in_float64(tiny):
     model, tok = tiny
     model = model.double()
     batch = tokenize_edit_batch(tok, FACTS, torch.device("cpu"))
     weight = next(p for p in model.parameters() if p.ndim == 2)
     weight.requires_grad_(True)
-    full = padded_full_vocabulary_nll(model, batch)
+    full = padded_nll(model, batch)
     (full_grad,) = torch.autograd.grad(full, weight)
     packed = pack(batch)
     ours = target_nll(model, packed)
