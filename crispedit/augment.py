@@ -24,6 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from crispedit.requests import EditRequest
 from crispedit.shared_prefix import generate_rows
+from crispedit.stopping import stop_strings
 
 AUGMENTATIONS = ("paraphrase", "prefix", "qa")
 
@@ -97,16 +98,17 @@ def completions(
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     enough = list(enough) if enough is not None else [None] * len(texts)
     per = max(1, batch_size // copies)
+    line_end = stop_strings(tokenizer, ["\n"])
     out: list[str] = []
     for i in range(0, len(texts), per):
         rows = [tokenizer(t)["input_ids"] for t in texts[i : i + per]]
         stops = [f for f in enough[i : i + per] for _ in range(copies)]
 
-        def stopping(width: int, stops=stops) -> StoppingCriteriaList | None:
-            return StoppingCriteriaList([Enough(tokenizer, width, stops)]) if any(stops) else None
+        def stopping(width: int, stops=stops) -> StoppingCriteriaList:
+            return StoppingCriteriaList([line_end, *([Enough(tokenizer, width, stops)] if any(stops) else [])])
 
-        ids, width = generate_rows(model, rows, tokenizer.pad_token_id, copies, stopping, tokenizer=tokenizer,
-                                   max_new_tokens=max_new_tokens, stop_strings=["\n"], **options)
+        ids, width = generate_rows(model, rows, tokenizer.pad_token_id, copies, stopping,
+                                   max_new_tokens=max_new_tokens, **options)
         out += tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)
     return out
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import StoppingCriteriaList
 
 from crispedit.requests import EditRequest, target_positions, tokenize_edit_batch
+from crispedit.stopping import stop_strings
 
 QA_TEMPLATE = "Please answer the question:\n\nQ: {q}\nA:"
 MAX_NEW_TOKENS = 40
@@ -72,7 +74,8 @@ def generate_answers(model: nn.Module, tokenizer, prompts: Sequence[str], batch_
         enc = {k: v.to(device) for k, v in enc.items()}
         generated = model.generate(
             **enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.pad_token_id,
-            stop_strings=[".", "\n"], tokenizer=tokenizer, temperature=None, top_p=None, top_k=None,
+            stopping_criteria=StoppingCriteriaList([stop_strings(tokenizer, [".", "\n"])]), temperature=None,
+            top_p=None, top_k=None,
         )
         continuations = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         answers.extend(cut_answer(c) for c in continuations)

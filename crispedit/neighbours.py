@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from transformers import StoppingCriteriaList
 
 from crispedit.augment import completions
 from crispedit.corpus import batches_of
@@ -33,6 +34,7 @@ from crispedit.evaluate import cut_answer
 from crispedit.layer_inputs import read_inputs
 from crispedit.requests import EditRequest
 from crispedit.shared_prefix import generate_rows
+from crispedit.stopping import stop_strings
 
 SIBLING_SHOTS = (
     "Paris, London, Berlin, Madrid, Vienna, Rome\n"
@@ -225,11 +227,13 @@ def greedy_answers(
     """Each text's greedy continuation as token ids, through its first newline or end-of-turn token (the texts'
     common beginning, a chat template's system prompt, read once: ``crispedit.shared_prefix``)."""
     stops = {tokenizer.eos_token_id, *tokenizer.encode("\n", add_special_tokens=False)[-1:]} - {None}
+    line_end = StoppingCriteriaList([stop_strings(tokenizer, ["\n"])])
     out: list[list[int]] = []
     for i in range(0, len(texts), batch_size):
         rows = [tokenizer(t)["input_ids"] for t in texts[i : i + batch_size]]
-        ids, width = generate_rows(model, rows, tokenizer.pad_token_id, do_sample=False, max_new_tokens=max_new_tokens,
-                                   stop_strings=["\n"], tokenizer=tokenizer, temperature=None, top_p=None, top_k=None)
+        ids, width = generate_rows(model, rows, tokenizer.pad_token_id, stopping=lambda width: line_end,
+                                   do_sample=False, max_new_tokens=max_new_tokens, temperature=None, top_p=None,
+                                   top_k=None)
         for row in ids[:, width:].tolist():
             cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
             out.append(row[:cut])

@@ -19,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from crispedit.models import load_model, model_fingerprint
+from crispedit.stopping import stop_strings
 from registry import Gone, HotSwapModel, NotFound, Registry, RegistryError
 from service.batching import Batcher, Job, RowLimits
 from service.metrics import TOKENS_GENERATED
@@ -234,11 +235,11 @@ class ModelServer:
             return Generation("", "length", len(prompt_ids), 0, prompt_ids, [])
         sample = temperature >= 1e-4
         if sample and seed is not None:  # its own sampler, seeded: it cannot share a batch
-            criteria = StoppingCriteriaList([Cancelled(cancel)]) if cancel is not None else None
+            criteria = StoppingCriteriaList(([Cancelled(cancel)] if cancel is not None else [])
+                                            + ([stop_strings(self.tokenizer, stop)] if stop else []))
             with self.slots, self.holder.use(version) as model:
                 out = model.generate(**inputs, **self._gen_kwargs(max_tokens, temperature, top_p, seed),
-                                     stopping_criteria=criteria,
-                                     **({"stop_strings": stop, "tokenizer": self.tokenizer} if stop else {}))
+                                     stopping_criteria=criteria)
             new = out[0, len(prompt_ids):].tolist()
         else:
             new = self._batched(Job(version, prompt_ids, max_tokens, stop or [],
