@@ -72,44 +72,62 @@ def keep_paraphrase(request: EditRequest, text: str) -> str | None:
 
 
 class Enough(StoppingCriteria):
-    """Ends a row once its predicate holds for the text the row has written so far (rows without one run on)."""
+    """Ends a row once its predicate holds for the text the row has written so far, or once it has written its
+    ``limits`` new tokens (rows with neither run on)."""
 
-    def __init__(self, tokenizer, prompt_length: int, done: Sequence[Callable[[str], bool] | None]) -> None:
-        self.tokenizer, self.prompt_length, self.done = tokenizer, prompt_length, done
+    def __init__(self, tokenizer, prompt_length: int, done: Sequence[Callable[[str], bool] | None],
+                 limits: Sequence[int] | None = None) -> None:
+        self.tokenizer, self.prompt_length, self.done, self.limits = tokenizer, prompt_length, done, limits
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        written = input_ids.shape[1] - self.prompt_length
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        return torch.tensor([bool(f and f(t)) for f, t in zip(self.done, texts, strict=True)], device=input_ids.device)
+        limits = self.limits or [None] * len(texts)
+        return torch.tensor([bool(f and f(t)) or (k is not None and written >= k)
+                             for f, t, k in zip(self.done, texts, limits, strict=True)], device=input_ids.device)
 
 
 @torch.no_grad()
 def completions(
-    model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int = 32, sampled: bool = True,
+    model: nn.Module, tokenizer, texts: Sequence[str], max_new_tokens: int | Sequence[int] = 32, sampled: bool = True,
     enough: Sequence[Callable[[str], bool] | None] | None = None, temperature: float = 0.8, batch_size: int = 64,
-    copies: int = 1,
+    copies: int | Sequence[int] = 1, greedy: Sequence[bool] | None = None,
 ) -> list[str]:
-    """``copies`` completions of each text (text-major), up to the first newline: sampled (``temperature``, top-p
-    0.95) or greedy; a text's ``enough`` predicate, where given, also ends its rows once it holds for what they have
-    written. ``batch_size`` rows a generation.
+    """``copies`` completions of each text (text-major), up to the first newline and at most ``max_new_tokens``
+    (each a number, or one per text): sampled (``temperature``, top-p 0.95) or greedy, and in a sampled generation
+    the texts flagged ``greedy`` greedily; a text's ``enough`` predicate, where given, also ends its rows once it
+    holds for what they have written. ``batch_size`` rows a generation (at least one text).
 
-    The rows' common beginning (the few-shot examples) is read once (``crispedit.shared_prefix``): it costs more
-    to read for every row than the few sampled tokens do to write."""
+    The rows' common beginning (the few-shot examples) is read once, and each text once for all its copies
+    (``crispedit.shared_prefix``): it costs more to read for every row than the few sampled tokens do to write."""
     options = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0} if sampled else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    counts = [copies] * len(texts) if isinstance(copies, int) else list(copies)
+    limits = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     enough = list(enough) if enough is not None else [None] * len(texts)
-    per = max(1, batch_size // copies)
     line_end = stop_strings(tokenizer, ["\n"])
     out: list[str] = []
-    for i in range(0, len(texts), per):
-        rows = [tokenizer(t)["input_ids"] for t in texts[i : i + per]]
-        stops = [f for f in enough[i : i + per] for _ in range(copies)]
+    start = 0
+    while start < len(texts):
+        end = start + 1
+        while end < len(texts) and sum(counts[start : end + 1]) <= batch_size:
+            end += 1
+        part = range(start, end)
+        rows = [tokenizer(texts[i])["input_ids"] for i in part]
+        stops = [enough[i] for i in part for _ in range(counts[i])]
+        row_limits = [limits[i] for i in part for _ in range(counts[i])]
+        uneven = len(set(row_limits)) > 1
 
-        def stopping(width: int, stops=stops) -> StoppingCriteriaList:
-            return StoppingCriteriaList([line_end, *([Enough(tokenizer, width, stops)] if any(stops) else [])])
+        def stopping(width: int, stops=stops, row_limits=row_limits, uneven=uneven) -> StoppingCriteriaList:
+            ends = [Enough(tokenizer, width, stops, row_limits if uneven else None)] if any(stops) or uneven else []
+            return StoppingCriteriaList([line_end, *ends])
 
-        ids, width = generate_rows(model, rows, tokenizer.pad_token_id, copies, stopping,
-                                   max_new_tokens=max_new_tokens, **options)
-        out += tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)
+        ids, width = generate_rows(model, rows, tokenizer.pad_token_id, [counts[i] for i in part], stopping,
+                                   greedy=[greedy[i] for i in part] if sampled and greedy else None,
+                                   max_new_tokens=max(row_limits), **options)
+        out += tokenizer.batch_decode([row[width : width + k] for row, k in zip(ids, row_limits, strict=True)],
+                                      skip_special_tokens=True)
+        start = end
     return out
 
 

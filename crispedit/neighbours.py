@@ -32,7 +32,8 @@ from crispedit.augment import completions
 from crispedit.corpus import batches_of
 from crispedit.evaluate import cut_answer
 from crispedit.layer_inputs import read_inputs
-from crispedit.requests import EditRequest
+from crispedit.packing import pack
+from crispedit.requests import IGNORE, EditRequest
 from crispedit.shared_prefix import generate_rows
 from crispedit.stopping import stop_strings
 
@@ -110,11 +111,16 @@ def written_around(
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Up to ``n`` siblings of each subject (things of the same kind, :func:`distinct_items`) and ``n`` other prompts
     about it (:func:`kept_prompts`): the model's greedy list after the subject (two sampled lists more where that
-    names fewer than ``n``), then ``2n`` sampled prompts about it.
+    names fewer than ``n``), and ``2n`` sampled prompts about it.
 
-    A list is read to its ``n + SPARE_ITEMS``-th item and a prompt to the length it may have: decoding on would cost
-    a step each for text nobody reads."""
+    The greedy lists and the sampled prompts are written in one generation: a generation runs as long as its
+    longest row, so the lists' decoding steps come nearly free beside the prompts'. A list is read to its
+    ``n + SPARE_ITEMS``-th item and a prompt to the length it may have: decoding on would cost a step each for text
+    nobody reads."""
     lists = [SIBLING_SHOTS.format(subject=s) for s in subjects]
+    asks_question = [r.prompt.rstrip().endswith("?") for r in requests]
+    asks = [(QUESTION_SHOTS if q else SENTENCE_SHOTS).format(subject=s) for q, s in zip(asks_question, subjects,
+                                                                                         strict=True)]
 
     def listed(text: str) -> bool:
         return text.count(",") >= n + SPARE_ITEMS
@@ -123,20 +129,18 @@ def written_around(
         lines = [r.split("\n")[0] for r in replies]
         return [line.rsplit(",", 1)[0] if listed(line) else line for line in lines]
 
-    greedy = completions(model, tokenizer, lists, 32, sampled=False, enough=[listed] * len(lists), batch_size=16)
-    found = [distinct_items(s, items([line])) for s, line in zip(subjects, greedy, strict=True)]
+    per = 1 + 2 * n  # each subject's rows: its list, then its prompts
+    written = completions(model, tokenizer, [t for pair in zip(lists, asks, strict=True) for t in pair],
+                          [32, 24] * len(lists), copies=[1, 2 * n] * len(lists), greedy=[True, False] * len(lists),
+                          enough=[f for r in requests for f in (listed, too_long(r))], batch_size=16 * per)
+    found = [distinct_items(s, items([written[per * k]])) for k, s in enumerate(subjects)]
     short = [i for i, kinds in enumerate(found) if len(kinds) < n]
     if short:
         more = completions(model, tokenizer, [lists[i] for i in short], 32, enough=[listed] * len(short),
                            batch_size=32, copies=2)
         for k, i in enumerate(short):
             found[i] = distinct_items(subjects[i], [", ".join(found[i]), *items(more[2 * k : 2 * k + 2])])
-    asks_question = [r.prompt.rstrip().endswith("?") for r in requests]
-    asks = [(QUESTION_SHOTS if q else SENTENCE_SHOTS).format(subject=s) for q, s in zip(asks_question, subjects,
-                                                                                         strict=True)]
-    drafts = completions(model, tokenizer, asks, 24, batch_size=16 * 2 * n, enough=[too_long(r) for r in requests],
-                         copies=2 * n)
-    prompts = [kept_prompts(r, s, q, [x.split("\n")[0] for x in drafts[2 * n * k : 2 * n * (k + 1)]], n)
+    prompts = [kept_prompts(r, s, q, [x.split("\n")[0] for x in written[per * k + 1 : per * (k + 1)]], n)
                for k, (r, s, q) in enumerate(zip(requests, subjects, asks_question, strict=True))]
     return [kinds[:n] for kinds in found], prompts
 
@@ -303,21 +307,26 @@ def still_greedy(model: nn.Module, tokenizer, texts: Sequence[str], answers: Seq
                  batch_size: int = 16) -> list[bool]:
     """Whether each answer is still the model's greedy continuation of its text: every answer token the argmax
     of the logits before it. One teacher-forced pass instead of a generation; where it holds, greedy decoding
-    would write the same tokens again."""
-    device = next(model.parameters()).device
+    would write the same tokens again. The rows run packed (``crispedit.packing``): a chat template's system
+    prompt, which every row begins with, is read once."""
+    weight = next(model.parameters())
     prompts = [tokenizer(t)["input_ids"] for t in texts]
-    rows = [p + list(a) for p, a in zip(prompts, answers, strict=True)]
     out: list[bool] = []
-    for i, batch in enumerate(batches_of(rows, batch_size)):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        chunk = answers[i * batch_size : (i + 1) * batch_size]
-        keep = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=device)  # where an answer token is next
-        for j, answer in enumerate(chunk):
-            start = len(prompts[i * batch_size + j])
-            keep[j, start - 1 : start - 1 + len(answer)] = True
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-        predicted = logits.argmax(-1).split(keep.sum(1).tolist())
-        out += [p.tolist() == list(a) for p, a in zip(predicted, chunk, strict=True)]
+    for i in range(0, len(texts), batch_size):
+        rows = [p + list(a) for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size], strict=True)]
+        batch = next(batches_of(rows, len(rows)))
+        labels = batch["input_ids"].clone()
+        for j, p in enumerate(prompts[i : i + batch_size]):
+            labels[j, : len(p)] = IGNORE
+        labels[batch["attention_mask"] == 0] = IGNORE
+        packed = pack({**batch, "labels": labels})
+        packed = {k: v.to(weight.device) for k, v in packed.items() if v is not None}
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                       attention_mask=packed["attention_mask"].to(weight.dtype),
+                       logits_to_keep=packed["predicts"]).logits
+        wrong = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+        wrong.index_add_(0, packed["owners"], (logits.argmax(-1) != packed["targets"]).long())
+        out += (wrong == 0).tolist()
     return out
 
 

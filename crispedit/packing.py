@@ -23,7 +23,7 @@ def pack(batch: dict, key: torch.Tensor | None = None) -> dict:
     - ``input_ids``, ``position_ids`` (1, L); ``attention_mask`` (1, 1, L, L), 0 where a token may attend, else the
       dtype's minimum, added to the attention scores (in float32: ``target_nll`` casts it to the model's dtype);
     - ``predicts`` (1, L) bool: the positions whose next token in their row is a target token, and ``targets``,
-      those tokens in the same order;
+      those tokens in the same order, with ``owners``, the row each is from;
     - ``key``: the subject key's mask (batch, T) laid out the same way (1, L), or None.
 
     Rows whose first ``MIN_SHARED`` tokens (and key values) agree share their common beginning, up to the first
@@ -71,9 +71,11 @@ def pack(batch: dict, key: torch.Tensor | None = None) -> dict:
 
     predicts = torch.zeros(1, length, dtype=torch.bool)
     target_at: dict[int, int] = {}
+    owner_at: dict[int, int] = {}
     packed_key = None if key is None else torch.zeros(1, length)
     for i, row in enumerate(rows):
         target_at.update({where[i][t]: label for t, label in enumerate(nexts[i]) if label != IGNORE})
+        owner_at.update({where[i][t]: i for t, label in enumerate(nexts[i]) if label != IGNORE})
         if packed_key is not None:
             packed_key[0, where[i]] = key[i, : len(row)].to(packed_key.dtype)
     predicts[0, list(target_at)] = True
@@ -84,6 +86,7 @@ def pack(batch: dict, key: torch.Tensor | None = None) -> dict:
         "attention_mask": mask.to(device),
         "predicts": predicts.to(device),
         "targets": torch.tensor([target_at[p] for p in sorted(target_at)], device=device),
+        "owners": torch.tensor([owner_at[p] for p in sorted(owner_at)], device=device),
         "key": None if packed_key is None else packed_key.to(device),
     }
 

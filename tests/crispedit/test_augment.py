@@ -113,3 +113,17 @@ def test_copies_read_their_text_once_and_write_what_repeated_texts_write(tiny):
         assert shared == repeated
     torch.manual_seed(0)
     assert len(set(completions(model, tok, texts[:1], 6, copies=8))) > 1  # the copies are draws, not one answer
+
+
+def test_one_generation_writes_greedy_and_sampled_texts_each_to_its_own_length(tiny_llama):
+    model, tok = tiny_llama
+    texts = ["A list of metals: copper, iron,", "The capital of France is"]
+    alone = completions(model, tok, texts[:1], 9, sampled=False)
+    torch.manual_seed(0)
+    mixed = completions(model, tok, texts, [9, 4], copies=[1, 5], greedy=[True, False], temperature=1.5)
+    assert mixed[0] == alone[0]
+    assert completions(model, tok, texts, [9, 4], sampled=False) == alone + completions(model, tok, texts[1:], 4,
+                                                                                        sampled=False)
+    assert len(set(mixed[1:])) > 1
+    split = completions(model, tok, texts, [9, 4], copies=[1, 5], greedy=[True, False], batch_size=2)
+    assert len(split) == 6 and split[0] == alone[0]  # a text whose copies exceed the batch still runs, alone

@@ -19,8 +19,10 @@ from crispedit.neighbours import (
     restated,
     shared_prefixes,
     similar,
+    still_greedy,
 )
 from crispedit.requests import EditRequest
+from crispedit.shared_prefix import generate_rows
 
 edit_module = importlib.import_module("crispedit.edit")  # the package exports a function `edit`
 
@@ -141,6 +143,20 @@ def test_report_says_nothing_changed_until_the_model_does(tiny_llama):
     assert report["changed"] >= 1
     changed = [n for n in report["edits"][0]["neighbours"] if not n["unchanged"]]
     assert all(n["before"] != n["after"] for n in changed)
+
+
+def test_still_greedy_tells_each_row_whether_its_answer_is_the_greedy_one(tiny):
+    model, tok = tiny
+    system = "You are a helpful assistant who answers every question in one short line.\nQuestion: "
+    texts = [system + q for q in ("What is the capital of France?", "Who wrote Hamlet?", "Name a metal")] + ["Water"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    ids, width = generate_rows(model, rows, tok.pad_token_id, do_sample=False, max_new_tokens=5, temperature=None,
+                               top_p=None, top_k=None)  # rows share the system prompt, packed once
+    answers = [row[width:] for row in ids.tolist()]
+    assert still_greedy(model, tok, texts, answers, batch_size=3) == [True] * 4
+    answers[1] = answers[1][:2] + [(answers[1][2] + 1) % tok.vocab_size] + answers[1][3:]
+    assert still_greedy(model, tok, texts, answers, batch_size=3) == [True, False, True, True]
+    assert still_greedy(model, tok, texts[1:2], [answers[1][:2]]) == [True]  # the head before the change holds
 
 
 def test_the_neighbours_penalty_yields_while_it_holds_the_edit(tiny_llama, monkeypatch):
