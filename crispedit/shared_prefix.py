@@ -4,7 +4,7 @@ Rows are laid out as ``[common prefix][left padding][the rest]``: the prefix's k
 row and repeated for every row, padding is masked, and positions count from each row's first real token as
 ``generate`` counts them, so every row sees what it would alone. A prefix that every row shares is most of a short
 chat query (SmolLM2's default system prompt) and of a few-shot prompt, and reading it costs a forward pass per
-token per row.
+token per row. A row drawn several times (sampled copies) likewise reads its own tokens once: its cache is copied.
 """
 
 from __future__ import annotations

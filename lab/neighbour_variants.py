@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--facts", default=str(FACTS))
     parser.add_argument("--variants", default="beta:0,beta:300")
     parser.add_argument("--per-kind", default="3")
+    parser.add_argument("--held-seed", type=int, default=11, help="the held-out draw's seed (-1: none, --probes alone)")
+    parser.add_argument("--protect-seed", type=int, default=0, help="the protected draw's seed")
     parser.add_argument("--probes", help="a JSON list of more held-out questions")
     parser.add_argument("--common", help="a text file of common questions, one a line (variant common:B)")
     parser.add_argument("--loc", type=int, default=40, help="ZsRE train locality prompts measured")
@@ -225,11 +227,13 @@ def main() -> None:
     modules = editable_modules(model, cache.layers)
     fan_in_fan_out = arch_spec(model).fan_in_fan_out
     started = time.perf_counter()
-    protections = {k: protect(model, tok, requests, True, modules, fan_in_fan_out, per_kind=k)
+    protections = {k: protect(model, tok, requests, True, modules, fan_in_fan_out, per_kind=k,
+                              seed=args.protect_seed)
                    for k in map(int, args.per_kind.split(","))}
     print(f"protect: {time.perf_counter() - started:.1f} s", flush=True)
     protected = {nb.prompt for p in protections.values() for nb in p.neighbours}
-    held = [nb for nb in derive_neighbours(model, tok, requests, 6, seed=11) if nb.prompt not in protected]
+    held = [nb for nb in derive_neighbours(model, tok, requests, 6, seed=args.held_seed) if nb.prompt not in protected
+            ] if args.held_seed >= 0 else []
     held += [Neighbour(q, "probe", 0) for q in json.loads(Path(args.probes).read_text())] if args.probes else []
     held_texts = [asked(tok, nb.prompt, True) for nb in held]
     loc_file = shared_data_dir() / "editing/zsre/zsre_mend_train_1k.json"
