@@ -135,3 +135,18 @@ def test_a_version_that_cannot_load_fails_its_own_rows_only(server):
     for t in threads:
         t.join(timeout=60)
     assert isinstance(results[damaged.id], BlobError) and results["v2"].new_ids == expected
+
+
+def test_a_seeded_sample_with_a_stop_sequence_stops_generating_there(server):
+    full = server.generate("v0", "The capital of France is", 12, temperature=1.0, seed=7)
+    pieces = [server.tokenizer.decode([t]) for t in full.new_ids]
+    k, stop = next((k, p) for k, p in enumerate(pieces) if k >= 2 and p.strip().isalnum())  # a piece it writes
+    with server.holder.use("v0") as model:
+        passes = []
+        hook = model.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        cut = server.generate("v0", "The capital of France is", 12, temperature=1.0, seed=7, stop=[stop])
+    finally:
+        hook.remove()
+    assert cut.new_ids == full.new_ids[: len(cut.new_ids)] and len(passes) == len(cut.new_ids) <= k + 1
+    assert stop not in cut.text and cut.finish_reason == "stop"
