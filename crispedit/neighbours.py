@@ -311,20 +311,18 @@ def still_greedy(model: nn.Module, tokenizer, texts: Sequence[str], answers: Seq
     prompt, which every row begins with, is read once."""
     weight = next(model.parameters())
     prompts = [tokenizer(t)["input_ids"] for t in texts]
+    rows = [p + list(a) for p, a in zip(prompts, answers, strict=True)]
     out: list[bool] = []
-    for i in range(0, len(texts), batch_size):
-        rows = [p + list(a) for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size], strict=True)]
-        batch = next(batches_of(rows, len(rows)))
-        labels = batch["input_ids"].clone()
-        for j, p in enumerate(prompts[i : i + batch_size]):
+    for i, batch in enumerate(batches_of(rows, batch_size)):
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+        for j, p in enumerate(prompts[i * batch_size : (i + 1) * batch_size]):
             labels[j, : len(p)] = IGNORE
-        labels[batch["attention_mask"] == 0] = IGNORE
         packed = pack({**batch, "labels": labels})
         packed = {k: v.to(weight.device) for k, v in packed.items() if v is not None}
         logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                        attention_mask=packed["attention_mask"].to(weight.dtype),
                        logits_to_keep=packed["predicts"]).logits
-        wrong = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+        wrong = torch.zeros(len(labels), dtype=torch.long, device=logits.device)
         wrong.index_add_(0, packed["owners"], (logits.argmax(-1) != packed["targets"]).long())
         out += (wrong == 0).tolist()
     return out

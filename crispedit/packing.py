@@ -70,12 +70,10 @@ def pack(batch: dict, key: torch.Tensor | None = None) -> dict:
     mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
     predicts = torch.zeros(1, length, dtype=torch.bool)
-    target_at: dict[int, int] = {}
-    owner_at: dict[int, int] = {}
+    target_at: dict[int, tuple[int, int]] = {}  # packed position → (the target it predicts, its row)
     packed_key = None if key is None else torch.zeros(1, length)
     for i, row in enumerate(rows):
-        target_at.update({where[i][t]: label for t, label in enumerate(nexts[i]) if label != IGNORE})
-        owner_at.update({where[i][t]: i for t, label in enumerate(nexts[i]) if label != IGNORE})
+        target_at.update({where[i][t]: (label, i) for t, label in enumerate(nexts[i]) if label != IGNORE})
         if packed_key is not None:
             packed_key[0, where[i]] = key[i, : len(row)].to(packed_key.dtype)
     predicts[0, list(target_at)] = True
@@ -85,8 +83,8 @@ def pack(batch: dict, key: torch.Tensor | None = None) -> dict:
         "position_ids": torch.tensor([positions], device=device),
         "attention_mask": mask.to(device),
         "predicts": predicts.to(device),
-        "targets": torch.tensor([target_at[p] for p in sorted(target_at)], device=device),
-        "owners": torch.tensor([owner_at[p] for p in sorted(owner_at)], device=device),
+        "targets": torch.tensor([target_at[p][0] for p in sorted(target_at)], device=device),
+        "owners": torch.tensor([target_at[p][1] for p in sorted(target_at)], device=device),
         "key": None if packed_key is None else packed_key.to(device),
     }
 
