@@ -68,33 +68,51 @@ def key_inputs(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], mo
     return {name: total / count for name, total in sums.items()}
 
 
-def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor) -> torch.Tensor:
-    """ΔW K (Kᵀ M⁻¹ K)⁺ Kᵀ M⁻¹ with M = Â_N + εI, in float64; ``delta`` is (d_out × d_in)."""
+def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor,
+                 settled: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW K (Kᵀ M⁻¹ K)⁺ Kᵀ M⁻¹ with M = Â_N + εI, in float64; ``delta`` is (d_out × d_in). With ``settled`` (a
+    boolean per column of K), those columns' target is 0 instead of ΔW k: the change leaves them as they were."""
     d = A_N.shape[0]
     M = A_N.double() * (d / float(A_N.trace())) + RIDGE * torch.eye(d, dtype=torch.float64, device=A_N.device)
     MiK = torch.linalg.solve(M, K)
     G = K.T @ MiK
-    return delta.double() @ K @ torch.linalg.pinv(G, rtol=KEY_RTOL, hermitian=True) @ MiK.T
+    target = delta.double() @ K
+    if settled is not None:
+        target[:, settled.to(target.device)] = 0
+    return target @ torch.linalg.pinv(G, rtol=KEY_RTOL, hermitian=True) @ MiK.T
 
 
 @torch.no_grad()
 def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], modules: dict[str, nn.Module],
                    kept: KeptOutputs, start: dict[str, torch.Tensor], now: dict[str, torch.Tensor],
-                   fan_in_fan_out: bool, variants: Sequence[Sequence[EditRequest]] = ()) -> dict[str, torch.Tensor]:
+                   fan_in_fan_out: bool, variants: Sequence[Sequence[EditRequest]] = (),
+                   settled: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
     """Each module's weight with its change ``now − start`` replaced by ΔW*, keyed on ``sequences`` (the edit's
     trained sequences, as the model now answers them) and on each group of ``variants`` (other wordings of one
-    edit in one form), by its mean key; tensors in the modules' layout and ``now``'s dtype."""
-    keys = key_inputs(model, tokenizer, sequences, modules)
-    groups = [g for g in variants if g]
-    if groups:
-        flat = [v for g in groups for v in g]
-        more = key_inputs(model, tokenizer, flat, modules, groups=[i for i, g in enumerate(groups) for _ in g])
-        keys = {name: torch.cat([K, more[name]], dim=1) for name, K in keys.items()}
+    edit in one form), by its mean key; tensors in the modules' layout and ``now``'s dtype.
+
+    ``settled`` = (s, g): the first s sequences and g groups are earlier chunks' (Alg. 2), whose edits were
+    solved already. The change acts on their keys as 0 (ΔW* k = 0, MEMIT's constraint on edits made before), so
+    it leaves them where their own solve put them, whatever this chunk's epochs did to them.
+    """
+    def columns(part: Sequence[EditRequest], groups: Sequence[Sequence[EditRequest]]) -> list[dict[str, torch.Tensor]]:
+        found = [key_inputs(model, tokenizer, part, modules)] if part else []
+        groups = [g for g in groups if g]
+        if groups:
+            owners = [i for i, g in enumerate(groups) for _ in g]
+            found.append(key_inputs(model, tokenizer, [v for g in groups for v in g], modules, groups=owners))
+        return found
+
+    old = columns(sequences[: settled[0]], variants[: settled[1]])
+    new = columns(sequences[settled[0] :], variants[settled[1] :])
     out = {}
     for name in modules:  # one layer's A_N at a time: d_in² each
+        K = torch.cat([k[name] for k in old + new], dim=1)
+        n_old = sum(k[name].shape[1] for k in old)
+        fixed = torch.arange(K.shape[1], device=K.device) < n_old if n_old else None
         as_out_in = (lambda t: t.T) if fan_in_fan_out else (lambda t: t)
         delta = as_out_in(now[name]) - as_out_in(start[name])
         A_N = kept.second_moment(name).to(delta.device)
-        new = as_out_in(start[name]).double() + least_change(delta, keys[name], A_N)
-        out[name] = as_out_in(new).to(now[name].dtype)
+        new_weight = as_out_in(start[name]).double() + least_change(delta, K, A_N, fixed)
+        out[name] = as_out_in(new_weight).to(now[name].dtype)
     return out

@@ -38,7 +38,8 @@ Variants (``--variants``, comma-separated NAME:VALUE):
                edit acts only where the whole question has been read
 
 With ``--dataset zsre|counterfact --n N`` the facts are N tuning records (ZsRE's train file; CounterFact from
-record 2000 on) instead, and Gen TF on their rephrases is printed too.
+record 2000 on) instead, and Gen TF on their rephrases is printed too. ``--chunks 0,10`` runs every variant as one
+batch (0) and in sequential chunks of 10 edits (Alg. 2: each chunk trained, solved and folded in turn).
 
 Usage: .venv/bin/python -m lab.neighbour_variants CACHE [--facts lab/tuning_facts.json]
        [--variants beta:0,beta:300] [--per-kind 3,6] [--probes FILE.json] [--common FILE.txt] [--verbose]
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -215,6 +217,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--verbose", action="store_true", help="print each held-out neighbour that changed")
     parser.add_argument("--max-epochs", type=int, default=25, help="every variant's epoch limit but epochs:N's")
+    parser.add_argument("--chunks", default="0", help="sequential chunk sizes to run every variant with (0: one batch)")
     args = parser.parse_args()
     model, tok = load_model("smollm2")
     cache = CurvatureCache.load(args.cache, model=model)
@@ -257,7 +260,7 @@ def main() -> None:
     yield_loss, early_stop = edit_module.YIELD_LOSS, edit_module.EARLY_STOP
     ridge = keyed_solve_module.RIDGE
     for per_kind, protection in protections.items():
-        for variant in args.variants.split(","):
+        for chunk, variant in itertools.product(map(int, args.chunks.split(",")), args.variants.split(",")):
             name, value = variant.split(":")
             keyed_solve_module.RIDGE = float(value) if name in ("ridge", "ridgex") else ridge
             lr = float(value) * edit_module.default_lr([m.weight for m in modules.values()]) if name == "lrx" else None
@@ -274,8 +277,8 @@ def main() -> None:
                 beta, kept = value, with_prefixes(model, tok, modules, fan_in_fan_out, protection, requests)
             else:
                 kept = protection.kept
-            config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=len(requests), neighbour_weight=beta,
-                                subject_key=name in KEYED,
+            config = EditConfig(chat_form=True, batch_size=4, sequential_chunk=chunk or len(requests),
+                                neighbour_weight=beta, subject_key=name in KEYED,
                                 max_epochs=int(value) if name == "epochs" else args.max_epochs,
                                 lr=value if name == "lr" else lr, keyed_solve=name == "solved",
                                 early_stop=args.solved_stop if name == "solved" else None,
@@ -313,7 +316,8 @@ def main() -> None:
             chat = answers([asked(tok, r.prompt, True) for r in requests])
             heads = ([" ".join(a.split()[:5]) for a in held_before], [" ".join(a.split()[:5]) for a in held_after])
             hits = sum(r.target.lower() in a.lower() for r, a in zip(requests, chat, strict=True))
-            print(f"per kind {per_kind} {variant}: protected {report['unchanged']:.2f}, held out "
+            print(f"per kind {per_kind} {variant}" + (f" chunks of {chunk}" if chunk else "") +
+                  f": protected {report['unchanged']:.2f}, held out "
                   f"{unchanged(held_before, held_after):.2f} ({len(held)}; first 5 words {unchanged(*heads):.2f}), "
                   f"loc {unchanged(loc_before, loc_after):.2f} ({len(loc_texts)}), ΔPPL {ppl:+.2f} %, "
                   f"Rel TF {rel:.2f}, "

@@ -41,6 +41,23 @@ def test_least_change_keeps_the_keys_and_is_the_minimum_in_float64():
     assert objective(best, A) <= objective(delta, A)
 
 
+def test_least_change_leaves_settled_keys_as_they_were_in_float64():
+    """Earlier chunks' keys are settled: the change acts on them as 0, on the others as ΔW, the least it can."""
+    torch.manual_seed(1)
+    d_out, d_in = 5, 8
+    delta = torch.randn(d_out, d_in, dtype=torch.float64)
+    K = torch.randn(d_in, 4, dtype=torch.float64)
+    F = torch.randn(4, d_in, dtype=torch.float64)
+    A = F.T @ F
+    settled = torch.tensor([True, False, True, False])
+    best = least_change(delta, K, A, settled)
+    torch.testing.assert_close(best @ K[:, settled], torch.zeros(d_out, 2, dtype=torch.float64))
+    torch.testing.assert_close(best @ K[:, ~settled], delta @ K[:, ~settled])
+    null = torch.eye(d_in, dtype=torch.float64) - K @ torch.linalg.pinv(K)
+    for _ in range(5):
+        assert objective(best + torch.randn(d_out, d_in, dtype=torch.float64) @ null, A) > objective(best, A)
+
+
 def test_key_inputs_are_each_sequence_s_subject_token(tiny_llama):
     model, tok = tiny_llama
     modules = editable_modules(model, (1,))
@@ -103,6 +120,32 @@ def test_off_neighbours_keeps_the_key_outputs_and_moves_the_neighbours_less(tiny
         assert ((solved[n] - start[n]).double() @ mean_keys[n] - delta @ mean_keys[n]).abs().max() > 1e-4
     assert protection.kept(solved) < protection.kept(now) / 10
     assert protection.kept(solved) <= protection.kept(worded) < protection.kept(now)
+
+
+def test_off_neighbours_leaves_an_earlier_chunk_s_keys_alone(tiny_llama):
+    model, tok = tiny_llama
+    modules = editable_modules(model, (1, 2))
+    earlier = EditRequest("The capital of Japan is", "Seoul", subject="Japan")
+    requests = [EditRequest("The capital of France is", "Rome", subject="France")]
+    protection = protect(model, tok, [earlier, *requests], False, modules, False)
+    start = {n: m.weight.detach().clone() for n, m in modules.items()}
+    torch.manual_seed(0)
+    now = {n: w + 0.02 * torch.randn_like(w) for n, w in start.items()}
+    with torch.no_grad():
+        for n, m in modules.items():
+            m.weight.copy_(now[n])
+    try:
+        old, new = (key_inputs(model, tok, [r], modules) for r in (earlier, *requests))
+        solved = off_neighbours(model, tok, [earlier, *requests], modules, protection.kept, start, now, False,
+                                settled=(1, 0))
+    finally:
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.weight.copy_(start[n])
+    for n in modules:
+        change = (solved[n] - start[n]).double()
+        assert (change @ old[n]).abs().max() < 1e-5 < ((now[n] - start[n]).double() @ old[n]).abs().max()
+        torch.testing.assert_close(change @ new[n], (now[n] - start[n]).double() @ new[n], atol=1e-5, rtol=1e-4)
 
 
 def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama, corpus_file):
