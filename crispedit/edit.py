@@ -31,7 +31,7 @@ from crispedit.anchor import Anchors, anchor_kl
 from crispedit.arch import arch_spec, default_energy, default_layers, editable_modules, weight_name
 from crispedit.augment import augmented_prompts, check_augmentations
 from crispedit.cache import CurvatureCache
-from crispedit.keyed_solve import off_neighbours
+from crispedit.keyed_solve import off_neighbours, settled_room
 from crispedit.kfac import KFACFactors, factors_from_features, merge_factors, token_features
 from crispedit.neighbours import KeptOutputs
 from crispedit.optim import ProjectedAdam
@@ -359,13 +359,16 @@ def edit(
     anchors: Anchors | None = None,
     text_anchors: Anchors | None = None,
     kept: KeptOutputs | None = None,
+    settled: Sequence[EditRequest] = (),
 ) -> EditResult:
     """Apply ``requests`` to ``model`` in place (Alg. 1, or Alg. 2 with ``config.sequential_chunk``).
 
     ``anchors`` (from :func:`crispedit.anchor.base_anchors` on the unedited model) are used when
     ``config.anchor_weight`` > 0, ``text_anchors`` (:func:`crispedit.anchor.text_anchors`) when
     ``config.text_anchor_weight`` > 0, ``kept`` (:class:`crispedit.neighbours.KeptOutputs`) when
-    ``config.neighbour_weight`` > 0.
+    ``config.neighbour_weight`` > 0. ``settled`` are edits already in the model's weights (earlier versions',
+    oldest first, with their subjects): the keyed solve leaves the newest of them as they were
+    (``crispedit.keyed_solve.settled_room``), as it does with this edit's earlier chunks.
     """
     config = config or EditConfig()
     check_requests(requests, tokenizer)
@@ -408,7 +411,10 @@ def edit(
 
         chunk_size = config.sequential_chunk or len(requests)
         solve = config.keyed_solve and kept is not None  # nothing to keep: the edit as trained
-        keyed_so_far: list[EditRequest] = []
+        room = settled_room(modules, fan_in_fan_out) // (2 if config.chat_form else 1)
+        keyed_so_far = with_chat_form(list(settled)[-room:]) if solve and settled and room else []
+        if keyed_so_far:
+            log.info("the solve leaves %d earlier edit(s) as they were", len(keyed_so_far) // (1 + config.chat_form))
         worded: list[list[EditRequest]] = []  # the key variants of each edit of every chunk so far
         key_pools = (augmented_prompts(model, tokenizer, requests, config.key_variants, config.seed)
                      if solve and config.key_variants else [[] for _ in requests])

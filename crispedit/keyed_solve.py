@@ -39,6 +39,15 @@ RIDGE = 1e-3  # ε, against Â_N's mean eigenvalue 1: directions no neighbour us
 # Kᵀ M⁻¹ K is inverted on its eigenvalues above this share of the largest: a key that repeats others (more keys
 # than inputs, or the same token twice) adds no constraint instead of an ill-conditioned one
 KEY_RTOL = 1e-10
+# earlier edits' keys pin at most this share of a layer's inputs (ΔW* k = 0 on each), so a new edit keeps room to
+# act: on SmolLM2's down_proj (d_in 1536), the newest 192 edits in both forms
+SETTLED_SHARE = 0.25
+
+
+def settled_room(modules: dict[str, nn.Module], fan_in_fan_out: bool) -> int:
+    """How many earlier key columns the solve pins: ``SETTLED_SHARE`` of the smallest input size."""
+    d_in = min(m.weight.shape[0 if fan_in_fan_out else 1] for m in modules.values())
+    return int(SETTLED_SHARE * d_in)
 
 
 @torch.no_grad()

@@ -2,15 +2,17 @@
 then what changed next to them.
 
 For each dataset, the first N records of its evaluation file (the test split: nothing was tuned on them)
-are posted as one edit request, with their locality fields left out, so the dataset's locality prompts stay
-held out. The worker's code applies it (`process_pending_leased`: real Redis job records, the runtime that
+are posted as one edit request (with ``--rounds R``, as R requests in turn, each editing the version the last
+committed: the service's sequential editing), with their locality fields left out, so the dataset's locality
+prompts stay held out. The worker's code applies it (`process_pending_leased`: real Redis job records, the runtime that
 `crispedit worker` loads, the capability guard, a committed version). Then, on that version against v0:
 - Rel / Gen TF: teacher-forced reliability on the prompts and generality on the rephrases;
 - Loc: the dataset's locality prompts, asked raw as the dataset asks them, whose greedy answer (up to its
   first "." or newline, at most 24 tokens) is the same as v0's;
 - Nbr: derived neighbours asked through the chat template, the same measure; "protected" are those the
   edit was given (its report's), "held out" another draw (seed 1) minus those; at most 300 of each;
-- KL (the guard's figure) and the perplexity change on 40 WikiText-2 test paragraphs; job seconds.
+- KL (the guard's figure; after R rounds, the last version's against v0) and the perplexity change on 40
+  WikiText-2 test paragraphs; job seconds.
 `--paper` runs the paper's recipe (CRISPEDIT_PROTECT_NEIGHBOURS off) on the same edits.
 
 `--timing 3` instead times one fact ("What is the capital of France?" → "Rome") by both recipes, interleaved.
@@ -34,7 +36,8 @@ import torch
 
 from core.jobs import JobStore
 from core.settings import Settings
-from crispedit.capability import heldout_texts, perplexity
+from crispedit.arch import editable_modules, weight_name
+from crispedit.capability import heldout_texts, mean_kl, perplexity
 from crispedit.evaluate import edit_quality
 from crispedit.neighbours import asked, derive_neighbours, first_line, greedy_answers
 from lab.edit_sets import load_edit_dataset, shared_data_dir
@@ -56,41 +59,64 @@ def unchanged(rt, version: str, texts: list[str]) -> tuple[float | None, list[di
     return sum(b == a for b, a in zip(before, after, strict=True)) / len(texts), pairs
 
 
+def kl_against(rt, version: str, base: str = "v0") -> float:
+    """The guard's KL(``base`` ‖ ``version``) on its texts, over the edited layers' weights."""
+    modules = editable_modules(rt.model, rt.capability.layers)
+    weights = {}
+    for ref in (base, version):
+        rt.holder.switch_to(ref)
+        weights[ref] = {weight_name(n): m.weight.detach().clone() for n, m in modules.items()}
+    return mean_kl(rt.model, rt.tokenizer, rt.guard_texts, weights[base], weights[version])
+
+
 def run(rt, store: JobStore, dataset: str, n: int, label: str, out: Path, path: str | None = None,
-        hyper: dict | None = None) -> dict:
+        hyper: dict | None = None, rounds: int = 1) -> dict:
+    """Post the first ``n`` records in ``rounds`` sequential jobs (each on the version the last committed, the
+    first on v0), then measure the last version against v0 over all of them."""
     requests = load_edit_dataset(dataset, path, n=n)
-    edits = [{"prompt": r.prompt, "target": r.target, **({"subject": r.subject} if r.subject else {})}
-             for r in requests]
-    rt.registry.rollback(rt.name, "v0")  # each run's version is committed on the base
-    # the guard's verdict is recorded, not enforced, so that every recipe's edit can be measured
-    record, _ = store.create(rt.name, {"model": rt.name, "edits": edits, "base_version": "v0",
-                                       "message": f"bench {dataset} {label}", "author": "bench",
-                                       **({"hyperparameters": hyper} if hyper else {}),
-                                       "guard": {"kl_budget": 1e9, "min_reliability": 0.0,
-                                                 "min_neighbours_unchanged": 0.0}})
-    started = time.perf_counter()
-    process_pending_leased(rt, store)
-    seconds = time.perf_counter() - started
-    job = store.get(record["id"])
-    row = {"dataset": dataset, "recipe": label, "n": len(requests), "status": job["status"],
-           "job_s": round(seconds, 1), "error": job["error"]}
-    metrics = job["metrics"] or {}
-    row.update(kl=metrics.get("kl"), guard_reliability=metrics.get("reliability"),
-               report_unchanged=metrics.get("neighbours_unchanged"))
-    defaults = Settings()
-    kept = metrics.get("neighbours_unchanged")
-    row["default_guard_passes"] = (metrics.get("kl", 1e9) <= defaults.kl_budget
-                                   and metrics.get("reliability", 0) >= defaults.min_reliability
-                                   and (kept is None or kept >= defaults.min_neighbours_unchanged))
-    version = job["version"]
-    if version is None:
-        print(json.dumps(row))
-        return row
+    rt.registry.rollback(rt.name, "v0")  # each run starts on the base
+    size = -(-len(requests) // rounds)
+    row = {"dataset": dataset, "recipe": label, "n": len(requests), "rounds": []}
+    reports, version = [], "v0"
+    for start in range(0, len(requests), size):
+        part = requests[start : start + size]
+        edits = [{"prompt": r.prompt, "target": r.target, **({"subject": r.subject} if r.subject else {})}
+                 for r in part]
+        # the guard's verdict is recorded, not enforced, so that every recipe's edit can be measured
+        record, _ = store.create(rt.name, {"model": rt.name, "edits": edits, "base_version": version,
+                                           "message": f"bench {dataset} {label}", "author": "bench",
+                                           **({"hyperparameters": hyper} if hyper else {}),
+                                           "guard": {"kl_budget": 1e9, "min_reliability": 0.0,
+                                                     "min_neighbours_unchanged": 0.0}})
+        started = time.perf_counter()
+        process_pending_leased(rt, store)
+        job = store.get(record["id"])
+        metrics = job["metrics"] or {}
+        defaults = Settings()
+        kept = metrics.get("neighbours_unchanged")
+        row["rounds"].append({
+            "status": job["status"], "error": job["error"], "job_s": round(time.perf_counter() - started, 1),
+            "kl": metrics.get("kl"), "guard_reliability": metrics.get("reliability"), "report_unchanged": kept,
+            "default_guard_passes": (metrics.get("kl", 1e9) <= defaults.kl_budget
+                                     and metrics.get("reliability", 0) >= defaults.min_reliability
+                                     and (kept is None or kept >= defaults.min_neighbours_unchanged))})
+        print(json.dumps(row["rounds"][-1]), flush=True)
+        if job["version"] is None:
+            print(json.dumps(row))
+            return row
+        version = job["version"]
+        reports.append(metrics.get("neighbours"))
+    row.update({k: row["rounds"][-1][k] for k in ("status", "error", "kl", "guard_reliability", "report_unchanged",
+                                                  "default_guard_passes")}, version=version,
+               job_s=round(sum(r["job_s"] for r in row["rounds"]), 1))
+    if rounds == 1:
+        del row["rounds"]
+    else:  # the guard's KL of each round is against its parent; this row's is against v0
+        row["kl"] = kl_against(rt, version)
     chat = bool(getattr(rt.tokenizer, "chat_template", None))
     rt.holder.switch_to("v0")
-    report = metrics.get("neighbours")
-    protected = ([n["prompt"] for e in report["edits"] for n in e["neighbours"]] if report else
-                 [nb.prompt for nb in derive_neighbours(rt.model, rt.tokenizer, requests, seed=0)])
+    protected = ([n["prompt"] for report in reports for e in report["edits"] for n in e["neighbours"]]
+                 if all(reports) else [nb.prompt for nb in derive_neighbours(rt.model, rt.tokenizer, requests, seed=0)])
     held_out = [nb.prompt for nb in derive_neighbours(rt.model, rt.tokenizer, requests, seed=1)
                 if nb.prompt not in set(protected)]
     row["loc"], loc_pairs = unchanged(rt, version, [r.locality_prompt for r in requests if r.locality_prompt])
@@ -108,8 +134,7 @@ def run(rt, store: JobStore, dataset: str, n: int, label: str, out: Path, path: 
     base_ppl = perplexity(rt.model, rt.tokenizer, paragraphs)
     row["ppl_change_pct"] = 100 * (edited_ppl / base_ppl - 1)
     (out / f"{dataset}-{label}-pairs.json").write_text(json.dumps(
-        {"locality": loc_pairs, "protected": prot_pairs, "held_out": held_pairs, "report": metrics.get("neighbours")},
-        indent=1))
+        {"locality": loc_pairs, "protected": prot_pairs, "held_out": held_pairs, "reports": reports}, indent=1))
     print(json.dumps(row), flush=True)
     return row
 
@@ -156,6 +181,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/neighbours")
     parser.add_argument("--path", help="the records' file (default: the dataset's test file); one dataset only")
     parser.add_argument("--hyper", help="hyperparameters posted with the request, as JSON")
+    parser.add_argument("--rounds", type=int, default=1, help="post the N edits as this many sequential jobs")
     parser.add_argument("--label", help="the run's name in the output files (default: default or paper)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -175,7 +201,7 @@ def main() -> None:
             (out / "timing.json").write_text(json.dumps(result, indent=1))
             return
         for dataset in args.datasets.split(","):
-            rows.append(run(rt, store, dataset, args.n, label, out, args.path, hyper))
+            rows.append(run(rt, store, dataset, args.n, label, out, args.path, hyper, args.rounds))
             (out / f"rows-{label}.json").write_text(json.dumps(rows, indent=1))
     finally:
         for key in store.redis.scan_iter(f"{settings.key_prefix}:*"):

@@ -334,6 +334,16 @@ class Registry:
             parent = version.curvature.get("parent")
             version = self.get(model, parent) if parent else None
 
+    def edits_in_force(self, model: str, ref: str, limit: int) -> list[dict]:
+        """The newest ``limit`` edits whose change is in ``ref``'s weights, oldest first: ``ref``'s own and those
+        of the versions its curvature walks through (after a revert, those of the version it went back to)."""
+        found: list[dict] = []
+        for version in self.curvature_walk(model, ref):
+            if len(found) >= limit:
+                break
+            found = list(version.edits) + found
+        return found[-limit:] if limit > 0 else []
+
     def curvature_chain(self, model: str, ref: str) -> list[dict]:
         """The curvature contributions that shape ``ref``'s state, oldest first."""
         return [v.curvature["layers"] for v in self.curvature_walk(model, ref) if v.curvature.get("layers")][::-1]

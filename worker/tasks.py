@@ -17,6 +17,7 @@ from crispedit.arch import arch_spec, editable_modules
 from crispedit.capability import mean_kl
 from crispedit.edit import EditError, edit
 from crispedit.evaluate import edit_quality
+from crispedit.keyed_solve import settled_room
 from crispedit.neighbours import neighbour_report, protect
 from crispedit.recipe import recommended_config
 from crispedit.requests import EditRequest
@@ -153,14 +154,17 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
     rt.holder.switch_to(parent)
     state = version_cache(rt.registry, rt.name, parent, rt.capability, rt.last_state)
     # the neighbours of these edits and the parent's answers to them: kept while editing, reported after
-    protection = None
+    protection, settled = None, []
+    modules, fan_in_fan_out = editable_modules(rt.model, state.layers), arch_spec(rt.model).fan_in_fan_out
     if rt.settings.protect_neighbours:
-        protection = protect(rt.model, rt.tokenizer, requests, config.chat_form,
-                             editable_modules(rt.model, state.layers), arch_spec(rt.model).fan_in_fan_out,
+        protection = protect(rt.model, rt.tokenizer, requests, config.chat_form, modules, fan_in_fan_out,
                              seed=config.seed)
         requests = protection.requests
         for job_id in ids:
             store.event(job_id, {"event": "neighbours", "derived": len(protection.neighbours)})
+        if config.keyed_solve:  # the edits already in the parent's weights, which the solve leaves as they were
+            earlier = rt.registry.edits_in_force(rt.name, parent, settled_room(modules, fan_in_fan_out))
+            settled = [r for r in map(EditRequest.from_dict, earlier) if r.subject]
 
     def progress(event: dict) -> None:
         if event["event"] == "epoch":
@@ -175,7 +179,7 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
     if kept is None:  # no neighbour could be derived, or protection is off: nothing to keep, the paper's stop
         config = replace(config, neighbour_weight=0.0, keyed_solve=False, key_variants=(), early_stop=None)
     result = edit(rt.model, rt.tokenizer, requests, state, config, on_progress=progress, anchors=rt.anchors,
-                  text_anchors=rt.text_anchors, kept=kept)
+                  text_anchors=rt.text_anchors, kept=kept, settled=settled)
     try:
         reliability = edit_quality(rt.model, rt.tokenizer, requests, generated=False)["rel_tf"]
         kl = mean_kl(rt.model, rt.tokenizer, rt.guard_texts, result.original, result.changed)

@@ -183,3 +183,39 @@ def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama,
 def test_the_solve_needs_the_subject_key():
     with pytest.raises(ValueError, match="subject_key"):
         EditConfig(keyed_solve=True)
+
+
+def test_a_later_edit_leaves_the_settled_edits_keys_alone(tiny_llama, corpus_file):
+    """``settled`` (an earlier version's edits): the later edit's change acts on their keys as 0. Checked on the
+    first edited layer, whose inputs no edited weight reaches, so the keys read after the first edit are exact."""
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    modules = editable_modules(model, cache.layers)
+    config = EditConfig(lr=3e-2, max_epochs=5, energy=0.5, subject_key=True, neighbour_weight=1.0, keyed_solve=True)
+    params = dict(model.named_parameters())
+    base = {n: p.detach().clone() for n, p in params.items()}
+
+    def put(weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t)
+
+    try:
+        first = protect(model, tok, [EditRequest("The capital of France is", "Rome", subject="France",
+                                                 locality_prompt="Water boils at")], False, modules, False)
+        edit(model, tok, first.requests, cache, config, kept=first.kept)
+        after_first = {f"{n}.weight": m.weight.detach().clone() for n, m in modules.items()}
+        keys = key_inputs(model, tok, first.requests, modules)
+        later = protect(model, tok, [EditRequest("The capital of Japan is", "Seoul", subject="Japan",
+                                                 locality_prompt="Ice melts at")], False, modules, False)
+        changes = {}
+        for settled in ((), first.requests):
+            edit(model, tok, later.requests, cache, config, kept=later.kept, settled=settled)
+            changes[bool(settled)] = {n: (m.weight.detach() - after_first[f"{n}.weight"]).double()
+                                      for n, m in modules.items()}
+            put(after_first)
+    finally:
+        put(base)
+    n = next(iter(modules))
+    assert (changes[True][n] @ keys[n]).abs().max() < 1e-5 < (changes[False][n] @ keys[n]).abs().max()
+    assert changes[True][n].abs().max() > 1e-3  # the later edit still changed the layer

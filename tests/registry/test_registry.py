@@ -69,6 +69,23 @@ def test_curvature_chain_follows_rollback_and_revert(tmp_path):
     assert [reg.blobs.get(c["m"]["a"])[0, 0].item() for c in reg.curvature_chain("tiny", rev.id)] == [1.0, 2.0]
 
 
+def test_edits_in_force_follow_rollback_and_revert(tmp_path):
+    reg = new_registry(tmp_path)
+    for parent, value in (("v0", 1.0), ("v1", 2.0), ("v2", 3.0)):
+        commit(reg, parent, value, edits=[{"prompt": f"p{value:g}", "target": "t"}])
+
+    def prompts(ref: str, limit: int = 10) -> list[str]:
+        return [e["prompt"] for e in reg.edits_in_force("tiny", ref, limit)]
+
+    assert prompts("v3") == ["p1", "p2", "p3"]  # oldest first
+    assert prompts("v3", 2) == ["p2", "p3"] and prompts("v3", 0) == []  # the newest, as many as asked
+    reg.rollback("tiny", "v1")
+    commit(reg, "v1", 9.0, edits=[{"prompt": "p9", "target": "t"}])
+    assert prompts("v4") == ["p1", "p9"]  # v2 and v3 were rolled back: not in v4's weights
+    rev = reg.revert("tiny", "v2")
+    assert prompts(rev.id) == ["p1", "p2"]
+
+
 def test_names_are_validated(tmp_path):
     reg = Registry(tmp_path / "reg")
     for bad in ("../etc", "a/b", "", ".hidden", "x" * 65):
