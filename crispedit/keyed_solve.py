@@ -19,6 +19,11 @@ each prompt after context prefixes the model writes, or reworded by it, ``crispe
 per edit and form, their mean k̄ (ROME's key, averaged over contexts): ΔW* k̄ = ΔW k̄ too, and K grows with the
 edits, not with the variants.
 
+Edits made before this change (an earlier chunk of the same edit, Alg. 2, or an earlier version's edits) are held
+where their own solve put them: their keys K_s join K with target 0, ΔW* K_s = 0 (MEMIT's constraint on the edits
+it keeps): a later change adds nothing to any edited layer's output at their keys, as read when it is solved.
+Without it, 40 ZsRE train edits in chunks of 10 ended at a reliability of 0.76; with it, 0.99, as in one batch.
+
 Adding the capability cache's input factor to M kept fewer neighbours (France → Rome: 0.70 held out at weight 1
 against 0.80 without; 8 facts of our own: 0.50 at weight 0.1 against 0.65), so M is the neighbours' alone.
 """
