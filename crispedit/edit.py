@@ -430,7 +430,7 @@ def edit(
                 losses, seconds = run_epochs(model, tokenizer, chunk, optimizer, config, on_progress, k, pools,
                                              anchors, text_anchors, keyed, outputs)
             if solve:  # this chunk's change, kept on its keys, 0 on earlier chunks', the smallest on the neighbours
-                settled = (len(keyed_so_far), len(worded))
+                held = (len(keyed_so_far), len(worded))  # the settled edits' and earlier chunks' keys
                 keyed_so_far += chunk
                 for pool in key_pools[start : start + chunk_size]:  # one group per edit and form
                     worded += [pool, [v.in_chat_form(tokenizer) for v in pool]] if config.chat_form else [pool]
@@ -438,7 +438,7 @@ def edit(
                 began = dict(zip(names, before, strict=True))
                 now = {n: master for n, (_, master) in zip(names, pairs, strict=True)}
                 solved = off_neighbours(model, tokenizer, keyed_so_far, modules, kept, began, now, fan_in_fan_out,
-                                        worded, settled)
+                                        worded, held)
                 with torch.no_grad():
                     for n, (weight, master) in zip(names, pairs, strict=True):
                         master.copy_(solved[n])

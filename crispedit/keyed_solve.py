@@ -105,9 +105,9 @@ def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest]
     trained sequences, as the model now answers them) and on each group of ``variants`` (other wordings of one
     edit in one form), by its mean key; tensors in the modules' layout and ``now``'s dtype.
 
-    ``settled`` = (s, g): the first s sequences and g groups are earlier chunks' (Alg. 2), whose edits were
-    solved already. The change acts on their keys as 0 (ΔW* k = 0, MEMIT's constraint on edits made before), so
-    it leaves them where their own solve put them, whatever this chunk's epochs did to them.
+    ``settled`` = (s, g): the first s sequences and g groups are edits made before (earlier versions', earlier
+    chunks' of this edit), solved already. The change acts on their keys as 0 (ΔW* k = 0, MEMIT's constraint on
+    edits made before), so it leaves them where their own solve put them, whatever this chunk's epochs did to them.
     """
     def columns(part: Sequence[EditRequest], groups: Sequence[Sequence[EditRequest]]) -> list[dict[str, torch.Tensor]]:
         found = [key_inputs(model, tokenizer, part, modules)] if part else []
