@@ -1,5 +1,7 @@
 """The keyed solve: the edit's change kept on its keys, and the smallest on the neighbours' inputs."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import small_cache
@@ -90,29 +92,36 @@ def test_grouped_key_inputs_are_each_group_s_mean_key(tiny_llama):
     torch.testing.assert_close(grouped[:, 1], each[:, 2:].mean(1))
 
 
-def test_off_neighbours_keeps_the_key_outputs_and_moves_the_neighbours_less(tiny_llama):
-    model, tok = tiny_llama
-    modules = editable_modules(model, (1, 2))
-    requests = [EditRequest("The capital of France is", "Rome", subject="France",
-                            locality_prompt="Water boils at")]
-    protection = protect(model, tok, requests, False, modules, False)
+@contextlib.contextmanager
+def perturbed(modules):
+    """The modules' weights moved by a small random change while inside: yields (start, now)."""
     start = {n: m.weight.detach().clone() for n, m in modules.items()}
     torch.manual_seed(0)
     now = {n: w + 0.02 * torch.randn_like(w) for n, w in start.items()}
     with torch.no_grad():
         for n, m in modules.items():
             m.weight.copy_(now[n])
-    variants = [[EditRequest("Well, the capital of France is", "Rome", subject="France"),
-                 EditRequest("France's capital is", "Rome", subject="France")]]
     try:
-        keys = key_inputs(model, tok, protection.requests, modules)
-        mean_keys = key_inputs(model, tok, variants[0], modules, groups=[0, 0])
-        solved = off_neighbours(model, tok, protection.requests, modules, protection.kept, start, now, False)
-        worded = off_neighbours(model, tok, protection.requests, modules, protection.kept, start, now, False, variants)
+        yield start, now
     finally:
         with torch.no_grad():
             for n, m in modules.items():
                 m.weight.copy_(start[n])
+
+
+def test_off_neighbours_keeps_the_key_outputs_and_moves_the_neighbours_less(tiny_llama):
+    model, tok = tiny_llama
+    modules = editable_modules(model, (1, 2))
+    requests = [EditRequest("The capital of France is", "Rome", subject="France",
+                            locality_prompt="Water boils at")]
+    protection = protect(model, tok, requests, False, modules, False)
+    variants = [[EditRequest("Well, the capital of France is", "Rome", subject="France"),
+                 EditRequest("France's capital is", "Rome", subject="France")]]
+    with perturbed(modules) as (start, now):
+        keys = key_inputs(model, tok, protection.requests, modules)
+        mean_keys = key_inputs(model, tok, variants[0], modules, groups=[0, 0])
+        solved = off_neighbours(model, tok, protection.requests, modules, protection.kept, start, now, False)
+        worded = off_neighbours(model, tok, protection.requests, modules, protection.kept, start, now, False, variants)
     for n in modules:
         delta = (now[n] - start[n]).double()
         for result, K in ((solved[n], keys[n]), (worded[n], torch.cat([keys[n], mean_keys[n]], dim=1))):
@@ -128,20 +137,10 @@ def test_off_neighbours_leaves_an_earlier_chunk_s_keys_alone(tiny_llama):
     earlier = EditRequest("The capital of Japan is", "Seoul", subject="Japan")
     requests = [EditRequest("The capital of France is", "Rome", subject="France")]
     protection = protect(model, tok, [earlier, *requests], False, modules, False)
-    start = {n: m.weight.detach().clone() for n, m in modules.items()}
-    torch.manual_seed(0)
-    now = {n: w + 0.02 * torch.randn_like(w) for n, w in start.items()}
-    with torch.no_grad():
-        for n, m in modules.items():
-            m.weight.copy_(now[n])
-    try:
+    with perturbed(modules) as (start, now):
         old, new = (key_inputs(model, tok, [r], modules) for r in (earlier, *requests))
         solved = off_neighbours(model, tok, [earlier, *requests], modules, protection.kept, start, now, False,
                                 settled=(1, 0))
-    finally:
-        with torch.no_grad():
-            for n, m in modules.items():
-                m.weight.copy_(start[n])
     for n in modules:
         change = (solved[n] - start[n]).double()
         assert (change @ old[n]).abs().max() < 1e-5 < ((now[n] - start[n]).double() @ old[n]).abs().max()
