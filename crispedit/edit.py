@@ -412,7 +412,9 @@ def edit(
         chunk_size = config.sequential_chunk or len(requests)
         solve = config.keyed_solve and kept is not None  # nothing to keep: the edit as trained
         room = settled_room(modules, fan_in_fan_out) // (2 if config.chat_form else 1)
-        keyed_so_far = with_chat_form(list(settled)[-room:]) if solve and settled and room else []
+        asked_now = {r.prompt for r in requests}
+        settled = [r for r in settled if r.prompt not in asked_now]  # a fact edited again: the new edit replaces it
+        keyed_so_far = with_chat_form(settled[-room:]) if solve and settled and room else []
         if keyed_so_far:
             log.info("the solve leaves %d earlier edit(s) as they were", len(keyed_so_far) // (1 + config.chat_form))
         worded: list[list[EditRequest]] = []  # the key variants of each edit of every chunk so far

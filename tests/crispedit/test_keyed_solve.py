@@ -1,6 +1,7 @@
 """The keyed solve: the edit's change kept on its keys, and the smallest on the neighbours' inputs."""
 
 import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -213,8 +214,15 @@ def test_a_later_edit_leaves_the_settled_edits_keys_alone(tiny_llama, corpus_fil
             changes[bool(settled)] = {n: (m.weight.detach() - after_first[f"{n}.weight"]).double()
                                       for n, m in modules.items()}
             put(after_first)
+        again = [replace(first.requests[0], target="Paris")]  # the same fact edited again: nothing to hold
+        for settled in ((), first.requests):
+            edit(model, tok, again, cache, config, kept=first.kept, settled=settled)
+            changes["again", bool(settled)] = {n: m.weight.detach().clone() for n, m in modules.items()}
+            put(after_first)
     finally:
         put(base)
     n = next(iter(modules))
     assert (changes[True][n] @ keys[n]).abs().max() < 1e-5 < (changes[False][n] @ keys[n]).abs().max()
     assert changes[True][n].abs().max() > 1e-3  # the later edit still changed the layer
+    for n in modules:  # the first edit's own key is not held against its replacement
+        torch.testing.assert_close(changes["again", True][n], changes["again", False][n])
