@@ -417,6 +417,7 @@ def edit(
         keyed_so_far = with_chat_form(settled[-room:]) if solve and settled and room else []
         if keyed_so_far:
             log.info("the solve leaves %d earlier edit(s) as they were", len(keyed_so_far) // (1 + config.chat_form))
+        capability = {n: cache.factors[n].A for n in names} if cache is not None else None
         worded: list[list[EditRequest]] = []  # the key variants of each edit of every chunk so far
         key_pools = (augmented_prompts(model, tokenizer, requests, config.key_variants, config.seed)
                      if solve and config.key_variants else [[] for _ in requests])
@@ -440,7 +441,7 @@ def edit(
                 began = dict(zip(names, before, strict=True))
                 now = {n: master for n, (_, master) in zip(names, pairs, strict=True)}
                 solved = off_neighbours(model, tokenizer, keyed_so_far, modules, kept, began, now, fan_in_fan_out,
-                                        worded, held)
+                                        worded, held, capability)
                 with torch.no_grad():
                     for n, (weight, master) in zip(names, pairs, strict=True):
                         master.copy_(solved[n])

@@ -9,17 +9,22 @@ from conftest import small_cache
 
 from crispedit.arch import editable_modules
 from crispedit.edit import EditConfig, edit
-from crispedit.keyed_solve import RIDGE, key_inputs, least_change, off_neighbours
+from crispedit.keyed_solve import CAPABILITY_WEIGHT, RIDGE, key_inputs, least_change, off_neighbours
 from crispedit.neighbours import protect
 from crispedit.requests import EditRequest, tokenize_edit_batch
 from crispedit.subject_key import subject_key_mask
 
 
-def objective(delta: torch.Tensor, A: torch.Tensor) -> float:
-    """tr(Δ M Δᵀ) with M = Â + εI, as least_change scales it."""
+def metric(A: torch.Tensor, A_C: torch.Tensor | None = None) -> torch.Tensor:
+    """M = Â + λ Â_C + εI, each factor scaled to mean eigenvalue 1, as least_change builds it."""
     d = A.shape[0]
     M = A * (d / A.trace()) + RIDGE * torch.eye(d, dtype=A.dtype)
-    return float((delta @ M * delta).sum())
+    return M if A_C is None else M + CAPABILITY_WEIGHT * A_C * (d / A_C.trace())
+
+
+def objective(delta: torch.Tensor, A: torch.Tensor, A_C: torch.Tensor | None = None) -> float:
+    """tr(Δ M Δᵀ)."""
+    return float((delta @ metric(A, A_C) * delta).sum())
 
 
 def test_least_change_keeps_the_keys_and_is_the_minimum_in_float64():
@@ -42,6 +47,24 @@ def test_least_change_keeps_the_keys_and_is_the_minimum_in_float64():
         torch.testing.assert_close(other @ K, delta @ K)
         assert objective(other, A) > objective(best, A)
     assert objective(best, A) <= objective(delta, A)
+
+
+def test_least_change_with_the_capability_factor_is_the_minimum_in_its_metric_in_float64():
+    """With generic text's Â_C in M, the change is the least in that metric, and moves generic text less."""
+    torch.manual_seed(2)
+    d_out, d_in, m = 5, 8, 3
+    delta = torch.randn(d_out, d_in, dtype=torch.float64)
+    K = torch.randn(d_in, m, dtype=torch.float64)
+    F, F_C = torch.randn(3, d_in, dtype=torch.float64), torch.randn(16, d_in, dtype=torch.float64)
+    A, A_C = F.T @ F, F_C.T @ F_C
+    best = least_change(delta, K, A, A_C=A_C)
+    torch.testing.assert_close(best @ K, delta @ K)
+    null = torch.eye(d_in, dtype=torch.float64) - K @ torch.linalg.pinv(K)
+    for _ in range(5):
+        assert objective(best + torch.randn(d_out, d_in, dtype=torch.float64) @ null, A, A_C) > objective(best, A, A_C)
+    without = least_change(delta, K, A)
+    assert CAPABILITY_WEIGHT > 0
+    assert float((best @ A_C * best).sum()) < float((without @ A_C * without).sum())
 
 
 def test_least_change_leaves_settled_keys_as_they_were_in_float64():
@@ -178,6 +201,38 @@ def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama,
         w0 = original[f"{n}.weight"].double()
         torch.testing.assert_close((solved[n] - w0) @ keys[n], (plain[n] - w0) @ keys[n], atol=1e-5, rtol=1e-4)
     assert protection.kept(solved) < protection.kept(plain) / 2
+
+
+def test_edit_s_solve_moves_the_capability_text_s_inputs_less(tiny_llama, corpus_file, monkeypatch):
+    """Through ``edit``, the solve's metric holds the curvature cache's input factor Â_C (MEMIT's metric): the
+    change does as much at the keys and less on the capability text's inputs than with M = Â_N + εI alone."""
+    import crispedit.keyed_solve as keyed_solve
+
+    model, tok = tiny_llama
+    cache = small_cache(model, tok, corpus_file)
+    modules = editable_modules(model, cache.layers)
+    requests = [EditRequest("The capital of France is", "Rome", subject="France", locality_prompt="Water boils at")]
+    protection = protect(model, tok, requests, False, modules, False)
+    params = dict(model.named_parameters())
+    config = EditConfig(lr=3e-2, max_epochs=5, energy=0.5, subject_key=True, neighbour_weight=1.0, keyed_solve=True)
+    results = {}
+    for weight in (0.0, keyed_solve.CAPABILITY_WEIGHT):
+        monkeypatch.setattr(keyed_solve, "CAPABILITY_WEIGHT", weight)
+        results[weight] = edit(model, tok, protection.requests, cache, config, kept=protection.kept)
+        with torch.no_grad():
+            for n, t in results[weight].original.items():
+                params[n].copy_(t)
+    without, with_capability = results.values()
+    assert without.epoch_losses == pytest.approx(with_capability.epoch_losses)  # the same training, then the solve
+
+    def on_capability(result) -> float:
+        """Σ_layers tr(ΔW A_C ΔWᵀ): the change's energy on the capability text's inputs."""
+        return sum(float(((t.double() - result.original[n].double()) @ cache.factors[n.removesuffix(".weight")].A
+                          .double() * (t.double() - result.original[n].double())).sum())
+                   for n, t in result.changed.items())
+
+    assert set(with_capability.changed) == set(without.changed)
+    assert on_capability(with_capability) < on_capability(without)
 
 
 def test_the_solve_needs_the_subject_key():
