@@ -104,8 +104,11 @@ class JobStore:
         raw = self.redis.get(self.key("edit", job_id))
         return json.loads(raw) if raw else None
 
-    def update(self, job_id: str, **fields) -> dict:
+    def update(self, job_id: str, **fields) -> dict | None:
+        """The record with ``fields`` set; None, writing nothing, when the record is gone (expired or deleted)."""
         record = self.get(job_id)
+        if record is None:
+            return None
         record.update(fields, updated_at=time.time())
         self.redis.set(self.key("edit", job_id), json.dumps(record))
         return record
@@ -146,6 +149,9 @@ class JobStore:
         # one MULTI/EXEC: a worker killed here leaves the job either to redo or finished with its terminal
         # event, never finished without the event or finished yet still in the processing list
         record = self.get(job_id)
+        if record is None:  # gone (expired or deleted): nothing to report to, but never left in processing
+            self.redis.lrem(self.key("processing", model), 0, job_id)
+            return
         now = time.time()
         record.update(fields, updated_at=now)
         event = {"time": now, "event": fields["status"], **{k: v for k, v in fields.items() if k != "status"}}
