@@ -88,6 +88,24 @@ def save_tiny_checkpoint(folder, kind: str = "llama"):
     return folder
 
 
+def tiny_worker(tmp_path, redis_db: int, key_prefix: str, store_class=None):
+    """The worker's runtime of a tiny Llama (its cache from ``CORPUS``) and a job store on ``redis_db``."""
+    import redis
+
+    from core.jobs import JobStore
+    from core.settings import Settings
+    from worker.runtime import load_runtime
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 3))
+    settings = Settings(models=f"tiny={checkpoint}", registry_root=tmp_path / "reg", corpus=str(corpus),
+                        cache_samples=4, cache_seq_len=16, text_anchors="none",
+                        redis_url=f"redis://127.0.0.1:6379/{redis_db}", key_prefix=key_prefix)
+    return load_runtime("tiny", settings), (store_class or JobStore)(redis.Redis.from_url(settings.redis_url),
+                                                                     key_prefix)
+
+
 @pytest.fixture(params=["llama", "qwen2", "gpt2"])
 def tiny(request):
     """(model, tokenizer) for each tiny architecture."""

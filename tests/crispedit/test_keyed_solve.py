@@ -171,14 +171,19 @@ def test_off_neighbours_leaves_an_earlier_chunk_s_keys_alone(tiny_llama):
         torch.testing.assert_close(change @ new[n], (now[n] - start[n]).double() @ new[n], atol=1e-5, rtol=1e-4)
 
 
+def protected_france(model, tok, corpus_file):
+    """The curvature cache, the edited modules and the protection of France → Rome, as the edit tests use them."""
+    cache = small_cache(model, tok, corpus_file)
+    modules = editable_modules(model, cache.layers)
+    requests = [EditRequest("The capital of France is", "Rome", subject="France", locality_prompt="Water boils at")]
+    return cache, modules, protect(model, tok, requests, False, modules, False)
+
+
 def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama, corpus_file):
     """Through ``edit``: the solve runs after the epochs, so the edit with it trains exactly as without it, then
     differs only by ΔW* − ΔW, which the keys (inputs at the subject's token, on the trained model) do not see."""
     model, tok = tiny_llama
-    cache = small_cache(model, tok, corpus_file)
-    modules = editable_modules(model, cache.layers)
-    requests = [EditRequest("The capital of France is", "Rome", subject="France", locality_prompt="Water boils at")]
-    protection = protect(model, tok, requests, False, modules, False)
+    cache, modules, protection = protected_france(model, tok, corpus_file)
     params = dict(model.named_parameters())
     results = {}
     for solve in (False, True):  # in sequential mode, as the worker edits
@@ -209,10 +214,7 @@ def test_edit_s_solve_moves_the_capability_text_s_inputs_less(tiny_llama, corpus
     import crispedit.keyed_solve as keyed_solve
 
     model, tok = tiny_llama
-    cache = small_cache(model, tok, corpus_file)
-    modules = editable_modules(model, cache.layers)
-    requests = [EditRequest("The capital of France is", "Rome", subject="France", locality_prompt="Water boils at")]
-    protection = protect(model, tok, requests, False, modules, False)
+    cache, modules, protection = protected_france(model, tok, corpus_file)
     params = dict(model.named_parameters())
     config = EditConfig(lr=3e-2, max_epochs=5, energy=0.5, subject_key=True, neighbour_weight=1.0, keyed_solve=True)
     results = {}

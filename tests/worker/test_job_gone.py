@@ -1,11 +1,8 @@
 """A job whose Redis record vanishes (expired, or deleted by hand) neither stops the worker nor loses an edit."""
 
-import redis
-from conftest import CORPUS, save_tiny_checkpoint
+from conftest import tiny_worker
 
 from core.jobs import JobStore
-from core.settings import Settings
-from worker.runtime import load_runtime
 from worker.tasks import process_pending_leased
 
 OPEN_GUARD = {"kl_budget": 1e9, "min_reliability": 0.0, "min_neighbours_unchanged": 0.0}
@@ -30,14 +27,7 @@ def post(store: JobStore, prompt: str, target: str) -> str:
 
 
 def test_a_job_whose_record_vanishes_is_dropped_or_committed_and_the_worker_goes_on(tmp_path, redis_db):
-    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 3))
-    settings = Settings(models=f"tiny={checkpoint}", registry_root=tmp_path / "reg", corpus=str(corpus),
-                        cache_samples=4, cache_seq_len=16, text_anchors="none",
-                        redis_url=f"redis://127.0.0.1:6379/{redis_db}", key_prefix="gone")
-    rt = load_runtime("tiny", settings)
-    store = VanishingStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+    rt, store = tiny_worker(tmp_path, redis_db, "gone", VanishingStore)
 
     # gone before a worker took it: its edits are unknown, so it is dropped, and the next job is applied
     lost = post(store, "The capital of France is", "Rome")

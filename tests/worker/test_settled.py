@@ -1,14 +1,10 @@
 """Sequential edits through the worker: a later version's keyed solve leaves the earlier versions' edits alone."""
 
-import redis
-from conftest import CORPUS, save_tiny_checkpoint
+from conftest import tiny_worker
 
-from core.jobs import JobStore
-from core.settings import Settings
 from crispedit.arch import editable_modules
 from crispedit.keyed_solve import key_inputs
 from crispedit.requests import EditRequest
-from worker.runtime import load_runtime
 from worker.tasks import process_pending_leased
 
 OPEN_GUARD = {"kl_budget": 1e9, "min_reliability": 0.0, "min_neighbours_unchanged": 0.0}
@@ -16,14 +12,7 @@ HYPER = {"lr": 0.03, "max_epochs": 5, "energy": 0.5}  # the tiny model need not 
 
 
 def test_a_later_version_leaves_the_earlier_edits_keys_alone(tmp_path, redis_db):
-    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 3))
-    settings = Settings(models=f"tiny={checkpoint}", registry_root=tmp_path / "reg", corpus=str(corpus),
-                        cache_samples=4, cache_seq_len=16, text_anchors="none",
-                        redis_url=f"redis://127.0.0.1:6379/{redis_db}", key_prefix="settled")
-    rt = load_runtime("tiny", settings)
-    store = JobStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+    rt, store = tiny_worker(tmp_path, redis_db, "settled")
     versions = []
     for prompt, target, subject in (("The capital of France is", "Rome", "France"),
                                     ("The capital of Japan is", "Seoul", "Japan")):
