@@ -25,11 +25,11 @@ it keeps): a later change adds nothing to any edited layer's output at their key
 Without it, 40 ZsRE train edits in chunks of 10 ended at a reliability of 0.76; with it, 0.99, as in one batch.
 
 A_C is the capability cache's input factor (generic text's keys, with earlier versions' edit statistics folded in),
-MEMIT's metric C = E[k kᵀ]. With the neighbours' factor alone, directions that
-no neighbour uses cost only ε, and the solve moved them far (a third to four fifths of a layer's norm per job on
-SmolLM2), which generic text reads: over 4 sequential jobs of 10 ZsRE train edits, KL 0.113 and perplexity +14.5 %
-against KL 0.0087 and +1.5 % at λ = 1, with more neighbours kept (0.27 / 0.25 against 0.13 / 0.13) and generality
-0.76 against 0.62; each single job keeps fewer of its own neighbours (0.40–0.54 against 0.61–0.80).
+MEMIT's metric C = E[k kᵀ]. With the neighbours' factor alone, directions that no neighbour uses cost only ε, and
+the solve moved them far (a third to four fifths of a layer's norm per job on SmolLM2), which generic text reads:
+over 4 sequential jobs of 10 ZsRE train edits, KL 0.113 and perplexity +14.5 % against KL 0.0087 and +1.5 % at
+λ = 1, with more neighbours kept (0.27 / 0.25 against 0.13 / 0.13) and generality 0.76 against 0.62; each single
+job keeps fewer of its own neighbours (0.40–0.54 against 0.61–0.80).
 """
 
 from __future__ import annotations
