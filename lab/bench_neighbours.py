@@ -34,6 +34,7 @@ from pathlib import Path
 import redis
 import torch
 
+import crispedit.keyed_solve as keyed_solve
 from core.jobs import JobStore
 from core.settings import Settings
 from crispedit.arch import editable_modules, weight_name
@@ -182,8 +183,12 @@ def main() -> None:
     parser.add_argument("--path", help="the records' file (default: the dataset's test file); one dataset only")
     parser.add_argument("--hyper", help="hyperparameters posted with the request, as JSON")
     parser.add_argument("--rounds", type=int, default=1, help="post the N edits as this many sequential jobs")
+    parser.add_argument("--capability-weight", type=float,
+                        help="λ of the capability factor in the keyed solve's metric (default: the product's)")
     parser.add_argument("--label", help="the run's name in the output files (default: default or paper)")
     args = parser.parse_args()
+    if args.capability_weight is not None:
+        keyed_solve.CAPABILITY_WEIGHT = args.capability_weight
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
