@@ -105,7 +105,7 @@ class JobStore:
         return json.loads(raw) if raw else None
 
     def update(self, job_id: str, **fields) -> dict | None:
-        """The record with ``fields`` set; None, writing nothing, when the record is gone (expired or deleted)."""
+        """The record with ``fields`` set; None, writing nothing, when the record is gone (deleted or evicted)."""
         record = self.get(job_id)
         if record is None:
             return None
@@ -149,7 +149,7 @@ class JobStore:
         # one MULTI/EXEC: a worker killed here leaves the job either to redo or finished with its terminal
         # event, never finished without the event or finished yet still in the processing list
         record = self.get(job_id)
-        if record is None:  # gone (expired or deleted): nothing to report to, but never left in processing
+        if record is None:  # gone (deleted, or evicted): nothing to report to, but never left in processing
             self.redis.lrem(self.key("processing", model), 0, job_id)
             return
         now = time.time()

@@ -57,8 +57,8 @@ def process_pending_leased(rt: ModelRuntime, store: JobStore) -> dict:
     for job_id in ids:
         record = store.get(job_id)
         done = committed.get(job_id)
-        if record is None and done is None:  # its record expired or was deleted: no edits left to apply
-            log.warning("%s: job %s has no record (expired or deleted); dropped", model_name, job_id)
+        if record is None and done is None:  # its record was deleted or evicted: no edits left to apply
+            log.warning("%s: job %s has no record (deleted or evicted); dropped", model_name, job_id)
             store.finish(model_name, job_id, status="failed")
         elif done is not None:  # committed before a crash: report it, do not apply it again
             if rt.registry.resolve(model_name, "latest") == done.parent:  # killed before `latest` moved

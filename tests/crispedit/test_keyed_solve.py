@@ -229,9 +229,11 @@ def test_edit_s_solve_moves_the_capability_text_s_inputs_less(tiny_llama, corpus
 
     def on_capability(result) -> float:
         """Σ_layers tr(ΔW A_C ΔWᵀ): the change's energy on the capability text's inputs."""
-        return sum(float(((t.double() - result.original[n].double()) @ cache.factors[n.removesuffix(".weight")].A
-                          .double() * (t.double() - result.original[n].double())).sum())
-                   for n, t in result.changed.items())
+        energy = 0.0
+        for n, t in result.changed.items():
+            delta = t.double() - result.original[n].double()
+            energy += float((delta @ cache.factors[n.removesuffix(".weight")].A.double() * delta).sum())
+        return energy
 
     assert set(with_capability.changed) == set(without.changed)
     assert on_capability(with_capability) < on_capability(without)

@@ -1,4 +1,4 @@
-"""A job whose Redis record vanishes (expired, or deleted by hand) neither stops the worker nor loses an edit."""
+"""A job whose Redis record vanishes (deleted by hand, or evicted) neither stops the worker nor loses an edit."""
 
 from conftest import tiny_worker
 
