@@ -152,6 +152,9 @@ class EditResult:
     own_factors: dict[str, KFACFactors] | None = None
     lr: float | None = None  # the learning rate used (config.lr, or default_lr when that was None)
     energy: float | None = None  # the γ used (config.energy, or arch.default_energy when that was None)
+    # the keyed solve per module: the λ of generic text's factor it took and the change ρ on generic text's outputs
+    # (crispedit.keyed_solve.bounded_change), the largest ρ of any chunk
+    solve: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def relative_change(self) -> dict[str, float]:
         return {n: float((self.changed[n] - self.original[n]).norm() / self.original[n].norm()) for n in self.changed}
@@ -423,6 +426,7 @@ def edit(
                      if solve and config.key_variants else [[] for _ in requests])
         epoch_losses: list[float] = []
         step_seconds: list[float] = []
+        solve_bounds: dict[str, dict[str, float]] = {}
         for k, start in enumerate(range(0, len(requests), chunk_size)):
             chunk = with_chat_form(requests[start : start + chunk_size])
             pools = variants[start : start + chunk_size]
@@ -440,8 +444,16 @@ def edit(
                 pairs = optimizer.pairs()
                 began = dict(zip(names, before, strict=True))
                 now = {n: master for n, (_, master) in zip(names, pairs, strict=True)}
+                bounds: dict[str, tuple[float, float]] = {}
                 solved = off_neighbours(model, tokenizer, keyed_so_far, modules, kept, began, now, fan_in_fan_out,
-                                        worded, held, capability)
+                                        worded, held, capability, bounds)
+                for n, (lam, rho) in bounds.items():
+                    if rho >= solve_bounds.get(n, {}).get("rho", -1.0):
+                        solve_bounds[n] = {"lambda": lam, "rho": rho}
+                if bounds:
+                    log.info("keyed solve: generic text's output change ρ per layer %s (λ %s)",
+                             " ".join(f"{rho:.3f}" for _, rho in bounds.values()),
+                             " ".join(f"{lam:g}" for lam, _ in bounds.values()))
                 with torch.no_grad():
                     for n, (weight, master) in zip(names, pairs, strict=True):
                         master.copy_(solved[n])
@@ -480,4 +492,5 @@ def edit(
         energy=config.energy,
         features=own.features(),
         own_factors=own.factors or None,
+        solve=solve_bounds,
     )

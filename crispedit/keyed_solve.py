@@ -26,14 +26,17 @@ Without it, 40 ZsRE train edits in chunks of 10 ended at a reliability of 0.76; 
 
 A_C is the capability cache's input factor (generic text's keys, with earlier versions' edit statistics folded in),
 MEMIT's metric C = E[k kᵀ]. With the neighbours' factor alone, directions that no neighbour uses cost only ε, and
-the solve moved them far (a third to four fifths of a layer's norm per job on SmolLM2), which generic text reads:
-over 4 sequential jobs of 10 ZsRE train edits, KL 0.113 and perplexity +14.5 % against KL 0.0087 and +1.5 % at
-λ = 1, with more neighbours kept (0.27 / 0.25 against 0.13 / 0.13) and generality 0.76 against 0.62; each single
-job keeps fewer of its own neighbours (0.40–0.54 against 0.61–0.80).
+the solve can move them far, which generic text reads. How far is the relative change of the layer's output on
+generic text, ρ(ΔW)² = tr(ΔW A_C ΔWᵀ) / tr(W A_C Wᵀ). Each solve is held to ρ ≤ ``CAPABILITY_BUDGET``, a trust
+region on generic text: the least λ of ``LAMBDAS`` whose change fits (ρ falls as λ grows), the neighbours' metric
+alone (λ = 0) when it fits already. A single fact's change mostly fits at λ = 0 and keeps its neighbours; a job of
+ten ZsRE edits does not, and λ = 1 there cut the drift of 4 sequential jobs from KL 0.113 and perplexity +14.5 % to
+KL 0.0087 and +1.5 %, with more neighbours kept (0.27 / 0.25 against 0.13 / 0.13).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -51,7 +54,9 @@ KEY_RTOL = 1e-10
 # earlier edits' keys pin at most this share of a layer's inputs (ΔW* k = 0 on each), so a new edit keeps room to
 # act: on SmolLM2's down_proj (d_in 1536), the newest 192 edits in both forms
 SETTLED_SHARE = 0.25
-CAPABILITY_WEIGHT = 1.0  # λ of Â_C, the capability cache's input factor, in M: see the module docstring
+# ρ, the most a solve may change an edited layer's output on generic text (RMS, relative): see the module docstring
+CAPABILITY_BUDGET = 0.04
+LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # the λ of Â_C tried, least first
 
 
 def settled_room(modules: dict[str, nn.Module], fan_in_fan_out: bool) -> int:
@@ -92,14 +97,14 @@ def unit_mean(A: torch.Tensor) -> torch.Tensor:
     return A.double() * (A.shape[0] / float(A.trace()))
 
 
-def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor,
-                 settled: torch.Tensor | None = None, A_C: torch.Tensor | None = None) -> torch.Tensor:
+def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, settled: torch.Tensor | None = None,
+                 A_C: torch.Tensor | None = None, lam: float = 0.0) -> torch.Tensor:
     """ΔW K (Kᵀ M⁻¹ K)⁺ Kᵀ M⁻¹ with M = Â_N + λ Â_C + εI, in float64; ``delta`` is (d_out × d_in). With ``settled``
     (a boolean per column of K), those columns' target is 0 instead of ΔW k: the change leaves them as they were."""
     d = A_N.shape[0]
     M = unit_mean(A_N) + RIDGE * torch.eye(d, dtype=torch.float64, device=A_N.device)
-    if A_C is not None and CAPABILITY_WEIGHT:
-        M += CAPABILITY_WEIGHT * unit_mean(A_C.to(M.device))
+    if A_C is not None and lam:
+        M += lam * unit_mean(A_C.to(M.device))
     MiK = torch.linalg.solve(M, K)
     G = K.T @ MiK
     target = delta.double() @ K
@@ -108,12 +113,42 @@ def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor,
     return target @ torch.linalg.pinv(G, rtol=KEY_RTOL, hermitian=True) @ MiK.T
 
 
+def output_change(change: torch.Tensor, weight: torch.Tensor, A_C: torch.Tensor) -> float:
+    """ρ = √(tr(ΔW A_C ΔWᵀ) / tr(W A_C Wᵀ)): the change's RMS on generic text's outputs, relative to the layer's."""
+    A = A_C.double().to(change.device)
+    W = weight.double().to(change.device)
+    return math.sqrt(float(((change @ A) * change).sum()) / float(((W @ A) * W).sum()))
+
+
+def bounded_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, settled: torch.Tensor | None,
+                   A_C: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """``least_change`` at the least λ of ``LAMBDAS`` with ρ ≤ ``CAPABILITY_BUDGET`` (the largest if none fits),
+    by bisection on ``LAMBDAS`` (ρ falls as λ grows); returns (ΔW*, λ, ρ)."""
+    tried: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def at(i: int) -> tuple[torch.Tensor, float]:
+        if i not in tried:
+            change = least_change(delta, K, A_N, settled, A_C, LAMBDAS[i])
+            tried[i] = change, output_change(change, weight, A_C)
+        return tried[i]
+
+    low, high = 0, len(LAMBDAS) - 1  # the answer lies in [low, high]
+    while low < high:
+        middle = low if low == 0 and 0 not in tried else (low + high) // 2
+        if at(middle)[1] <= CAPABILITY_BUDGET:
+            high = middle
+        else:
+            low = middle + 1
+    change, rho = at(low)
+    return change, LAMBDAS[low], rho
+
+
 @torch.no_grad()
 def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest], modules: dict[str, nn.Module],
                    kept: KeptOutputs, start: dict[str, torch.Tensor], now: dict[str, torch.Tensor],
                    fan_in_fan_out: bool, variants: Sequence[Sequence[EditRequest]] = (),
-                   settled: tuple[int, int] = (0, 0),
-                   capability: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                   settled: tuple[int, int] = (0, 0), capability: dict[str, torch.Tensor] | None = None,
+                   bounds: dict[str, tuple[float, float]] | None = None) -> dict[str, torch.Tensor]:
     """Each module's weight with its change ``now − start`` replaced by ΔW*, keyed on ``sequences`` (the edit's
     trained sequences, as the model now answers them) and on each group of ``variants`` (other wordings of one
     edit in one form), by its mean key; tensors in the modules' layout and ``now``'s dtype.
@@ -121,6 +156,9 @@ def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest]
     ``settled`` = (s, g): the first s sequences and g groups are edits made before (earlier versions', earlier
     chunks' of this edit), solved already. The change acts on their keys as 0 (ΔW* k = 0, MEMIT's constraint on
     edits made before), so it leaves them where their own solve put them, whatever this chunk's epochs did to them.
+
+    With ``capability`` (each module's capability factor A_C), each change is held to ``CAPABILITY_BUDGET``
+    (``bounded_change``), and ``bounds`` is filled with each module's (λ, ρ).
     """
     def columns(part: Sequence[EditRequest], groups: Sequence[Sequence[EditRequest]]) -> list[dict[str, torch.Tensor]]:
         found = [key_inputs(model, tokenizer, part, modules)] if part else []
@@ -140,7 +178,12 @@ def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest]
         as_out_in = (lambda t: t.T) if fan_in_fan_out else (lambda t: t)
         delta = as_out_in(now[name]) - as_out_in(start[name])
         A_N = kept.second_moment(name).to(delta.device)
-        A_C = capability.get(name) if capability else None
-        new_weight = as_out_in(start[name]).double() + least_change(delta, K, A_N, fixed, A_C)
-        out[name] = as_out_in(new_weight).to(now[name].dtype)
+        weight = as_out_in(start[name])
+        if capability and name in capability:
+            change, lam, rho = bounded_change(delta, K, A_N, fixed, capability[name], weight)
+            if bounds is not None:
+                bounds[name] = lam, rho
+        else:
+            change = least_change(delta, K, A_N, fixed)
+        out[name] = as_out_in(weight.double() + change).to(now[name].dtype)
     return out

@@ -33,7 +33,8 @@ Variants (``--variants``, comma-separated NAME:VALUE):
                B = 30; keysp:B with paraphrases only, keysx:B with prefixes only
   ridge:E      keys:30 with the solve's ridge ε = E instead of crispedit.keyed_solve.RIDGE
   ridgex:E     keysx:30 (the default) with the solve's ridge ε = E
-  capx:L       keysx:30 (the default) with λ = L of the capability cache's Â_C in the solve's metric
+  capx:L       keysx:30 (the default) with a fixed λ = L of the capability cache's Â_C in the solve's metric
+  budget:B     keysx:30 (the default) with the solve's budget ρ ≤ B on generic text's output change
   lrx:M        keysx:30 (the default) with M × the default learning rate
   prefix:B     β B, the penalty also over each edit's own prompt up to the end of its subject (both forms), so the
                edit acts only where the whole question has been read
@@ -259,15 +260,16 @@ def main() -> None:
         common = KeptOutputs.record(model, modules, rows, fan_in_fan_out)
     make_projectors = edit_module.make_projectors
     yield_loss, early_stop = edit_module.YIELD_LOSS, edit_module.EARLY_STOP
-    ridge, capability_weight = keyed_solve_module.RIDGE, keyed_solve_module.CAPABILITY_WEIGHT
+    ridge, lambdas, budget = keyed_solve_module.RIDGE, keyed_solve_module.LAMBDAS, keyed_solve_module.CAPABILITY_BUDGET
     for per_kind, protection in protections.items():
         for chunk, variant in itertools.product(map(int, args.chunks.split(",")), args.variants.split(",")):
             name, value = variant.split(":")
             keyed_solve_module.RIDGE = float(value) if name in ("ridge", "ridgex") else ridge
-            keyed_solve_module.CAPABILITY_WEIGHT = float(value) if name == "capx" else capability_weight
+            keyed_solve_module.LAMBDAS = (float(value),) if name == "capx" else lambdas
+            keyed_solve_module.CAPABILITY_BUDGET = float(value) if name == "budget" else budget
             lr = float(value) * edit_module.default_lr([m.weight for m in modules.values()]) if name == "lrx" else None
             name, value = {"ridge": ("keys", "30"), "ridgex": ("keysx", "30"), "lrx": ("keysx", "30"),
-                            "capx": ("keysx", "30")}.get(
+                            "capx": ("keysx", "30"), "budget": ("keysx", "30")}.get(
                 name, (name, value))
             key_variants = KEY_VARIANTS.get(name, ())
             name = "solved" if key_variants else name

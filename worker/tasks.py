@@ -198,6 +198,8 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
     for job_id in ids:
         store.event(job_id, {"event": "evaluation", **metrics})
     metrics["neighbours"] = report
+    # per edited layer: the keyed solve's λ and its change ρ of generic text's outputs (crispedit.keyed_solve)
+    metrics["solve"] = result.solve or None
     kl_budget = float(guard.get("kl_budget", rt.settings.kl_budget))
     min_rel = float(guard.get("min_reliability", rt.settings.min_reliability))
     min_unchanged = float(guard.get("min_neighbours_unchanged", rt.settings.min_neighbours_unchanged))

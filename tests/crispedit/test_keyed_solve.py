@@ -9,21 +9,29 @@ from conftest import small_cache
 
 from crispedit.arch import editable_modules
 from crispedit.edit import EditConfig, edit
-from crispedit.keyed_solve import CAPABILITY_WEIGHT, RIDGE, key_inputs, least_change, off_neighbours
+from crispedit.keyed_solve import (
+    LAMBDAS,
+    RIDGE,
+    bounded_change,
+    key_inputs,
+    least_change,
+    off_neighbours,
+    output_change,
+)
 from crispedit.neighbours import protect
 from crispedit.requests import EditRequest, tokenize_edit_batch
 from crispedit.subject_key import subject_key_mask
 
 
-def metric(A: torch.Tensor, A_C: torch.Tensor | None = None) -> torch.Tensor:
+def metric(A: torch.Tensor, A_C: torch.Tensor | None = None, lam: float = 1.0) -> torch.Tensor:
     """M = Â + λ Â_C + εI, each factor scaled to mean eigenvalue 1, as least_change builds it."""
     d = A.shape[0]
     M = A * (d / A.trace()) + RIDGE * torch.eye(d, dtype=A.dtype)
-    return M if A_C is None else M + CAPABILITY_WEIGHT * A_C * (d / A_C.trace())
+    return M if A_C is None else M + lam * A_C * (d / A_C.trace())
 
 
 def objective(delta: torch.Tensor, A: torch.Tensor, A_C: torch.Tensor | None = None) -> float:
-    """tr(Δ M Δᵀ)."""
+    """tr(Δ M Δᵀ), at λ = 1."""
     return float((delta @ metric(A, A_C) * delta).sum())
 
 
@@ -57,14 +65,40 @@ def test_least_change_with_the_capability_factor_is_the_minimum_in_its_metric_in
     K = torch.randn(d_in, m, dtype=torch.float64)
     F, F_C = torch.randn(3, d_in, dtype=torch.float64), torch.randn(16, d_in, dtype=torch.float64)
     A, A_C = F.T @ F, F_C.T @ F_C
-    best = least_change(delta, K, A, A_C=A_C)
+    best = least_change(delta, K, A, A_C=A_C, lam=1.0)
     torch.testing.assert_close(best @ K, delta @ K)
     null = torch.eye(d_in, dtype=torch.float64) - K @ torch.linalg.pinv(K)
     for _ in range(5):
         assert objective(best + torch.randn(d_out, d_in, dtype=torch.float64) @ null, A, A_C) > objective(best, A, A_C)
     without = least_change(delta, K, A)
-    assert CAPABILITY_WEIGHT > 0
     assert float((best @ A_C * best).sum()) < float((without @ A_C * without).sum())
+
+
+def test_bounded_change_takes_the_least_lambda_within_the_budget_in_float64(monkeypatch):
+    """ρ² = tr(ΔW A_C ΔWᵀ) / tr(W A_C Wᵀ) falls as λ grows; the solve takes the least λ of LAMBDAS with ρ within
+    the budget, λ = 0 when that fits, and the largest when none does. Checked against every λ in turn."""
+    import crispedit.keyed_solve as keyed_solve
+
+    torch.manual_seed(3)
+    d_out, d_in, m = 6, 12, 3
+    delta, W = torch.randn(d_out, d_in, dtype=torch.float64), torch.randn(d_out, d_in, dtype=torch.float64)
+    K = torch.randn(d_in, m, dtype=torch.float64)
+    F, F_C = torch.randn(4, d_in, dtype=torch.float64), torch.randn(30, d_in, dtype=torch.float64)
+    A, A_C = F.T @ F, F_C.T @ F_C
+    rhos = []
+    for lam in LAMBDAS:
+        change = least_change(delta, K, A, A_C=A_C, lam=lam)
+        reference = ((change @ A_C @ change.T).trace() / (W @ A_C @ W.T).trace()).sqrt()
+        assert output_change(change, W, A_C) == pytest.approx(float(reference), rel=1e-12)
+        rhos.append(float(reference))
+    assert all(later < earlier for earlier, later in zip(rhos, rhos[1:], strict=False))
+    cases = [(rhos[0] * (1 + 1e-9), 0.0), ((rhos[3] + rhos[4]) / 2, LAMBDAS[4]), (rhos[-1] / 2, LAMBDAS[-1])]
+    for budget, lam in cases:
+        monkeypatch.setattr(keyed_solve, "CAPABILITY_BUDGET", budget)
+        change, chosen, rho = bounded_change(delta, K, A, None, A_C, W)
+        assert chosen == lam
+        torch.testing.assert_close(change, least_change(delta, K, A, A_C=A_C, lam=lam))
+        assert rho == pytest.approx(rhos[LAMBDAS.index(lam)])
 
 
 def test_least_change_leaves_settled_keys_as_they_were_in_float64():
@@ -179,9 +213,13 @@ def protected_france(model, tok, corpus_file):
     return cache, modules, protect(model, tok, requests, False, modules, False)
 
 
-def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama, corpus_file):
+def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama, corpus_file, monkeypatch):
     """Through ``edit``: the solve runs after the epochs, so the edit with it trains exactly as without it, then
-    differs only by ΔW* − ΔW, which the keys (inputs at the subject's token, on the trained model) do not see."""
+    differs only by ΔW* − ΔW, which the keys (inputs at the subject's token, on the trained model) do not see.
+    With no budget on generic text, the solve's metric is the neighbours' alone, and moves them least."""
+    import crispedit.keyed_solve as keyed_solve
+
+    monkeypatch.setattr(keyed_solve, "CAPABILITY_BUDGET", float("inf"))
     model, tok = tiny_llama
     cache, modules, protection = protected_france(model, tok, corpus_file)
     params = dict(model.named_parameters())
@@ -209,8 +247,9 @@ def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama,
 
 
 def test_edit_s_solve_moves_the_capability_text_s_inputs_less(tiny_llama, corpus_file, monkeypatch):
-    """Through ``edit``, the solve's metric holds the curvature cache's input factor Â_C (MEMIT's metric): the
-    change does as much at the keys and less on the capability text's inputs than with M = Â_N + εI alone."""
+    """Through ``edit``, the solve's metric holds the curvature cache's input factor Â_C (MEMIT's metric) when its
+    budget on generic text asks it to: under a tight budget the change moves the capability text's inputs less than
+    with M = Â_N + εI alone (a budget nothing exceeds)."""
     import crispedit.keyed_solve as keyed_solve
 
     model, tok = tiny_llama
@@ -218,11 +257,11 @@ def test_edit_s_solve_moves_the_capability_text_s_inputs_less(tiny_llama, corpus
     params = dict(model.named_parameters())
     config = EditConfig(lr=3e-2, max_epochs=5, energy=0.5, subject_key=True, neighbour_weight=1.0, keyed_solve=True)
     results = {}
-    for weight in (0.0, keyed_solve.CAPABILITY_WEIGHT):
-        monkeypatch.setattr(keyed_solve, "CAPABILITY_WEIGHT", weight)
-        results[weight] = edit(model, tok, protection.requests, cache, config, kept=protection.kept)
+    for budget in (float("inf"), 0.0):
+        monkeypatch.setattr(keyed_solve, "CAPABILITY_BUDGET", budget)
+        results[budget] = edit(model, tok, protection.requests, cache, config, kept=protection.kept)
         with torch.no_grad():
-            for n, t in results[weight].original.items():
+            for n, t in results[budget].original.items():
                 params[n].copy_(t)
     without, with_capability = results.values()
     assert without.epoch_losses == pytest.approx(with_capability.epoch_losses)  # the same training, then the solve
@@ -237,6 +276,10 @@ def test_edit_s_solve_moves_the_capability_text_s_inputs_less(tiny_llama, corpus
 
     assert set(with_capability.changed) == set(without.changed)
     assert on_capability(with_capability) < on_capability(without)
+    # the result says which λ each changed layer took: none under no budget, the largest under a budget of 0
+    changed = {n.removesuffix(".weight") for n in without.changed}
+    assert changed <= set(without.solve) and {without.solve[n]["lambda"] for n in changed} == {0.0}
+    assert {with_capability.solve[n]["lambda"] for n in changed} == {LAMBDAS[-1]}
 
 
 def test_the_solve_needs_the_subject_key():

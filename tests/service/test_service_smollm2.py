@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path, redis_db):
     from openai import OpenAI
 
+    from crispedit.keyed_solve import CAPABILITY_BUDGET, LAMBDAS
     from registry import Registry
 
     port = free_port()
@@ -52,6 +53,9 @@ def test_chat_answers_the_new_target_and_v0_keeps_the_old(tmp_path, redis_db):
         report = client.get("/v1/registry/smollm2/versions/v1").json()["metrics"]["neighbours"]
         assert report == status["metrics"]["neighbours"] and report["checked"] >= 3
         assert report["unchanged"] >= 0.1 and report["edits"][0]["prompt"] == question
+        # and how far the keyed solve let each layer's output on generic text move: within budget, or held hardest
+        solve = status["metrics"]["solve"]
+        assert solve and all(s["rho"] <= CAPABILITY_BUDGET or s["lambda"] == LAMBDAS[-1] for s in solve.values())
         # the keyed solve changes each weight at low rank, so v1 stores that change from v0, not whole tensors
         reg = Registry(tmp_path / "registry")
         stored = list(reg.get("smollm2", "v1").tensors.values())
