@@ -116,26 +116,36 @@ def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, settle
     return target @ torch.linalg.pinv(G, rtol=KEY_RTOL, hermitian=True) @ MiK.T
 
 
+def energy(M: torch.Tensor, A: torch.Tensor) -> float:
+    """tr(M A Mᵀ): the mean squared output of M over the inputs whose second moment is A."""
+    return float(((M @ A) * M).sum())
+
+
+def relative(moved: float, output: float) -> float:
+    """ρ = √(moved / output); a layer silent on generic text: any change is all of its output."""
+    if output <= 0:
+        return 0.0 if moved <= 0 else math.inf
+    return math.sqrt(moved / output)
+
+
 def output_change(change: torch.Tensor, weight: torch.Tensor, A_C: torch.Tensor) -> float:
     """ρ = √(tr(ΔW A_C ΔWᵀ) / tr(W A_C Wᵀ)): the change's RMS on generic text's outputs, relative to the layer's."""
     A = A_C.double().to(change.device)
-    W = weight.double().to(change.device)
-    moved, output = float(((change @ A) * change).sum()), float(((W @ A) * W).sum())
-    if output <= 0:  # a layer silent on generic text: any change is all of its output
-        return 0.0 if moved <= 0 else math.inf
-    return math.sqrt(moved / output)
+    return relative(energy(change, A), energy(weight.double().to(change.device), A))
 
 
 def bounded_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, settled: torch.Tensor | None,
                    A_C: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """``least_change`` at the least λ of ``LAMBDAS`` with ρ ≤ ``CAPABILITY_BUDGET`` (the largest if none fits),
     by bisection on ``LAMBDAS`` (ρ falls as λ grows); returns (ΔW*, λ, ρ)."""
+    A = A_C.double().to(delta.device)
+    output = energy(weight.double().to(delta.device), A)  # tr(W A_C Wᵀ), once for every λ tried
     tried: dict[int, tuple[torch.Tensor, float]] = {}
 
     def at(i: int) -> tuple[torch.Tensor, float]:
         if i not in tried:
             change = least_change(delta, K, A_N, settled, A_C, LAMBDAS[i])
-            tried[i] = change, output_change(change, weight, A_C)
+            tried[i] = change, relative(energy(change, A), output)
         return tried[i]
 
     low, high = 0, len(LAMBDAS) - 1  # the answer lies in [low, high]
