@@ -103,6 +103,10 @@ def add_edit_options(p: argparse.ArgumentParser) -> None:
                    help="after the epochs, keep the edit's change at its subject keys and make it the smallest on "
                         "its neighbours (crispedit/keyed_solve.py; the edit then stops at loss 0.1; default: on "
                         "with --neighbours and the subject key)")
+    p.add_argument("--capability-budget", type=float, default=None, metavar="RHO",
+                   help="the most the keyed solve may change an edited layer's output on generic text (RMS, "
+                        "relative; default 0.04): larger keeps more of one edit's neighbours, smaller drifts less "
+                        "over many edits")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the minibatch order and the model-written prompt variants of --augment")
     p.add_argument("--augment", default=DEFAULT_AUGMENT,
@@ -121,7 +125,7 @@ def edit_config(args: argparse.Namespace, model, tokenizer, layers: tuple[int, .
                  max_epochs=args.epochs, sequential_chunk=args.sequential_chunk, chat_form=args.chat_form,
                  layers=layers, anchor_weight=args.anchor_weight, text_anchor_weight=args.text_anchor_weight,
                  neighbour_weight=args.neighbour_weight, subject_key=args.subject_key,
-                 keyed_solve=args.keyed_solve, seed=args.seed)
+                 keyed_solve=args.keyed_solve, capability_budget=args.capability_budget, seed=args.seed)
     try:
         return recommended_config(model, tokenizer, given, protect=getattr(args, "neighbours", False),
                                   anchors=bool(args.anchors), text_anchors=bool(text_source), augment=args.augment)

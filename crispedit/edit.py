@@ -31,7 +31,7 @@ from crispedit.anchor import Anchors, anchor_kl
 from crispedit.arch import arch_spec, default_energy, default_layers, editable_modules, weight_name
 from crispedit.augment import augmented_prompts, check_augmentations
 from crispedit.cache import CurvatureCache
-from crispedit.keyed_solve import off_neighbours, settled_room
+from crispedit.keyed_solve import CAPABILITY_BUDGET, off_neighbours, settled_room
 from crispedit.kfac import KFACFactors, factors_from_features, merge_factors, token_features
 from crispedit.neighbours import KeptOutputs
 from crispedit.optim import ProjectedAdam
@@ -96,6 +96,9 @@ class EditConfig:
     # after each chunk, its change made the smallest on the neighbours that acts on its keys as it does
     # (crispedit.keyed_solve); needs the subject key and the neighbours' kept outputs
     keyed_solve: bool = False
+    # ρ: the most the keyed solve may change an edited layer's output on generic text (RMS, relative to the
+    # output); it adds generic text's keys to the solve's metric only as far as this needs (keyed_solve.py)
+    capability_budget: float = CAPABILITY_BUDGET
     # model-written variants of each prompt ("paraphrase", "prefix": crispedit.augment) on which the keyed solve
     # keeps the change as trained too, so it still holds where the question is worded or preceded otherwise
     key_variants: tuple[str, ...] = ()
@@ -107,7 +110,7 @@ class EditConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.energy is not None and not 0.0 <= self.energy <= 1.0:
             raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
-        for name in ("anchor_weight", "text_anchor_weight", "neighbour_weight"):
+        for name in ("anchor_weight", "text_anchor_weight", "neighbour_weight", "capability_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
@@ -446,7 +449,7 @@ def edit(
                 now = {n: master for n, (_, master) in zip(names, pairs, strict=True)}
                 bounds: dict[str, tuple[float, float]] = {}
                 solved = off_neighbours(model, tokenizer, keyed_so_far, modules, kept, began, now, fan_in_fan_out,
-                                        worded, held, capability, bounds)
+                                        worded, held, capability, bounds, config.capability_budget)
                 for n, (lam, rho) in bounds.items():
                     if rho >= solve_bounds.get(n, {}).get("rho", -1.0):
                         solve_bounds[n] = {"lambda": lam, "rho": rho}

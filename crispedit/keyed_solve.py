@@ -135,9 +135,10 @@ def output_change(change: torch.Tensor, weight: torch.Tensor, A_C: torch.Tensor)
 
 
 def bounded_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, settled: torch.Tensor | None,
-                   A_C: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """``least_change`` at the least λ of ``LAMBDAS`` with ρ ≤ ``CAPABILITY_BUDGET`` (the largest if none fits),
-    by bisection on ``LAMBDAS`` (ρ falls as λ grows); returns (ΔW*, λ, ρ)."""
+                   A_C: torch.Tensor, weight: torch.Tensor,
+                   budget: float = CAPABILITY_BUDGET) -> tuple[torch.Tensor, float, float]:
+    """``least_change`` at the least λ of ``LAMBDAS`` with ρ ≤ ``budget`` (the largest if none fits), by
+    bisection on ``LAMBDAS`` (ρ falls as λ grows); returns (ΔW*, λ, ρ)."""
     A = A_C.double().to(delta.device)
     output = energy(weight.double().to(delta.device), A)  # tr(W A_C Wᵀ), once for every λ tried
     tried: dict[int, tuple[torch.Tensor, float]] = {}
@@ -149,11 +150,11 @@ def bounded_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, sett
         return tried[i]
 
     low, high = 0, len(LAMBDAS) - 1  # the answer lies in [low, high]
-    if at(0)[1] > CAPABILITY_BUDGET:  # the least λ first: a single fact's change mostly fits there
+    if at(0)[1] > budget:  # the least λ first: a single fact's change mostly fits there
         low = min(1, high)
     while low < high:
         middle = (low + high) // 2
-        if at(middle)[1] <= CAPABILITY_BUDGET:
+        if at(middle)[1] <= budget:
             high = middle
         else:
             low = middle + 1
@@ -166,7 +167,8 @@ def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest]
                    kept: KeptOutputs, start: dict[str, torch.Tensor], now: dict[str, torch.Tensor],
                    fan_in_fan_out: bool, variants: Sequence[Sequence[EditRequest]] = (),
                    settled: tuple[int, int] = (0, 0), capability: dict[str, torch.Tensor] | None = None,
-                   bounds: dict[str, tuple[float, float]] | None = None) -> dict[str, torch.Tensor]:
+                   bounds: dict[str, tuple[float, float]] | None = None,
+                   budget: float = CAPABILITY_BUDGET) -> dict[str, torch.Tensor]:
     """Each module's weight with its change ``now − start`` replaced by ΔW*, keyed on ``sequences`` (the edit's
     trained sequences, as the model now answers them) and on each group of ``variants`` (other wordings of one
     edit in one form), by its mean key; tensors in the modules' layout and ``now``'s dtype.
@@ -175,7 +177,7 @@ def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest]
     chunks' of this edit), solved already. The change acts on their keys as 0 (ΔW* k = 0, MEMIT's constraint on
     edits made before), so it leaves them where their own solve put them, whatever this chunk's epochs did to them.
 
-    With ``capability`` (each module's capability factor A_C), each change is held to ``CAPABILITY_BUDGET``
+    With ``capability`` (each module's capability factor A_C), each change is held to ρ ≤ ``budget``
     (``bounded_change``), and ``bounds`` is filled with each module's (λ, ρ).
     """
     def columns(part: Sequence[EditRequest], groups: Sequence[Sequence[EditRequest]]) -> list[dict[str, torch.Tensor]]:
@@ -198,7 +200,7 @@ def off_neighbours(model: nn.Module, tokenizer, sequences: Sequence[EditRequest]
         A_N = kept.second_moment(name).to(delta.device)
         weight = as_out_in(start[name])
         if capability and name in capability:
-            change, lam, rho = bounded_change(delta, K, A_N, fixed, capability[name], weight)
+            change, lam, rho = bounded_change(delta, K, A_N, fixed, capability[name], weight, budget)
             if bounds is not None:
                 bounds[name] = lam, rho
         else:

@@ -186,14 +186,10 @@ def main() -> None:
     parser.add_argument("--capability-weight", type=float,
                         help="a fixed λ of the capability factor in the keyed solve's metric (default: the product's "
                              "search for the least λ within the budget)")
-    parser.add_argument("--capability-budget", type=float,
-                        help="the keyed solve's budget ρ on generic text's output change (default: the product's)")
     parser.add_argument("--label", help="the run's name in the output files (default: default or paper)")
     args = parser.parse_args()
     if args.capability_weight is not None:
         keyed_solve.LAMBDAS = (args.capability_weight,)
-    if args.capability_budget is not None:
-        keyed_solve.CAPABILITY_BUDGET = args.capability_budget
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

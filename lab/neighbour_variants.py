@@ -260,13 +260,13 @@ def main() -> None:
         common = KeptOutputs.record(model, modules, rows, fan_in_fan_out)
     make_projectors = edit_module.make_projectors
     yield_loss, early_stop = edit_module.YIELD_LOSS, edit_module.EARLY_STOP
-    ridge, lambdas, budget = keyed_solve_module.RIDGE, keyed_solve_module.LAMBDAS, keyed_solve_module.CAPABILITY_BUDGET
+    ridge, lambdas = keyed_solve_module.RIDGE, keyed_solve_module.LAMBDAS
     for per_kind, protection in protections.items():
         for chunk, variant in itertools.product(map(int, args.chunks.split(",")), args.variants.split(",")):
             name, value = variant.split(":")
             keyed_solve_module.RIDGE = float(value) if name in ("ridge", "ridgex") else ridge
             keyed_solve_module.LAMBDAS = (float(value),) if name == "capx" else lambdas
-            keyed_solve_module.CAPABILITY_BUDGET = float(value) if name == "budget" else budget
+            budget = float(value) if name == "budget" else keyed_solve_module.CAPABILITY_BUDGET
             lr = float(value) * edit_module.default_lr([m.weight for m in modules.values()]) if name == "lrx" else None
             name, value = {"ridge": ("keys", "30"), "ridgex": ("keysx", "30"), "lrx": ("keysx", "30"),
                             "capx": ("keysx", "30"), "budget": ("keysx", "30")}.get(
@@ -287,7 +287,7 @@ def main() -> None:
                                 max_epochs=int(value) if name == "epochs" else args.max_epochs,
                                 lr=value if name == "lr" else lr, keyed_solve=name == "solved",
                                 early_stop=args.solved_stop if name == "solved" else None,
-                                key_variants=key_variants)
+                                key_variants=key_variants, capability_budget=budget)
             if name == "nullspace":
                 rows = [tok(t)["input_ids"] + a for t, a in zip(protection.texts, protection.answers, strict=True)]
                 bases = {n: top_energy(A, value) for n, A in second_moments(model, modules, rows, True).items()}

@@ -77,6 +77,10 @@ class Hyperparameters(Strict):
     keyed_solve: bool | None = Field(None, description="after the epochs, keep the edit's change at its subject "
                                      "keys and make it the smallest on its neighbours (crispedit/keyed_solve.py); "
                                      "default: on with neighbour protection and the subject key")
+    capability_budget: float | None = Field(None, ge=0.0, le=1e6, description="ρ, the most the keyed solve may "
+                                            "change an edited layer's output on generic text (RMS, relative); "
+                                            "larger keeps more neighbours of one job and drifts further over many; "
+                                            "default 0.04")
     text_anchor_weight: float | None = Field(None, ge=0.0, le=1000.0, description="β of the KL penalty on the "
                                              "server's capability text windows (CRISPEDIT_TEXT_ANCHORS); default "
                                              "CRISPEDIT_TEXT_ANCHOR_WEIGHT")

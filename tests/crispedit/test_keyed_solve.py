@@ -74,11 +74,9 @@ def test_least_change_with_the_capability_factor_is_the_minimum_in_its_metric_in
     assert float((best @ A_C * best).sum()) < float((without @ A_C * without).sum())
 
 
-def test_bounded_change_takes_the_least_lambda_within_the_budget_in_float64(monkeypatch):
+def test_bounded_change_takes_the_least_lambda_within_the_budget_in_float64():
     """ρ² = tr(ΔW A_C ΔWᵀ) / tr(W A_C Wᵀ) falls as λ grows; the solve takes the least λ of LAMBDAS with ρ within
     the budget, λ = 0 when that fits, and the largest when none does. Checked against every λ in turn."""
-    import crispedit.keyed_solve as keyed_solve
-
     torch.manual_seed(3)
     d_out, d_in, m = 6, 12, 3
     delta, W = torch.randn(d_out, d_in, dtype=torch.float64), torch.randn(d_out, d_in, dtype=torch.float64)
@@ -94,8 +92,7 @@ def test_bounded_change_takes_the_least_lambda_within_the_budget_in_float64(monk
     assert all(later < earlier for earlier, later in zip(rhos, rhos[1:], strict=False))
     cases = [(rhos[0] * (1 + 1e-9), 0.0), ((rhos[3] + rhos[4]) / 2, LAMBDAS[4]), (rhos[-1] / 2, LAMBDAS[-1])]
     for budget, lam in cases:
-        monkeypatch.setattr(keyed_solve, "CAPABILITY_BUDGET", budget)
-        change, chosen, rho = bounded_change(delta, K, A, None, A_C, W)
+        change, chosen, rho = bounded_change(delta, K, A, None, A_C, W, budget)
         assert chosen == lam
         torch.testing.assert_close(change, least_change(delta, K, A, A_C=A_C, lam=lam))
         assert rho == pytest.approx(rhos[LAMBDAS.index(lam)])
@@ -213,20 +210,17 @@ def protected_france(model, tok, corpus_file):
     return cache, modules, protect(model, tok, requests, False, modules, False)
 
 
-def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama, corpus_file, monkeypatch):
+def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama, corpus_file):
     """Through ``edit``: the solve runs after the epochs, so the edit with it trains exactly as without it, then
     differs only by ΔW* − ΔW, which the keys (inputs at the subject's token, on the trained model) do not see.
     With no budget on generic text, the solve's metric is the neighbours' alone, and moves them least."""
-    import crispedit.keyed_solve as keyed_solve
-
-    monkeypatch.setattr(keyed_solve, "CAPABILITY_BUDGET", float("inf"))
     model, tok = tiny_llama
     cache, modules, protection = protected_france(model, tok, corpus_file)
     params = dict(model.named_parameters())
     results = {}
     for solve in (False, True):  # in sequential mode, as the worker edits
         config = EditConfig(lr=3e-2, max_epochs=5, energy=0.5, subject_key=True, neighbour_weight=1.0,
-                            keyed_solve=solve, sequential_chunk=1)
+                            keyed_solve=solve, sequential_chunk=1, capability_budget=float("inf"))
         results[solve] = edit(model, tok, protection.requests, cache, config, kept=protection.kept)
         if not solve:
             keys = key_inputs(model, tok, protection.requests, modules)  # the trained model's, before any solve
@@ -246,19 +240,17 @@ def test_edit_with_the_solve_acts_on_its_keys_as_the_plain_edit_does(tiny_llama,
     assert protection.kept(solved) < protection.kept(plain) / 2
 
 
-def test_edit_s_solve_moves_the_capability_text_s_inputs_less(tiny_llama, corpus_file, monkeypatch):
+def test_edit_s_solve_moves_the_capability_text_s_inputs_less(tiny_llama, corpus_file):
     """Through ``edit``, the solve's metric holds the curvature cache's input factor Â_C (MEMIT's metric) when its
     budget on generic text asks it to: under a tight budget the change moves the capability text's inputs less than
     with M = Â_N + εI alone (a budget nothing exceeds)."""
-    import crispedit.keyed_solve as keyed_solve
-
     model, tok = tiny_llama
     cache, modules, protection = protected_france(model, tok, corpus_file)
     params = dict(model.named_parameters())
-    config = EditConfig(lr=3e-2, max_epochs=5, energy=0.5, subject_key=True, neighbour_weight=1.0, keyed_solve=True)
     results = {}
     for budget in (float("inf"), 0.0):
-        monkeypatch.setattr(keyed_solve, "CAPABILITY_BUDGET", budget)
+        config = EditConfig(lr=3e-2, max_epochs=5, energy=0.5, subject_key=True, neighbour_weight=1.0,
+                            keyed_solve=True, capability_budget=budget)
         results[budget] = edit(model, tok, protection.requests, cache, config, kept=protection.kept)
         with torch.no_grad():
             for n, t in results[budget].original.items():
