@@ -100,20 +100,28 @@ def unit_mean(A: torch.Tensor) -> torch.Tensor:
     return A.double() * (A.shape[0] / float(A.trace()))
 
 
-def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, settled: torch.Tensor | None = None,
-                 A_C: torch.Tensor | None = None, lam: float = 0.0) -> torch.Tensor:
-    """ΔW K (Kᵀ M⁻¹ K)⁺ Kᵀ M⁻¹ with M = Â_N + λ Â_C + εI, in float64; ``delta`` is (d_out × d_in). With ``settled``
-    (a boolean per column of K), those columns' target is 0 instead of ΔW k: the change leaves them as they were."""
+def least_change_factors(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, settled: torch.Tensor | None = None,
+                         A_C: torch.Tensor | None = None, lam: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``least_change`` as the product T Z of its two factors, T = ΔW K (Kᵀ M⁻¹ K)⁺ (d_out × m) and Z = Kᵀ M⁻¹
+    (m × d_in): with few keys, the change's energy is read from them at m·d_in² instead of d_out·d_in²."""
     d = A_N.shape[0]
     M = unit_mean(A_N) + RIDGE * torch.eye(d, dtype=torch.float64, device=A_N.device)
     if A_C is not None and lam:
         M += lam * unit_mean(A_C.to(M.device))
-    MiK = torch.linalg.solve(M, K)
+    MiK = torch.cholesky_solve(K, torch.linalg.cholesky(M))  # M is positive definite: Â_N, Â_C ⪰ 0 and ε > 0
     G = K.T @ MiK
     target = delta.double() @ K
     if settled is not None:
         target[:, settled.to(target.device)] = 0
-    return target @ torch.linalg.pinv(G, rtol=KEY_RTOL, hermitian=True) @ MiK.T
+    return target @ torch.linalg.pinv(G, rtol=KEY_RTOL, hermitian=True), MiK.T
+
+
+def least_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, settled: torch.Tensor | None = None,
+                 A_C: torch.Tensor | None = None, lam: float = 0.0) -> torch.Tensor:
+    """ΔW K (Kᵀ M⁻¹ K)⁺ Kᵀ M⁻¹ with M = Â_N + λ Â_C + εI, in float64; ``delta`` is (d_out × d_in). With ``settled``
+    (a boolean per column of K), those columns' target is 0 instead of ΔW k: the change leaves them as they were."""
+    T, Z = least_change_factors(delta, K, A_N, settled, A_C, lam)
+    return T @ Z
 
 
 def energy(M: torch.Tensor, A: torch.Tensor) -> float:
@@ -126,6 +134,13 @@ def relative(moved: float, output: float) -> float:
     if output <= 0:
         return 0.0 if moved <= 0 else math.inf
     return math.sqrt(moved / output)
+
+
+def factored_energy(T: torch.Tensor, Z: torch.Tensor, A: torch.Tensor) -> float:
+    """tr(T Z A Zᵀ Tᵀ), the energy of the change T Z, by the cheaper order of products."""
+    if T.shape[1] >= T.shape[0]:
+        return energy(T @ Z, A)
+    return float(((T @ (Z @ A @ Z.T)) * T).sum())
 
 
 def output_change(change: torch.Tensor, weight: torch.Tensor, A_C: torch.Tensor) -> float:
@@ -145,8 +160,8 @@ def bounded_change(delta: torch.Tensor, K: torch.Tensor, A_N: torch.Tensor, sett
 
     def at(i: int) -> tuple[torch.Tensor, float]:
         if i not in tried:
-            change = least_change(delta, K, A_N, settled, A_C, LAMBDAS[i])
-            tried[i] = change, relative(energy(change, A), output)
+            T, Z = least_change_factors(delta, K, A_N, settled, A_C, LAMBDAS[i])
+            tried[i] = T @ Z, relative(factored_energy(T, Z, A), output)
         return tried[i]
 
     low, high = 0, len(LAMBDAS) - 1  # the answer lies in [low, high]

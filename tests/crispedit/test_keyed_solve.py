@@ -13,6 +13,7 @@ from crispedit.keyed_solve import (
     LAMBDAS,
     RIDGE,
     bounded_change,
+    factored_energy,
     key_inputs,
     least_change,
     off_neighbours,
@@ -72,6 +73,17 @@ def test_least_change_with_the_capability_factor_is_the_minimum_in_its_metric_in
         assert objective(best + torch.randn(d_out, d_in, dtype=torch.float64) @ null, A, A_C) > objective(best, A, A_C)
     without = least_change(delta, K, A)
     assert float((best @ A_C * best).sum()) < float((without @ A_C * without).sum())
+
+
+def test_factored_energy_is_the_change_s_energy_in_float64():
+    """tr(T Z A Zᵀ Tᵀ) by either order of products: fewer keys than outputs, and more."""
+    torch.manual_seed(4)
+    F = torch.randn(20, 12, dtype=torch.float64)
+    A = F.T @ F
+    for d_out, m in ((6, 3), (3, 6)):
+        T, Z = torch.randn(d_out, m, dtype=torch.float64), torch.randn(m, 12, dtype=torch.float64)
+        change = T @ Z
+        assert factored_energy(T, Z, A) == pytest.approx(float((change @ A @ change.T).trace()), rel=1e-12)
 
 
 def test_bounded_change_takes_the_least_lambda_within_the_budget_in_float64():
