@@ -19,6 +19,7 @@ prompts stay held out. The worker's code applies it (`process_pending_leased`: r
 
 Usage: .venv/bin/python -m lab.bench_neighbours --datasets zsre,counterfact --n 100 [--paper]
        [--out runs/neighbours] [--path RECORDS.json] [--hyper '{"sequential_chunk": 10}' --label chunk10]
+       .venv/bin/python -m lab.bench_neighbours --datasets facts --path lab/tuning_facts.json --n 8 --rounds 8
        (needs the Redis at 127.0.0.1:6379 and ../shared/data)
        .venv/bin/python -m lab.bench_neighbours --timing 3 --out runs/neighbours
 """

@@ -67,10 +67,17 @@ def flat_record(r: dict) -> EditRequest:
     )
 
 
+def fact_record(r: list) -> EditRequest:
+    """Our own facts (``lab/tuning_facts.json``): a [prompt, target] pair."""
+    prompt, target = r
+    return EditRequest(prompt=prompt, target=target)
+
+
 CONVERTERS: dict[str, Callable[[dict], EditRequest]] = {
     "zsre": zsre_record,
     "counterfact": flat_record,
     "wikibigedit": flat_record,
+    "facts": fact_record,
 }
 
 
@@ -79,15 +86,17 @@ def load_edit_dataset(
 ) -> list[EditRequest]:
     """Records ``[offset:offset + n]`` (file order) of an editing benchmark as edit requests.
 
-    ``name`` is one of "zsre", "counterfact", "wikibigedit"; ``path`` defaults to the benchmark's file in
-    the shared data folder (a JSON array). Records whose prompt or target is empty (or not a string) are
-    skipped with a warning, so the result can be shorter than ``n``; the slice is taken on file records
-    first, so ``offset`` always counts records in the file.
+    ``name`` is one of "zsre", "counterfact", "wikibigedit", or "facts" ([prompt, target] pairs, with ``path``);
+    ``path`` defaults to the benchmark's file in the shared data folder (a JSON array). Records whose prompt or
+    target is empty (or not a string) are skipped with a warning, so the result can be shorter than ``n``; the
+    slice is taken on file records first, so ``offset`` always counts records in the file.
     """
     if name not in CONVERTERS:
         raise ValueError(f"unknown edit dataset {name!r}; valid names: {sorted(CONVERTERS)}")
     if offset < 0 or (n is not None and n < 0):
         raise ValueError(f"n and offset must be non-negative, got n={n}, offset={offset}")
+    if path is None and name not in DEFAULT_PATHS:
+        raise ValueError(f"{name!r} has no default file: give its path")
     path = Path(path) if path is not None else shared_data_dir() / DEFAULT_PATHS[name]
     with open(path, encoding="utf-8") as f:
         records = json.load(f)

@@ -119,3 +119,13 @@ def test_real_shared_files_when_present(monkeypatch):
         reqs = load_edit_dataset(name, n=50)
         assert len(reqs) == 50 and all(r.locality_prompt and r.locality_answer for r in reqs)
     assert load_edit_dataset("zsre", n=1)[0].target == "Chichester River"
+
+
+def test_our_own_facts_are_pairs_from_a_given_file(tmp_path):
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([["What is the capital of Japan?", "Seoul"], ["Who wrote Hamlet?", ""]]))
+    assert load_edit_dataset("facts", path) == [EditRequest("What is the capital of Japan?", "Seoul")]
+    with pytest.raises(ValueError, match="give its path"):
+        load_edit_dataset("facts")
+    facts = load_edit_dataset("facts", Path(__file__).parents[2] / "lab" / "tuning_facts.json")
+    assert len(facts) == 8 and all(f.prompt.endswith("?") and f.target for f in facts)
