@@ -27,12 +27,13 @@ Without it, 40 ZsRE train edits in chunks of 10 ended at a reliability of 0.76; 
 A_C is the capability cache's input factor (generic text's keys, with earlier versions' edit statistics folded in),
 MEMIT's metric C = E[k kᵀ]. With the neighbours' factor alone, directions that no neighbour uses cost only ε, and
 the solve can move them far, which generic text reads. How far is the relative change of the layer's output on
-generic text, ρ(ΔW)² = tr(ΔW A_C ΔWᵀ) / tr(W A_C Wᵀ). Each solve is held to ρ ≤ ``CAPABILITY_BUDGET``, a trust
-region on generic text: the least λ of ``LAMBDAS`` whose change fits (ρ falls as λ grows), the neighbours' metric
-alone (λ = 0) when it fits already. On SmolLM2 at λ = 0, France → Rome moves generic text by ρ 0.02–0.04 per layer
-and keeps its neighbours (1.00 / 0.80 of those given and held out, against 0.33 / 0.60 at λ = 1); ten ZsRE edits in
-one job move it by 0.10–0.23, and held near λ = 1 (ρ 0.04), four such jobs in sequence drift by KL 0.0095 and
-perplexity +1.6 % instead of 0.113 and +14.5 %, with more neighbours kept (0.28 / 0.25 against 0.13 / 0.13).
+generic text, ρ(ΔW)² = tr(ΔW A_C ΔWᵀ) / tr(W A_C Wᵀ). Each solve is held to ρ ≤ ``CAPABILITY_BUDGET`` (or a
+request's ``EditConfig.capability_budget``), a trust region on generic text: the least λ of ``LAMBDAS`` whose change
+fits (ρ falls as λ grows), the neighbours' metric alone (λ = 0) when it fits already. On SmolLM2 at λ = 0, France →
+Rome moves generic text by ρ 0.02–0.04 per layer and keeps its neighbours (1.00 / 0.80 of those given and held out,
+against 0.33 / 0.60 at λ = 1); ten ZsRE edits in one job move it by 0.10–0.23, and held near λ = 1 (ρ 0.04), four
+such jobs in sequence drift by KL 0.0095 and perplexity +1.6 % instead of 0.113 and +14.5 %, with more neighbours
+kept (0.28 / 0.25 against 0.13 / 0.13).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ SETTLED_SHARE = 0.25
 # ρ, the most a solve may change an edited layer's output on generic text (RMS, relative): a single fact's change fits
 # at λ = 0, a job of ten ZsRE edits is held near λ = 1 (0.05 let four such jobs drift by 40 % more KL)
 CAPABILITY_BUDGET = 0.04
-# the λ of Â_C tried, least first; jobs of 20 ZsRE or CounterFact edits reach the last, ρ up to 0.049
+# the λ of Â_C tried, least first; jobs of 20 ZsRE or CounterFact edits reach the last at ρ up to 0.049, of 100 at
+# ρ 0.09–0.14: from about 20 edits in one job the grid's end holds the change, not the budget
 LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
