@@ -111,7 +111,7 @@ class EditConfig:
         if self.energy is not None and not 0.0 <= self.energy <= 1.0:
             raise ValueError(f"energy γ must be in [0, 1], got {self.energy}")
         for name in ("anchor_weight", "text_anchor_weight", "neighbour_weight", "capability_budget"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")

@@ -291,6 +291,12 @@ def test_the_solve_needs_the_subject_key():
         EditConfig(keyed_solve=True)
 
 
+@pytest.mark.parametrize("budget", [-0.01, float("nan")])
+def test_the_budget_is_a_non_negative_number(budget):
+    with pytest.raises(ValueError, match="capability_budget must be non-negative"):
+        EditConfig(capability_budget=budget)
+
+
 def test_a_later_edit_leaves_the_settled_edits_keys_alone(tiny_llama, corpus_file):
     """``settled`` (an earlier version's edits): the later edit's change acts on their keys as 0. Checked on the
     first edited layer, whose inputs no edited weight reaches, so the keys read after the first edit are exact."""
