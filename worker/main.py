@@ -29,6 +29,16 @@ class EditWorker(SimpleWorker):
         self._stop_requested = True
         super()._shutdown()
 
+    def subscribe(self) -> None:
+        """RQ's command channel, read by a thread that waits at most 1 s per read instead of RQ's 60: a warm
+        shutdown unsubscribes on the same connection, and waited out the thread's read (up to a minute, after
+        every job was done)."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=1.0, daemon=True,
+                                                       exception_handler=self._pubsub_exception_handler)
+
 
 def run_worker(model: str, burst: bool = False) -> None:
     settings = get_settings()
