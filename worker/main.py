@@ -30,9 +30,9 @@ class EditWorker(SimpleWorker):
         super()._shutdown()
 
     def subscribe(self) -> None:
-        """RQ's command channel, read by a thread that waits at most 1 s per read instead of RQ's 60: a warm
-        shutdown unsubscribes on the same connection, and waited out the thread's read (up to a minute, after
-        every job was done)."""
+        """RQ's command channel, read by a thread that waits at most 1 s per read instead of RQ's 60. A warm
+        shutdown unsubscribes on the same connection; workers were seen to stop there for over 30 s after every
+        job was done, most likely waiting out that read."""
         self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
         self.pubsub = self.connection.pubsub()
         self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
