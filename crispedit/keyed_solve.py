@@ -60,7 +60,8 @@ SETTLED_SHARE = 0.25
 # at λ = 0, a job of ten ZsRE edits is held near λ = 1 (0.05 let four such jobs drift by 40 % more KL)
 CAPABILITY_BUDGET = 0.04
 # the λ of Â_C tried, least first; jobs of 20 ZsRE or CounterFact edits reach the last at ρ up to 0.049, of 100 at
-# ρ 0.09–0.14: from about 20 edits in one job the grid's end holds the change, not the budget
+# ρ 0.09–0.14. A larger λ would not meet the budget there: the change must still act on the keys as ΔW does, and
+# at λ = 1000 a job of 100 ZsRE edits kept ρ within 1 % of λ = 10's (0.099–0.135), so its keys set that floor
 LAMBDAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
