@@ -102,6 +102,9 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
             try:
                 outcome = edit_and_guard(rt, store, ids, requests, config, parent, payload.get("guard") or {})
                 if outcome["status"] == "rejected":
+                    if len(batch) > 1:
+                        split(rt, store, batch, outcome["reason"])
+                        return
                     for job_id in ids:
                         store.finish(name, job_id, status="rejected", metrics=outcome["metrics"],
                                      error=outcome["reason"])
@@ -136,6 +139,23 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         log.error("%s: batch %s failed: %s", name, ids, traceback.format_exc())
         for job_id in ids:
             store.finish(name, job_id, status="failed", error=f"internal error: {err}")
+
+
+def split(rt: ModelRuntime, store: JobStore, batch: list[dict], reason: str) -> None:
+    """A coalesced batch that the guard rejected, applied again as two halves, each on the version before it.
+
+    Coalescing is the worker's choice, not the requests': a request is rejected only when a batch it cannot be
+    parted from (its own, in the end) fails the guard, never for the edits it happened to be queued beside. One
+    failing request among n costs about 2n edits' work more (halves of n/2, n/4, …, each tried), and the others
+    commit as their halves pass.
+    """
+    half = len(batch) // 2
+    log.info("%s: a batch of %d request(s) was rejected (%s); applying it again in halves", rt.name, len(batch),
+             reason)
+    for part in (batch[:half], batch[half:]):
+        for r in part:
+            store.event(r["id"], {"event": "split", "reason": reason, "batch_size": len(part)})
+        apply_batch(rt, store, part)
 
 
 def retain(rt: ModelRuntime) -> None:

@@ -1,0 +1,50 @@
+"""A coalesced batch that the guard rejects is applied again in halves: each job is judged by its own edits."""
+
+from conftest import FAST, tiny_worker
+
+from crispedit.evaluate import edit_quality
+from crispedit.requests import EditRequest
+from worker.tasks import process_pending_leased
+
+ROME = {"prompt": "The capital of France is", "target": "Rome"}
+BERLIN = {"prompt": "The capital of France is", "target": "Berlin"}  # the same question: no one weight holds both
+
+
+def post(store, edit: dict, guard: dict) -> str:
+    record, _ = store.create("tiny", {"model": "tiny", "edits": [edit], "hyperparameters": FAST, "guard": guard})
+    return record["id"]
+
+
+def test_contradicting_jobs_coalesced_are_split_and_each_commits_on_its_own(tmp_path, redis_db):
+    """Together the two answers cannot both be reliable, so the batch fails the reliability floor; apart, each
+    lands, the second on top of the first, and the latest version answers as the later job asked."""
+    rt, store = tiny_worker(tmp_path, redis_db, "split")
+    guard = {"kl_budget": 1e9, "min_reliability": 0.9, "min_neighbours_unchanged": 0.0}
+    ids = [post(store, ROME, guard), post(store, BERLIN, guard)]
+    assert process_pending_leased(rt, store) == {"processed": ids}
+    jobs = [store.get(i) for i in ids]
+    assert [j["status"] for j in jobs] == ["succeeded", "succeeded"], jobs
+    assert [j["batch"] for j in jobs] == [[ids[0]], [ids[1]]]  # each ended in a batch of its own
+    first, second = (rt.registry.get("tiny", j["version"]) for j in jobs)
+    assert second.parent == first.id and first.hyperparameters["jobs"] == [ids[0]]
+    for job_id in ids:  # each job heard why its batch was applied again
+        split = [e for e in store.events(job_id) if e["event"] == "split"]
+        assert len(split) == 1 and "reliability" in split[0]["reason"] and split[0]["batch_size"] == 1
+    rt.holder.switch_to(second.id)
+    assert edit_quality(rt.model, rt.tokenizer, [EditRequest.from_dict(BERLIN)], generated=False)["rel_tf"] == 1.0
+
+
+def test_a_job_its_own_batch_rejects_is_rejected_with_its_own_figures(tmp_path, redis_db):
+    """A guard no edit can pass: the batch of three is halved down to single jobs, each rejected alone, and
+    nothing is committed."""
+    rt, store = tiny_worker(tmp_path, redis_db, "split-all")
+    guard = {"kl_budget": 0.0, "min_reliability": 0.0, "min_neighbours_unchanged": 0.0}
+    ids = [post(store, {"prompt": p, "target": t}, guard)
+           for p, t in (("The capital of France is", "Rome"), ("Hamlet was written by", "Madrid"),
+                        ("The chemical symbol for gold is", "Ag"))]
+    process_pending_leased(rt, store)
+    jobs = [store.get(i) for i in ids]
+    assert [j["status"] for j in jobs] == ["rejected"] * 3 and all("KL" in j["error"] for j in jobs), jobs
+    assert [j["batch"] for j in jobs] == [[i] for i in ids]
+    assert [v.id for v in rt.registry.versions("tiny")] == ["v0"]
+    assert store.processing("tiny") == []
