@@ -11,7 +11,7 @@ and the time per edit over the run's first and last windows, the registry's byte
 apart) in all and per version. Rejected batches are counted and left out of the checkpoints.
 
 Usage: .venv/bin/python -m lab.bench_lifelong --n 300 [--checkpoints 100,200,300] [--window 100]
-       [--minutes M] [--cache CACHE] [--out runs/lifelong]    (needs ../shared/data; a built cache saves a
+       [--minutes M] [--cache CACHE] [--threads T] [--out runs/lifelong]    (needs ../shared/data; a built cache saves a
        first build; after M minutes the edits still queued are cancelled and the rest measured;
        --measure-only measures the registry of an earlier run at --checkpoints)
 """
@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--cache", default="", help="a built curvature cache for SmolLM2 (saves a first build)")
     parser.add_argument("--minutes", type=float, default=1e9, help="cancel the edits still queued after this long")
     parser.add_argument("--measure-only", action="store_true", help="measure the registry in --out, post nothing")
+    parser.add_argument("--threads", type=int, default=0, help="CRISPEDIT_TORCH_THREADS of the API and the worker "
+                        "(0: the default, 1 and one less than the cores; with no queries the worker may take all)")
     parser.add_argument("--home", default=str(Path.home() / ".cache" / "crispedit"))
     parser.add_argument("--out", default="runs/lifelong")
     args = parser.parse_args()
@@ -138,7 +140,7 @@ def main() -> None:
         return
     # one client posts every edit: the per-key rate limit would refuse most of them
     stack = Stack(Path(args.home), out, coalesce_max=32, curvature=Path(args.cache),
-                  extra={"CRISPEDIT_EDIT_POSTS_PER_MINUTE": "0"})
+                  extra={"CRISPEDIT_EDIT_POSTS_PER_MINUTE": "0", "CRISPEDIT_TORCH_THREADS": str(args.threads)})
     try:
         api = psutil.Process(stack.proc.pid)
         started = time.time()
