@@ -104,7 +104,7 @@ class EditPost(Strict):
     hyperparameters: Hyperparameters | None = None
     guard: Guard | None = None
     message: str | None = Field(None, max_length=500)
-    promote: bool = False
+    promote: bool = Field(False, description="move the production alias to the new version (admin keys only)")
 
 
 class EditAccepted(BaseModel):

@@ -36,8 +36,11 @@ def job_store(rt: ModelRuntime) -> JobStore:
 
 
 def group_key(record: dict) -> str:
+    """Requests coalesce only when the version they share can honour each: the same base, hyperparameters, guard
+    and promote flag (else one request's promote would move production, or not, for all of them)."""
     p = record["payload"]
-    return json.dumps([p.get("base_version"), p.get("hyperparameters") or {}, p.get("guard") or {}], sort_keys=True)
+    return json.dumps([p.get("base_version"), p.get("hyperparameters") or {}, p.get("guard") or {},
+                       bool(p.get("promote"))], sort_keys=True)
 
 
 def process_pending(model_name: str) -> dict:

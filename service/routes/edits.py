@@ -25,6 +25,9 @@ PING_SECONDS = 15  # a keep-alive comment this often on an event stream
 @router.post("", status_code=202, response_model=EditAccepted)
 def post_edit(body: EditPost, request: Request, state: StateDep, who: EditorWithinLimit,
               idempotency_key: str | None = Header(None, max_length=200)) -> EditAccepted:
+    if body.promote and who["role"] != "admin":  # as PUT .../aliases/production would need
+        raise HTTPException(403, f"promote moves the production alias, which needs the admin role; this key has the "
+                                 f"{who['role']} role")
     server, ref = split_model(state, body.model)
     if ref is not None:
         raise HTTPException(400, "post edits to a plain model name; put the version in base_version")

@@ -289,6 +289,14 @@ def test_auth_matrix(service, method, path, body, needed):
             assert r.status_code not in (401, 403), (role, r.text)
 
 
+def test_only_an_admin_may_post_an_edit_that_promotes_its_version(service):
+    """promote moves production, as PUT .../aliases/production does: an editor's key may not do it this way."""
+    body = {"model": "tiny", "edits": [EDIT], "base_version": "v404", "promote": True}
+    refused = api(service, "editor").post("/v1/edits", json=body)
+    assert refused.status_code == 403 and "needs the admin role" in refused.json()["detail"], refused.text
+    assert api(service, "admin").post("/v1/edits", json=body).status_code == 404  # past the role, to the base
+
+
 def test_worker_killed_mid_edit_is_finished_once_by_the_next_worker(service):
     import signal
 

@@ -1,4 +1,5 @@
-"""A coalesced batch that the guard rejects is applied again in halves: each job is judged by its own edits."""
+"""Coalesced requests: grouped only where one version honours each, and judged by their own edits (a rejected
+batch is applied again in halves)."""
 
 from conftest import FAST, tiny_worker
 
@@ -10,8 +11,12 @@ ROME = {"prompt": "The capital of France is", "target": "Rome"}
 BERLIN = {"prompt": "The capital of France is", "target": "Berlin"}  # the same question: no one weight holds both
 
 
-def post(store, edit: dict, guard: dict) -> str:
-    record, _ = store.create("tiny", {"model": "tiny", "edits": [edit], "hyperparameters": FAST, "guard": guard})
+OPEN_GUARD = {"kl_budget": 1e9, "min_reliability": 0.0, "min_neighbours_unchanged": 0.0}
+
+
+def post(store, edit: dict, guard: dict, **fields) -> str:
+    record, _ = store.create("tiny", {"model": "tiny", "edits": [edit], "hyperparameters": FAST, "guard": guard,
+                                      **fields})
     return record["id"]
 
 
@@ -48,3 +53,15 @@ def test_a_job_its_own_batch_rejects_is_rejected_with_its_own_figures(tmp_path, 
     assert [j["batch"] for j in jobs] == [[i] for i in ids]
     assert [v.id for v in rt.registry.versions("tiny")] == ["v0"]
     assert store.processing("tiny") == []
+
+
+def test_a_request_that_asks_to_promote_is_not_coalesced_with_one_that_does_not(tmp_path, redis_db):
+    """Production moves to the version of the request that asked for it, and no version is promoted for the other."""
+    rt, store = tiny_worker(tmp_path, redis_db, "promote")
+    plain = post(store, ROME, OPEN_GUARD)
+    promoted = post(store, {"prompt": "The capital of Japan is", "target": "Seoul"}, OPEN_GUARD, promote=True)
+    process_pending_leased(rt, store)
+    jobs = {i: store.get(i) for i in (plain, promoted)}
+    assert all(j["status"] == "succeeded" for j in jobs.values()), jobs
+    assert jobs[plain]["batch"] == [plain] and jobs[promoted]["batch"] == [promoted]
+    assert rt.registry.aliases("tiny")["production"] == jobs[promoted]["version"] != jobs[plain]["version"]
