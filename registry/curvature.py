@@ -2,14 +2,20 @@
 
 A version stores its own edit's statistics per module in the smaller of two exact forms: the per-token K-FAC
 features (a, g), whose size grows with the edit's tokens (one request's edit), or the factors (A, S) with their
-token count, whose size is fixed by the layer (a large batch). The state an edit on top of version v must respect
-is the capability cache folded with the contributions along v's curvature chain (which follows rollbacks and
-reverts), so editing after a rollback continues from the rolled-back state, not the head's.
+token count, whose size is fixed by the layer (a large batch). A factor is symmetric, so only its lower triangle is
+stored: n(n+1)/2 numbers instead of n², which halves a large batch's share of the disk.
+
+The state an edit on top of version v must respect is the capability cache folded with the contributions along
+v's curvature chain (which follows rollbacks and reverts), so editing after a rollback continues from the
+rolled-back state, not the head's.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+
+import torch
 
 from crispedit.cache import CurvatureCache
 from crispedit.edit import EditResult
@@ -19,15 +25,43 @@ from registry.store import Registry
 log = logging.getLogger(__name__)
 
 
+def lower_triangle(matrix: torch.Tensor) -> torch.Tensor:
+    """The lower triangle of (M + Mᵀ)/2, row by row: the matrix that eigen.eigh_psd decomposes, in n(n+1)/2 numbers."""
+    rows, cols = torch.tril_indices(*matrix.shape)
+    return ((matrix + matrix.T) / 2)[rows, cols].contiguous()
+
+
+def symmetric(triangle: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose :func:`lower_triangle` is ``triangle``."""
+    n = (math.isqrt(8 * triangle.numel() + 1) - 1) // 2
+    rows, cols = torch.tril_indices(n, n)
+    matrix = triangle.new_zeros(n, n)
+    matrix[rows, cols] = triangle
+    matrix[cols, rows] = triangle
+    return matrix
+
+
 def contribution(result: EditResult) -> dict[str, dict]:
-    """What a commit stores for an edit's curvature, per module: its token features, else its factors."""
-    if result.features is not None:
-        return {name: {"a": a, "g": g, "tokens": int(a.shape[0])} for name, (a, g) in result.features.items()}
-    return {name: {"A": f.A, "S": f.S, "tokens": f.num_tokens} for name, f in (result.own_factors or {}).items()}
+    """What a commit stores for an edit's curvature, per module: its token features, or its factors' lower triangles
+    where those take fewer bytes."""
+    factors = {name: {"A_tril": lower_triangle(f.A), "S_tril": lower_triangle(f.S), "tokens": f.num_tokens}
+               for name, f in (result.own_factors or {}).items()}
+    if result.features is None:
+        return factors
+    features = {name: {"a": a, "g": g, "tokens": int(a.shape[0])} for name, (a, g) in result.features.items()}
+    return features if stored_bytes(features) <= stored_bytes(factors) else factors
+
+
+def stored_bytes(layers: dict[str, dict]) -> int:
+    return sum(t.numel() * t.element_size() for parts in layers.values() for t in parts.values()
+               if isinstance(t, torch.Tensor))
 
 
 def stored_factors(registry: Registry, parts: dict) -> KFACFactors:
-    """One module's stored contribution as factors, from either form."""
+    """One module's stored contribution as factors, from any form (whole factors: versions stored before triangles)."""
+    if "A_tril" in parts:
+        return KFACFactors(symmetric(registry.blobs.get(parts["A_tril"])),
+                           symmetric(registry.blobs.get(parts["S_tril"])), int(parts["tokens"]))
     if "A" in parts:
         return KFACFactors(registry.blobs.get(parts["A"]), registry.blobs.get(parts["S"]), int(parts["tokens"]))
     return factors_from_features(registry.blobs.get(parts["a"]), registry.blobs.get(parts["g"]))

@@ -154,13 +154,30 @@ def test_rollback_then_edit_continues_from_the_rolled_back_state(tmp_path):
     assert version_cache(reg, "tiny", "v3", capability, known=("v3", r3.cache)) is r3.cache
     assert version_cache(reg, "tiny", "v3", capability, known=("v2", r1.cache)).num_tokens == r3.cache.num_tokens
 
-    # a batch larger than its factors is stored as factors (A, S, tokens), and folds back the same
+    # a batch larger than its factors is stored as the factors' lower triangles, and folds back the same
     big = [EditRequest(f"Fact number {i} is", f"value {i}") for i in range(12)]
     v4, r4 = edit_on("v3", big)
-    assert r4.features is None and {"A", "S", "tokens"} <= set(next(iter(v4.curvature["layers"].values())))
+    parts = next(iter(v4.curvature["layers"].values()))
+    assert r4.features is None and set(parts) == {"A_tril", "S_tril", "tokens"}
+    d_in = next(iter(r4.own_factors.values())).A.shape[0]
+    assert reg.blobs.get(parts["A_tril"]).numel() == d_in * (d_in + 1) // 2
     for name, f in version_cache(reg, "tiny", "v4", capability).factors.items():
         torch.testing.assert_close(f.A, r4.cache.factors[name].A, atol=1e-6, rtol=1e-5)
 
     # an upgrade that edits other layers: the rebuilt cache cannot fold v1's and v3's contributions
     other = build_cache(model, tok, (0,), str(corpus), n_samples=6, seq_len=16, progress=False)
     assert version_cache(reg, "tiny", "v3", other).num_tokens == other.num_tokens
+
+
+def test_a_factor_is_stored_as_its_lower_triangle_and_read_back_whole():
+    """Float64: the triangle holds (M + Mᵀ)/2, the matrix eigh_psd decomposes, exactly; reading it back gives that
+    matrix, symmetric, to the bit."""
+    from registry.curvature import lower_triangle, symmetric
+
+    a = torch.randn(50, 7, dtype=torch.float64)
+    M = a.T @ a / 50
+    triangle = lower_triangle(M)
+    assert triangle.shape == (7 * 8 // 2,)
+    back = symmetric(triangle)
+    assert torch.equal(back, back.T) and torch.equal(back, (M + M.T) / 2)
+    assert torch.equal(symmetric(lower_triangle(torch.ones(1, 1))), torch.ones(1, 1))
