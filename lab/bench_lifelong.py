@@ -51,14 +51,32 @@ def poll(stack: Stack, ids: list[str], api: psutil.Process, deadline: float,
     return jobs, rss
 
 
-def seconds_per_edit(jobs: list[dict], started: float, window: int) -> dict:
-    """Edits end in batches: the time per edit over a window is the time its batches took over their edits."""
-    ends = sorted(j["updated_at"] for j in jobs if j["status"] in ("succeeded", "rejected"))
-    if len(ends) < 2 * window:
-        window = len(ends) // 2
-    first = (ends[window - 1] - started) / window
-    last = (ends[-1] - ends[-window - 1]) / window
-    return {"window": window, "first_s": round(first, 2), "last_s": round(last, 2), "ratio": round(last / first, 3)}
+def seconds_per_edit(root: Path, window: int) -> dict:
+    """Edits end in batches, each committed as a version: the time per edit over a window is the time from the commit
+    before its first batch to its last batch's commit, over the edits those batches hold. The first window starts
+    after v1 (the worker's first batch takes what had been posted by then), the last ends at the head; each takes
+    whole batches until it holds ``window`` edits. A rejected batch's time falls into the next commit's."""
+    from registry import Registry
+
+    lineage = Registry(root).lineage("smollm2", "latest")[::-1][1:]  # v1 onwards, oldest first
+    sizes = [len(v.edits) for v in lineage]
+
+    def over(first: int, last: int) -> dict:
+        edits = sum(sizes[first:last + 1])
+        seconds = lineage[last].created_at - lineage[first - 1].created_at
+        return {"versions": f"{lineage[first].id}-{lineage[last].id}", "edits": edits,
+                "s_per_edit": round(seconds / edits, 2)}
+
+    first = 1
+    while first < len(lineage) - 1 and sum(sizes[1:first + 1]) < window:
+        first += 1
+    last = len(lineage) - 1
+    while last > first + 1 and sum(sizes[last:]) < window:
+        last -= 1
+    early, late = over(1, first), over(last, len(lineage) - 1)
+    return {"first": early, "last": late, "ratio": round(late["s_per_edit"] / early["s_per_edit"], 3),
+            "per_batch": [{"version": v.id, "edits": n, "s_per_edit": round((v.created_at - p.created_at) / n, 2)}
+                          for p, v, n in zip(lineage, lineage[1:], sizes[1:], strict=False)]}
 
 
 def disk(root: Path) -> dict:
@@ -132,7 +150,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     requests = load_edit_dataset("zsre", n=args.n, offset=args.offset)
     if args.measure_only:  # a run's registry, measured again (other checkpoints, or after a cut-short run)
-        report = {"disk": disk(out / "registry"),
+        report = {"disk": disk(out / "registry"), "seconds_per_edit": seconds_per_edit(out / "registry", args.window),
                   "checkpoints": checkpoint_rows(out / "registry", requests,
                                                  [int(c) for c in args.checkpoints.split(",")])}
         (out / "checkpoints.json").write_text(json.dumps(report, indent=1))
@@ -155,7 +173,7 @@ def main() -> None:
     report = {"n": len(requests), "date": time.strftime("%Y-%m-%d"), "wall_s": round(max(j["updated_at"]
               for j in ended) - started, 1), **{s: statuses.count(s) for s in sorted(set(statuses))},
               "batches": len({tuple(sorted(j["batch"] or [j["id"]])) for j in ended}),
-              "seconds_per_edit": seconds_per_edit(ended, started, args.window),
+              "seconds_per_edit": seconds_per_edit(out / "registry", args.window),
               "api_rss_mb": {"first": round(rss[0]), "max": round(max(rss)), "last": round(rss[-1])},
               "disk": disk(out / "registry"),
               "rejections": sorted({j["error"] for j in done if j["status"] == "rejected"})[:5]}
