@@ -150,7 +150,8 @@ def split(rt: ModelRuntime, store: JobStore, batch: list[dict], reason: str) -> 
     Coalescing is the worker's choice, not the requests': a request is rejected only when a batch it cannot be
     parted from (its own, in the end) fails the guard, never for the edits it happened to be queued beside. One
     failing request among n costs about 2n edits' work more (halves of n/2, n/4, …, each tried), and the others
-    commit as their halves pass.
+    commit as their halves pass. Requests pinned to a ``base_version`` fail in the second half once the first has
+    committed (the head has moved off their base), as they would have posted one after the other.
     """
     half = len(batch) // 2
     log.info("%s: a batch of %d request(s) was rejected (%s); applying it again in halves", rt.name, len(batch),
