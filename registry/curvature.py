@@ -44,17 +44,18 @@ def symmetric(triangle: torch.Tensor) -> torch.Tensor:
 def contribution(result: EditResult) -> dict[str, dict]:
     """What a commit stores for an edit's curvature, per module: its token features, or its factors' lower triangles
     where those take fewer bytes."""
-    factors = {name: {"A_tril": lower_triangle(f.A), "S_tril": lower_triangle(f.S), "tokens": f.num_tokens}
-               for name, f in (result.own_factors or {}).items()}
-    if result.features is None:
-        return factors
-    features = {name: {"a": a, "g": g, "tokens": int(a.shape[0])} for name, (a, g) in result.features.items()}
-    return features if stored_bytes(features) <= stored_bytes(factors) else factors
+    own = result.own_factors or {}
+    if result.features is not None:
+        feature_bytes = sum((a.numel() + g.numel()) * a.element_size() for a, g in result.features.values())
+        if feature_bytes <= sum(triangle_bytes(f.A) + triangle_bytes(f.S) for f in own.values()):
+            return {name: {"a": a, "g": g, "tokens": int(a.shape[0])} for name, (a, g) in result.features.items()}
+    return {name: {"A_tril": lower_triangle(f.A), "S_tril": lower_triangle(f.S), "tokens": f.num_tokens}
+            for name, f in own.items()}
 
 
-def stored_bytes(layers: dict[str, dict]) -> int:
-    return sum(t.numel() * t.element_size() for parts in layers.values() for t in parts.values()
-               if isinstance(t, torch.Tensor))
+def triangle_bytes(matrix: torch.Tensor) -> int:
+    n = matrix.shape[0]
+    return n * (n + 1) // 2 * matrix.element_size()
 
 
 def stored_factors(registry: Registry, parts: dict) -> KFACFactors:
