@@ -74,6 +74,9 @@ class Settings(BaseSettings):
                                                          "killed is replaced by another after at most this long")
     kl_budget: float = Field(0.05, description="capability guard: reject an edit whose KL(base‖edited) on held-out "
                                                "text exceeds this")
+    kl_base_budget: float | None = Field(None, gt=0, description="capability guard over a model's life: reject an "
+                                         "edit whose KL(v0‖edited) on the same text exceeds this; unset: no limit "
+                                         "(every version records its drift from v0 as metrics.kl_base)")
     min_reliability: float = Field(0.9, description="capability guard: reject an edit whose teacher-forced "
                                                     "reliability is lower")
     min_neighbours_unchanged: float = Field(NEIGHBOUR_GUARD, ge=0, le=1, description="capability guard: reject an "

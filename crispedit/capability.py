@@ -182,22 +182,39 @@ def mean_kl(
     in (same keys). Each batch runs the base then the edited forward, in float32 log-space; the model is
     left as it was.
     """
-    if set(base) != set(edited):
-        raise ValueError(f"base and edited name different tensors: {sorted(set(base) ^ set(edited))}")
+    return mean_kls(model, tokenizer, texts, [base], edited, max_length, batch_size, progress)[0]
+
+
+def mean_kls(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    references: Sequence[dict[str, torch.Tensor]],
+    edited: dict[str, torch.Tensor],
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[float]:
+    """:func:`mean_kl` of ``edited`` against each of ``references`` (each naming the same tensors as ``edited``),
+    with one edited forward per batch for all of them."""
+    for base in references:
+        if set(base) != set(edited):
+            raise ValueError(f"base and edited name different tensors: {sorted(set(base) ^ set(edited))}")
     seqs = _encode(tokenizer, texts, max_length)
     pad, dev = _pad_id(tokenizer), _device(model)
-    total, count = 0.0, 0
+    totals, count = [0.0] * len(references), 0
     for batch in _batches(seqs, batch_size, progress, "KL"):
         ids, mask = _pad_right(batch, pad)
         ids, mask = ids.to(dev), mask.to(dev)
-        with swapped_weights(model, base):
-            logp_base = _next_token_logprobs(model, ids, mask)
         with swapped_weights(model, edited):
             logp_edit = _next_token_logprobs(model, ids, mask)
-        kl = (logp_base.exp() * (logp_base - logp_edit)).sum(-1)  # (batch, len - 1)
         keep = mask[:, 1:].bool()
-        total += kl[keep].sum().item()
+        for i, base in enumerate(references):
+            with swapped_weights(model, base):
+                logp_base = _next_token_logprobs(model, ids, mask)
+            kl = (logp_base.exp() * (logp_base - logp_edit)).sum(-1)  # (batch, len - 1)
+            totals[i] += kl[keep].sum().item()
         count += int(keep.sum())
     if count == 0:
         raise ValueError("no token to predict: every text is at most one token long")
-    return total / count
+    return [total / count for total in totals]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -61,6 +61,15 @@ class HotSwapModel:
             t = self.registry.base_tensor(self.name, name)
             self._base[name] = t.to(self.params[name].device, self.params[name].dtype)
         return self._base[name]
+
+    def base_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """v0's value of each named tensor (read from the registry once, then kept)."""
+        return {name: self._base_value(name) for name in names}
+
+    @property
+    def differing(self) -> list[str]:
+        """The tensors that the weights in place now hold at other values than v0's."""
+        return list(self.applied)
 
     @torch.no_grad()
     def _switch(self, version_id: str) -> None:

@@ -92,6 +92,8 @@ class Hyperparameters(Strict):
 
 class Guard(Strict):
     kl_budget: float | None = Field(None, gt=0.0)
+    kl_base_budget: float | None = Field(None, gt=0.0, description="reject the edit when its drift from the base "
+                                         "model (v0), KL on the guard's text, exceeds this")
     min_reliability: float | None = Field(None, ge=0.0, le=1.0)
     min_neighbours_unchanged: float | None = Field(None, ge=0.0, le=1.0, description="reject the edit when a "
                                                    "smaller share of its neighbours keeps its answer")

@@ -14,9 +14,9 @@ from rq import get_current_job
 from core.jobs import JobStore
 from core.notify import announce_aliases
 from crispedit.arch import arch_spec, editable_modules
-from crispedit.capability import mean_kl
+from crispedit.capability import mean_kls
 from crispedit.edit import EditError, edit
-from crispedit.evaluate import edit_quality
+from crispedit.evaluate import mean, teacher_forced_predictions, token_accuracy
 from crispedit.keyed_solve import settled_room
 from crispedit.neighbours import neighbour_report, protect
 from crispedit.recipe import recommended_config
@@ -108,8 +108,8 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
                     if len(batch) > 1:
                         split(rt, store, batch, outcome["reason"])
                         return
-                    for job_id in ids:
-                        store.finish(name, job_id, status="rejected", metrics=outcome["metrics"],
+                    for job_id, own in zip(ids, per_request(batch, outcome), strict=True):
+                        store.finish(name, job_id, status="rejected", metrics={**outcome["metrics"], "request": own},
                                      error=outcome["reason"])
                     return
                 version = rt.registry.commit(
@@ -130,8 +130,9 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         if payload.get("promote"):
             rt.registry.set_alias(name, "production", version.id)
         announce_aliases(store.redis, rt.settings.key_prefix, rt.registry, name)
-        for job_id in ids:
-            store.finish(name, job_id, status="succeeded", version=version.id, metrics=outcome["metrics"])
+        for job_id, own in zip(ids, per_request(batch, outcome), strict=True):
+            store.finish(name, job_id, status="succeeded", version=version.id,
+                         metrics={**outcome["metrics"], "request": own})
         log.info("%s: %d edit(s) from %d request(s) committed as %s", name, len(requests), len(ids), version.id)
         if rt.settings.keep_last:
             retain(rt)
@@ -142,6 +143,20 @@ def apply_batch(rt: ModelRuntime, store: JobStore, batch: list[dict]) -> None:
         log.error("%s: batch %s failed: %s", name, ids, traceback.format_exc())
         for job_id in ids:
             store.finish(name, job_id, status="failed", error=f"internal error: {err}")
+
+
+def per_request(batch: list[dict], outcome: dict) -> list[dict]:
+    """Each request's own figures in a coalesced batch: the reliability of its edits and the share of their
+    neighbours unchanged (the batch's figures are the version's)."""
+    report = (outcome["metrics"].get("neighbours") or {}).get("edits")
+    out, start = [], 0
+    for record in batch:
+        n = len(record["payload"]["edits"])
+        kept = [nb["unchanged"] for e in (report or [])[start : start + n] for nb in e["neighbours"]]
+        out.append({"edits": n, "reliability": mean(outcome["accuracy"][start : start + n]),
+                    "neighbours_unchanged": mean(kept) if kept else None, "neighbours_checked": len(kept)})
+        start += n
+    return out
 
 
 def split(rt: ModelRuntime, store: JobStore, batch: list[dict], reason: str) -> None:
@@ -208,15 +223,17 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
     result = edit(rt.model, rt.tokenizer, requests, state, config, on_progress=progress, anchors=rt.anchors,
                   text_anchors=rt.text_anchors, kept=kept, settled=settled)
     try:
-        reliability = edit_quality(rt.model, rt.tokenizer, requests, generated=False)["rel_tf"]
-        kl = mean_kl(rt.model, rt.tokenizer, rt.guard_texts, result.original, result.changed)
+        accuracy = token_accuracy(teacher_forced_predictions(rt.model, rt.tokenizer, [r.prompt for r in requests],
+                                                             [r.target for r in requests]))
+        kl, kl_base = drift(rt, result.original, result.changed)
         report = neighbour_report(rt.model, rt.tokenizer, requests, protection) if protection else None
     finally:
         with torch.no_grad():
             params = dict(rt.model.named_parameters())
             for n, t in result.original.items():
                 params[n].copy_(t)
-    metrics = {"reliability": reliability, "kl": kl, "epochs": len(result.epoch_losses),
+    reliability = mean(accuracy)
+    metrics = {"reliability": reliability, "kl": kl, "kl_base": kl_base, "epochs": len(result.epoch_losses),
                "final_loss": result.epoch_losses[-1], "seconds": round(result.seconds, 2),
                "neighbours_unchanged": report["unchanged"] if report else None}
     for job_id in ids:
@@ -227,16 +244,36 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
     kl_budget = float(guard.get("kl_budget", rt.settings.kl_budget))
     min_rel = float(guard.get("min_reliability", rt.settings.min_reliability))
     min_unchanged = float(guard.get("min_neighbours_unchanged", rt.settings.min_neighbours_unchanged))
+    life_budget = guard.get("kl_base_budget", rt.settings.kl_base_budget)
     if kl > kl_budget:
-        return {"status": "rejected", "metrics": metrics,
+        return {"status": "rejected", "metrics": metrics, "accuracy": accuracy,
                 "reason": f"capability drift KL {kl:.4f} exceeds the budget {kl_budget}"}
+    if life_budget is not None and kl_base > float(life_budget):
+        return {"status": "rejected", "metrics": metrics, "accuracy": accuracy,
+                "reason": f"drift from the base model (v0) KL {kl_base:.4f} exceeds the budget {life_budget}"}
     if reliability < min_rel:
-        return {"status": "rejected", "metrics": metrics,
+        return {"status": "rejected", "metrics": metrics, "accuracy": accuracy,
                 "reason": f"the edit did not take: reliability {reliability:.2f} < {min_rel}"}
     if report and report["unchanged"] is not None and report["unchanged"] < min_unchanged:
         changed = [n for e in report["edits"] for n in e["neighbours"] if not n["unchanged"]]
-        return {"status": "rejected", "metrics": metrics,
+        return {"status": "rejected", "metrics": metrics, "accuracy": accuracy,
                 "reason": f"the edit changed its neighbours: {report['unchanged']:.2f} of {report['checked']} "
                           f"unchanged < {min_unchanged} (e.g. {changed[0]['prompt']!r}: {changed[0]['before']!r} → "
                           f"{changed[0]['after']!r})"}
-    return {"status": "ok", "metrics": metrics, "result": result, "requests": requests}
+    return {"status": "ok", "metrics": metrics, "accuracy": accuracy, "result": result, "requests": requests}
+
+
+def drift(rt: ModelRuntime, parent: dict[str, torch.Tensor], edited: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """KL of the model as it is now (``edited`` in place) against its parent, and against v0, on the guard's text.
+
+    Each version's KL against its parent passes the guard, but their drift adds up over a model's life; against v0
+    it is measured in the same pass (one edited forward for both)."""
+    if not rt.holder.differing:  # the parent holds v0's weights
+        kl = mean_kls(rt.model, rt.tokenizer, rt.guard_texts, [parent], edited)[0]
+        return kl, kl
+    params = dict(rt.model.named_parameters())
+    earlier = [n for n in rt.holder.differing if n not in edited]  # the parent's own changes, left in place
+    now = {**edited, **{n: params[n].detach().clone() for n in earlier}}
+    before = {**parent, **{n: now[n] for n in earlier}}
+    kl, kl_base = mean_kls(rt.model, rt.tokenizer, rt.guard_texts, [before, rt.holder.base_tensors(now)], now)
+    return kl, kl_base

@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 
-from crispedit.capability import heldout_texts, mean_kl, perplexity, perplexity_change, swapped_weights, text_nlls
+from crispedit.capability import (
+    heldout_texts,
+    mean_kl,
+    mean_kls,
+    perplexity,
+    perplexity_change,
+    swapped_weights,
+    text_nlls,
+)
 
 TEXTS = [
     "The capital of France is Paris.",
@@ -99,6 +107,22 @@ def test_mean_kl_zero_positive_and_by_hand(tiny):
     assert mean_kl(model, tok, TEXTS, base, edited, batch_size=3) == pytest.approx(
         mean_kl(model, tok, TEXTS, base, edited, batch_size=1), rel=1e-3
     )
+
+
+
+def test_mean_kls_is_mean_kl_against_each_reference(tiny_llama):
+    """One edited forward for several references gives each reference's own KL."""
+    model, tok = tiny_llama
+    name = WEIGHT
+    weight = dict(model.named_parameters())[name].detach().clone()
+    first, second = ({name: weight + s * torch.randn_like(weight)} for s in (1.0, 3.0))
+    edited = {name: weight + 2 * torch.randn_like(weight)}
+    both = mean_kls(model, tok, TEXTS, [first, second], edited, batch_size=2)
+    assert both == pytest.approx([mean_kl(model, tok, TEXTS, ref, edited, batch_size=2) for ref in (first, second)],
+                                 rel=1e-6)
+    assert both[0] != pytest.approx(both[1], rel=1e-3)
+    with pytest.raises(ValueError, match="different tensors"):
+        mean_kls(model, tok, TEXTS, [first, {}], edited)
 
 
 def test_heldout_texts(tmp_path):

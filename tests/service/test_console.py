@@ -122,7 +122,7 @@ def test_post_watch_compare_and_roll_back_in_the_browser(console, browser):
     WebDriverWait(browser, 900).until(
         ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#jobs .job .status"), "succeeded"))
     job_log = browser.find_element(By.CSS_SELECTOR, "#jobs .job pre").text
-    assert "epoch 1" in job_log and "evaluation: reliability" in job_log
+    assert "epoch 1" in job_log and "evaluation: reliability" in job_log and "from v0" in job_log
     epochs = job_log.count("epoch ")
     plotted = browser.find_element(By.CSS_SELECTOR, "#jobs .job svg.loss polyline").get_attribute("points")
     assert len(plotted.split()) == epochs  # the loss curve: one point per epoch

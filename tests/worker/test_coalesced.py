@@ -65,3 +65,26 @@ def test_a_request_that_asks_to_promote_is_not_coalesced_with_one_that_does_not(
     assert all(j["status"] == "succeeded" for j in jobs.values()), jobs
     assert jobs[plain]["batch"] == [plain] and jobs[promoted]["batch"] == [promoted]
     assert rt.registry.aliases("tiny")["production"] == jobs[promoted]["version"] != jobs[plain]["version"]
+
+
+def test_each_coalesced_job_reports_its_own_edits_figures_beside_the_batchs(tmp_path, redis_db):
+    """Two jobs, one edit and two, in one version: each job's ``request`` figures are its own edits' reliability
+    and neighbours, as measured on that version."""
+    rt, store = tiny_worker(tmp_path, redis_db, "own-figures")
+    one = post(store, ROME, OPEN_GUARD)
+    pair = [{"prompt": "Hamlet was written by", "target": "Madrid"}, {"prompt": "Water boils at", "target": "Ag"}]
+    record, _ = store.create("tiny", {"model": "tiny", "edits": pair, "hyperparameters": FAST, "guard": OPEN_GUARD})
+    two = record["id"]
+    process_pending_leased(rt, store)
+    jobs = [store.get(i) for i in (one, two)]
+    assert jobs[0]["batch"] == jobs[1]["batch"] == [one, two] and jobs[0]["version"] == jobs[1]["version"], jobs
+    rt.holder.switch_to(jobs[0]["version"])
+    report = jobs[0]["metrics"]["neighbours"]["edits"]
+    for job, edits, own in ((jobs[0], [ROME], report[:1]), (jobs[1], pair, report[1:])):
+        figures = job["metrics"]["request"]
+        rel = edit_quality(rt.model, rt.tokenizer, [EditRequest.from_dict(e) for e in edits], generated=False)
+        kept = [n["unchanged"] for e in own for n in e["neighbours"]]
+        assert figures["edits"] == len(edits) and abs(figures["reliability"] - rel["rel_tf"]) < 1e-9, figures
+        assert figures["neighbours_checked"] == len(kept) > 0
+        assert figures["neighbours_unchanged"] == sum(kept) / len(kept)
+    assert [e["prompt"] for e in report] == [ROME["prompt"]] + [e["prompt"] for e in pair]
