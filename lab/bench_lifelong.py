@@ -8,7 +8,8 @@ process, on the versions holding the first C edits for each checkpoint C (e.g. 1
 - KL(base ‖ version) on the guard's kind of text (sampled from the model) and the perplexity change on 40
   WikiText-2 test paragraphs;
 and the time per edit over the run's first and last windows, the registry's bytes on disk (weights and curvature
-apart) in all and per version. Rejected batches are counted and left out of the checkpoints.
+apart) in all and per version, and each version's figures as the service recorded them (KL against its parent and
+against v0). Rejected batches are counted and left out of the checkpoints.
 
 Usage: .venv/bin/python -m lab.bench_lifelong --n 300 [--checkpoints 100,200,300] [--window 100]
        [--minutes M] [--cache CACHE] [--threads T] [--out runs/lifelong]    (needs ../shared/data; a built cache saves a
@@ -93,6 +94,19 @@ def disk(root: Path) -> dict:
             "per_version_mb": round(sum(size.values()) / 1e6 / max(1, len(versions) - 1), 2)}
 
 
+def version_rows(root: Path) -> list[dict]:
+    """What the service recorded of each version in the lineage: its edits, and KL against its parent and v0."""
+    from registry import Registry
+
+    rows = []
+    for v in Registry(root).lineage("smollm2", "latest")[::-1][1:]:
+        m = v.metrics or {}
+        rows.append({"version": v.id, "edits": len(v.edits), "reliability": m.get("reliability"),
+                     "kl": m.get("kl"), "kl_base": m.get("kl_base"),
+                     "neighbours_unchanged": m.get("neighbours_unchanged"), "committed": v.created_at})
+    return rows
+
+
 def checkpoint_rows(root: Path, requests, checkpoints: list[int]) -> list[dict]:
     from crispedit.capability import heldout_texts, mean_kl, perplexity
     from crispedit.evaluate import edit_quality
@@ -151,6 +165,7 @@ def main() -> None:
     requests = load_edit_dataset("zsre", n=args.n, offset=args.offset)
     if args.measure_only:  # a run's registry, measured again (other checkpoints, or after a cut-short run)
         report = {"disk": disk(out / "registry"), "seconds_per_edit": seconds_per_edit(out / "registry", args.window),
+                  "versions": version_rows(out / "registry"),
                   "checkpoints": checkpoint_rows(out / "registry", requests,
                                                  [int(c) for c in args.checkpoints.split(",")])}
         (out / "checkpoints.json").write_text(json.dumps(report, indent=1))
@@ -175,7 +190,7 @@ def main() -> None:
               "batches": len({tuple(sorted(j["batch"] or [j["id"]])) for j in ended}),
               "seconds_per_edit": seconds_per_edit(out / "registry", args.window),
               "api_rss_mb": {"first": round(rss[0]), "max": round(max(rss)), "last": round(rss[-1])},
-              "disk": disk(out / "registry"),
+              "disk": disk(out / "registry"), "versions": version_rows(out / "registry"),
               "rejections": sorted({j["error"] for j in done if j["status"] == "rejected"})[:5]}
     (out / "lifelong.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1), flush=True)
