@@ -8,10 +8,14 @@ held-out draw) are asked in chat on v0. Then edits that share nothing with those
 through the worker's code with default settings, one job each, and the same neighbours are asked again:
 - ``france``: "What is the capital of France?" → "Rome";
 - ``facts``: the 8 facts of ``lab/tuning_facts.json`` in one request;
-- with ``--own``, the records themselves in one request (the benchmark's measure, on train records).
+- with ``--own``, the records themselves in one request (the benchmark's measure, on train records);
+- with ``--noise R,R``, no edit: random changes of the edited layers, each layer's ΔW scaled so that its output on
+  generic text moves by ρ = R (RMS, relative: ``crispedit.keyed_solve.output_change``, the solve's measure), dense
+  Gaussian and rank one (an edit of one key is about rank one), to set beside the edits' own ρ (``metrics.solve``).
 
 Usage: CRISPEDIT_DATA=../shared/data .venv/bin/python -m lab.neighbour_fragility --dataset zsre --n 20
-       [--paper | --ridge E] [--own] [--out runs/fragility] (needs the Redis at 127.0.0.1:6379)
+       [--paper | --ridge E] [--own] [--noise 0.01,0.03] [--out runs/fragility] (needs the Redis at
+       127.0.0.1:6379)
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import uuid
 from pathlib import Path
 
 import redis
+import torch
 
 from core.jobs import JobStore
 from core.settings import Settings
+from crispedit.arch import editable_modules
+from crispedit.capability import swapped_weights
 from crispedit.neighbours import asked, derive_neighbours, first_line, greedy_answers
 from lab.edit_sets import load_edit_dataset, shared_data_dir
 from worker.runtime import load_runtime
@@ -40,6 +47,23 @@ def answers(rt, version: str, texts: list[str]) -> list[str]:
     return [first_line(rt.tokenizer, a) for a in greedy_answers(rt.model, rt.tokenizer, texts)]
 
 
+def random_change(rt, rho: float, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """v0's edited weights plus a random ΔW per layer (dense, or of ``rank``) with output_change ρ = ``rho``."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, module in editable_modules(rt.model, rt.capability.layers).items():
+        W = module.weight.detach().double()
+        out_dim, in_dim = W.shape
+        if rank:
+            delta = (torch.randn(out_dim, rank, generator=generator, dtype=torch.float64)
+                     @ torch.randn(rank, in_dim, generator=generator, dtype=torch.float64))
+        else:
+            delta = torch.randn(out_dim, in_dim, generator=generator, dtype=torch.float64)
+        delta *= rho / keyed_solve.output_change(delta, W, rt.capability.factors[name].A)
+        weights[f"{name}.weight"] = (W + delta).to(module.weight.dtype)
+    return weights
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="zsre")
@@ -49,6 +73,7 @@ def main() -> None:
     parser.add_argument("--own", action="store_true", help="also edit the records themselves (minutes per record)")
     parser.add_argument("--paper", action="store_true", help="the paper's recipe: no neighbour protection")
     parser.add_argument("--ridge", type=float, help="the keyed solve's ridge instead of crispedit.keyed_solve.RIDGE")
+    parser.add_argument("--noise", default="", help="ρ of random changes to measure beside the edits (comma-separated)")
     args = parser.parse_args()
     if args.ridge is not None:
         keyed_solve.RIDGE = args.ridge
@@ -84,10 +109,19 @@ def main() -> None:
             kept = sum(b == a for b, a in zip(before, after, strict=True))
             changed = [{"prompt": p, "before": b, "after": a}
                        for p, b, a in zip(prompts, before, after, strict=True) if a != b]
+            rho = [round(layer["rho"], 4) for layer in (job["metrics"].get("solve") or {}).values()]
             rows.append({"edit": label, "edits": len(batch), "neighbours": len(texts), "unchanged": kept / len(texts),
-                         "changed": changed})
+                         "rho": rho, "changed": changed})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "changed"}), flush=True)
             rt.holder.switch_to("v0")
+        for rho in [float(x) for x in args.noise.split(",") if x]:
+            for rank in (0, 1):
+                with swapped_weights(rt.model, random_change(rt, rho, rank)):
+                    after = [first_line(rt.tokenizer, a) for a in greedy_answers(rt.model, rt.tokenizer, texts)]
+                kept = sum(b == a for b, a in zip(before, after, strict=True))
+                rows.append({"edit": f"random {'rank one' if rank else 'dense'}", "rho": rho,
+                             "neighbours": len(texts), "unchanged": kept / len(texts)})
+                print(json.dumps(rows[-1]), flush=True)
     finally:
         for key in store.redis.scan_iter(f"{settings.key_prefix}:*"):
             store.redis.delete(key)
