@@ -31,8 +31,10 @@ def cmd(args: argparse.Namespace) -> None:
         for v in reg.versions(args.model)[::-1]:
             tags = ",".join(a for a, t in aliases.items() if t == v.id)
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))
+            drift = (v.metrics or {}).get("kl_base")
             print(f"{v.id:>5} <- {v.parent or '-':<5} {when} {v.method or '-':<9} {len(v.edits):>4} edits"
-                  f"  {v.message}" + (f"  [{tags}]" if tags else "") + ("  (pruned)" if v.pruned else ""))
+                  + (f"  KL from v0 {drift:.4f}" if drift is not None else "")
+                  + f"  {v.message}" + (f"  [{tags}]" if tags else "") + ("  (pruned)" if v.pruned else ""))
     elif action == "show":
         print_json(asdict(reg.get(args.model, args.ref)))
     elif action == "diff":

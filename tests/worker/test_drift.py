@@ -1,9 +1,12 @@
 """Drift over a model's life: every version records its KL against v0 beside its KL against its parent, and a
 lifetime budget on it rejects an edit as the per-edit budget does."""
 
+import argparse
+
 from conftest import FAST, tiny_worker
 
 from crispedit.capability import mean_kl
+from registry.cli import cmd
 from worker.tasks import process_pending_leased
 
 OPEN_GUARD = {"kl_budget": 1e9, "min_reliability": 0.0, "min_neighbours_unchanged": 0.0}
@@ -22,7 +25,7 @@ def weights_of(rt, version: str, names) -> dict:
     return {n: params[n].detach().clone() for n in names}
 
 
-def test_each_version_records_its_drift_from_v0_as_measured_directly(tmp_path, redis_db):
+def test_each_version_records_its_drift_from_v0_as_measured_directly(tmp_path, redis_db, capsys):
     rt, store = tiny_worker(tmp_path, redis_db, "drift")
     for edit in (ROME, MADRID):
         post(store, edit, OPEN_GUARD)
@@ -36,6 +39,8 @@ def test_each_version_records_its_drift_from_v0_as_measured_directly(tmp_path, r
     direct = mean_kl(rt.model, rt.tokenizer, rt.guard_texts, base, second)
     assert abs(v2.metrics["kl_base"] - direct) <= 1e-6 * direct
     assert v2.metrics["kl_base"] != v2.metrics["kl"]
+    cmd(argparse.Namespace(root=rt.registry.root, action="log", model="tiny"))  # `crispedit registry log`
+    assert f"KL from v0 {v2.metrics['kl_base']:.4f}" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_an_edit_past_the_lifetime_budget_is_rejected_and_the_versions_stay(tmp_path, redis_db):
