@@ -19,6 +19,7 @@ prompts stay held out. The worker's code applies it (`process_pending_leased`: r
 
 Usage: .venv/bin/python -m lab.bench_neighbours --datasets zsre,counterfact --n 100 [--paper]
        [--out runs/neighbours] [--path RECORDS.json] [--hyper '{"sequential_chunk": 10}' --label chunk10]
+       [--layers 3,4,5,6,7,8,10,12,13,14]
        .venv/bin/python -m lab.bench_neighbours --datasets facts --path lab/tuning_facts.json --n 8 --rounds 8
        (needs the Redis at 127.0.0.1:6379 and ../shared/data)
        .venv/bin/python -m lab.bench_neighbours --timing 3 --out runs/neighbours
@@ -36,6 +37,7 @@ import redis
 import torch
 
 import crispedit.keyed_solve as keyed_solve
+import worker.runtime as worker_runtime
 from core.jobs import JobStore
 from core.settings import Settings
 from crispedit.arch import editable_modules, weight_name
@@ -188,7 +190,11 @@ def main() -> None:
                         help="a fixed λ of the capability factor in the keyed solve's metric (default: the product's "
                              "search for the least λ within the budget)")
     parser.add_argument("--label", help="the run's name in the output files (default: default or paper)")
+    parser.add_argument("--layers", help="edit these layers (comma-separated) instead of the model's recipe's")
     args = parser.parse_args()
+    if args.layers:
+        layers = tuple(int(x) for x in args.layers.split(","))
+        worker_runtime.default_layers = lambda model: layers  # what the worker's runtime builds its cache for
     if args.capability_weight is not None:
         keyed_solve.LAMBDAS = (args.capability_weight,)
     torch.manual_seed(0)
