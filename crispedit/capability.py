@@ -179,7 +179,7 @@ def mean_kl(
     """Mean over predicted (non-pad) tokens of KL(p_base || p_edited) between next-token distributions.
 
     The base model is ``model`` with ``base`` swapped in, the edited one ``model`` with ``edited`` swapped
-    in (same keys). Each batch runs the base then the edited forward, in float32 log-space; the model is
+    in (same keys). Each batch runs the edited then the base forward, in float32 log-space; the model is
     left as it was.
     """
     return mean_kls(model, tokenizer, texts, [base], edited, max_length, batch_size, progress)[0]

@@ -245,21 +245,21 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
     min_rel = float(guard.get("min_reliability", rt.settings.min_reliability))
     min_unchanged = float(guard.get("min_neighbours_unchanged", rt.settings.min_neighbours_unchanged))
     life_budget = guard.get("kl_base_budget", rt.settings.kl_base_budget)
+
+    def rejected(reason: str) -> dict:
+        return {"status": "rejected", "metrics": metrics, "accuracy": accuracy, "reason": reason}
+
     if kl > kl_budget:
-        return {"status": "rejected", "metrics": metrics, "accuracy": accuracy,
-                "reason": f"capability drift KL {kl:.4f} exceeds the budget {kl_budget}"}
+        return rejected(f"capability drift KL {kl:.4f} exceeds the budget {kl_budget}")
     if life_budget is not None and kl_base > float(life_budget):
-        return {"status": "rejected", "metrics": metrics, "accuracy": accuracy,
-                "reason": f"drift from the base model (v0) KL {kl_base:.4f} exceeds the budget {life_budget}"}
+        return rejected(f"drift from the base model (v0) KL {kl_base:.4f} exceeds the budget {life_budget}")
     if reliability < min_rel:
-        return {"status": "rejected", "metrics": metrics, "accuracy": accuracy,
-                "reason": f"the edit did not take: reliability {reliability:.2f} < {min_rel}"}
+        return rejected(f"the edit did not take: reliability {reliability:.2f} < {min_rel}")
     if report and report["unchanged"] is not None and report["unchanged"] < min_unchanged:
         changed = [n for e in report["edits"] for n in e["neighbours"] if not n["unchanged"]]
-        return {"status": "rejected", "metrics": metrics, "accuracy": accuracy,
-                "reason": f"the edit changed its neighbours: {report['unchanged']:.2f} of {report['checked']} "
-                          f"unchanged < {min_unchanged} (e.g. {changed[0]['prompt']!r}: {changed[0]['before']!r} → "
-                          f"{changed[0]['after']!r})"}
+        return rejected(f"the edit changed its neighbours: {report['unchanged']:.2f} of {report['checked']} "
+                        f"unchanged < {min_unchanged} (e.g. {changed[0]['prompt']!r}: {changed[0]['before']!r} → "
+                        f"{changed[0]['after']!r})")
     return {"status": "ok", "metrics": metrics, "accuracy": accuracy, "result": result, "requests": requests}
 
 
