@@ -174,6 +174,8 @@ def test_bad_input_gets_a_clear_4xx(service):
     assert r.status_code == 422 and "method" in r.json()["detail"]
     r = c.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "hyperparameters": {"capability_budget": -0.1}})
     assert r.status_code == 422 and "capability_budget" in r.json()["detail"]
+    r = c.post("/v1/edits", json={"model": "tiny", "edits": [EDIT], "guard": {"kl_base_budget": 0}})
+    assert r.status_code == 422 and "kl_base_budget" in r.json()["detail"]
     r = c.post("/v1/completions", json={"model": "tiny@v99", "prompt": "x"})
     assert r.status_code == 404 and "v99" in r.json()["detail"]
     r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10**6})
