@@ -185,12 +185,14 @@ def main() -> None:
     done = list(jobs.values())
     ended = [j for j in done if j["status"] in ("succeeded", "rejected")]  # a cancelled job never ran
     statuses = [j["status"] for j in done]
-    report = {"n": len(requests), "date": time.strftime("%Y-%m-%d"), "wall_s": round(max(j["updated_at"]
-              for j in ended) - started, 1), **{s: statuses.count(s) for s in sorted(set(statuses))},
+    versions = version_rows(out / "registry")
+    report = {"n": len(requests), "date": time.strftime("%Y-%m-%d"),  # wall: to the last commit (jobs carry no end)
+              "wall_s": round(max([v["committed"] for v in versions], default=started) - started, 1),
+              **{s: statuses.count(s) for s in sorted(set(statuses))},
               "batches": len({tuple(sorted(j["batch"] or [j["id"]])) for j in ended}),
               "seconds_per_edit": seconds_per_edit(out / "registry", args.window),
               "api_rss_mb": {"first": round(rss[0]), "max": round(max(rss)), "last": round(rss[-1])},
-              "disk": disk(out / "registry"), "versions": version_rows(out / "registry"),
+              "disk": disk(out / "registry"), "versions": versions,
               "rejections": sorted({j["error"] for j in done if j["status"] == "rejected"})[:5]}
     (out / "lifelong.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1), flush=True)
