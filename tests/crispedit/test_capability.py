@@ -109,10 +109,10 @@ def test_mean_kl_zero_positive_and_by_hand(tiny):
     )
 
 
-
 def test_mean_kls_is_mean_kl_against_each_reference(tiny_llama):
     """One edited forward for several references gives each reference's own KL."""
     model, tok = tiny_llama
+    torch.manual_seed(0)
     name = WEIGHT
     weight = dict(model.named_parameters())[name].detach().clone()
     first, second = ({name: weight + s * torch.randn_like(weight)} for s in (1.0, 3.0))
