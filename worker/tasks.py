@@ -16,7 +16,7 @@ from core.notify import announce_aliases
 from crispedit.arch import arch_spec, editable_modules
 from crispedit.capability import mean_kls
 from crispedit.edit import EditError, edit
-from crispedit.evaluate import mean, teacher_forced_predictions, token_accuracy
+from crispedit.evaluate import edit_accuracy, mean
 from crispedit.keyed_solve import settled_room
 from crispedit.neighbours import neighbour_report, protect
 from crispedit.recipe import recommended_config
@@ -223,8 +223,7 @@ def edit_and_guard(rt: ModelRuntime, store: JobStore, ids, requests, config, par
     result = edit(rt.model, rt.tokenizer, requests, state, config, on_progress=progress, anchors=rt.anchors,
                   text_anchors=rt.text_anchors, kept=kept, settled=settled)
     try:
-        accuracy = token_accuracy(teacher_forced_predictions(rt.model, rt.tokenizer, [r.prompt for r in requests],
-                                                             [r.target for r in requests]))
+        accuracy = edit_accuracy(rt.model, rt.tokenizer, requests)
         kl, kl_base = drift(rt, result.original, result.changed)
         report = neighbour_report(rt.model, rt.tokenizer, requests, protection) if protection else None
     finally:
